@@ -1,0 +1,286 @@
+//! Command line: `--config FILE`, or a config-less start with `--listen` / `--backend` /
+//! `--algorithm`; `check --config FILE`; `demo`; `--version`.
+
+use crate::runtimes::{RunOptions, Runtime, Shutdown};
+use clap::{Parser, Subcommand};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trireme_core::balance::Algorithm;
+use trireme_core::config::{AlgorithmName, BackendSection, BackendUrl, Config, FileConfig};
+use trireme_core::proxy::ProxyContext;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "trireme: reverse proxy and load balancer", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// YAML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Listen address (overrides server.listen), e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Backend URL, repeatable: http://HOST:PORT, optionally with ",weight=N".
+    #[arg(long = "backend", value_name = "URL")]
+    backends: Vec<String>,
+    /// Balancing algorithm: round_robin, least_conn, ip_hash, consistent_hash, p2c.
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// Worker threads (overrides server.workers; NUM_ACCEPTORS in the environment too).
+    #[arg(long, env = "NUM_ACCEPTORS")]
+    workers: Option<usize>,
+    /// Log filter (tracing env-filter syntax), e.g. info, debug, trireme_core=debug.
+    #[arg(long, env = "TRIREME_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Validate a config file and exit (non-zero with the error on failure).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start embedded demo backends on loopback and the proxy in front of them.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Number of demo backends.
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+        #[arg(long, default_value = "round_robin")]
+        algorithm: String,
+    },
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{host}` resolves to no address"))
+}
+
+fn backend_from_arg(s: &str) -> Result<BackendSection, String> {
+    let (url, weight) = match s.split_once(",weight=") {
+        Some((u, w)) => (
+            u,
+            w.parse::<u32>()
+                .map_err(|_| format!("--backend {s}: invalid weight `{w}`"))?,
+        ),
+        None => (s, 1),
+    };
+    let url = BackendUrl::parse(url).map_err(|e| format!("--backend {e}"))?;
+    Ok(BackendSection { url, weight })
+}
+
+/// Load the config from `--config` and/or flags.
+fn load(cli: &Cli) -> Result<Config, String> {
+    let (mut fc, src, name) = match &cli.config {
+        Some(path) => {
+            let name = path.display().to_string();
+            let src =
+                std::fs::read_to_string(path).map_err(|e| format!("{name}: cannot read: {e}"))?;
+            let cfg = Config::from_yaml(&src, &name).map_err(|e| e.to_string())?;
+            (cfg.file, src, name)
+        }
+        None => (
+            FileConfig::default(),
+            String::new(),
+            "command line".to_string(),
+        ),
+    };
+    if let Some(l) = &cli.listen {
+        fc.server.listen = l.clone();
+    }
+    if !cli.backends.is_empty() {
+        fc.backends = cli
+            .backends
+            .iter()
+            .map(|b| backend_from_arg(b))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(a) = &cli.algorithm {
+        let alg = Algorithm::from_name(a).ok_or_else(|| {
+            format!(
+                "--algorithm: unknown algorithm `{a}` (expected one of: {})",
+                Algorithm::NAMES.join(", ")
+            )
+        })?;
+        fc.load_balancing.algorithm = AlgorithmName(alg);
+    }
+    if let Some(w) = cli.workers {
+        fc.server.workers = Some(w);
+    }
+    if cli.config.is_none() && fc.backends.is_empty() {
+        return Err(
+            "no backends: pass --config FILE, or --backend URL (repeatable); try `demo`".into(),
+        );
+    }
+    Config::validate(fc, &src, &name).map_err(|e| e.to_string())
+}
+
+fn init_logs(filter: &str) {
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// SIGTERM or SIGINT.
+fn signals() -> Shutdown {
+    Box::pin(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+fn run_proxy(
+    rt: &Runtime,
+    cfg: &Config,
+    ctx: Arc<ProxyContext>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), String> {
+    let listener =
+        (rt.bind)(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let workers = cfg.file.server.workers.unwrap_or(0);
+    tracing::info!(
+        runtime = rt.name,
+        listen = %addr,
+        workers = if workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { workers },
+        upstreams = ctx.upstreams.len(),
+        "trireme {} listening",
+        env!("CARGO_PKG_VERSION")
+    );
+    for u in &ctx.upstreams {
+        let list: Vec<String> = u
+            .backends
+            .iter()
+            .map(|b| format!("{} (weight {})", b.addr, b.weight))
+            .collect();
+        tracing::info!(upstream = %u.cfg.name, algorithm = u.cfg.algorithm.name(), backends = %list.join(", "), "upstream");
+    }
+    on_ready(addr);
+    let opts = RunOptions {
+        listen: addr,
+        workers,
+        max_connections: cfg.file.server.max_connections,
+        drain_timeout: cfg.drain_timeout(),
+    };
+    (rt.run)(ctx, opts, listener, signals()).map_err(|e| e.to_string())
+}
+
+pub fn main(rt: &Runtime) -> i32 {
+    let cli = Cli::parse();
+    init_logs(&cli.log);
+    match &cli.cmd {
+        Some(Cmd::Check { config }) => {
+            let name = config.display().to_string();
+            let res = std::fs::read_to_string(config)
+                .map_err(|e| format!("{name}: cannot read: {e}"))
+                .and_then(|src| Config::from_yaml(&src, &name).map_err(|e| e.to_string()))
+                .and_then(|cfg| {
+                    cfg.build(Instant::now(), &resolve)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            match res {
+                Ok(()) => {
+                    println!("{name}: ok");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    1
+                }
+            }
+        }
+        Some(Cmd::Demo {
+            listen,
+            backends,
+            algorithm,
+        }) => match crate::demo::run(rt, listen, *backends, algorithm) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        None => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return 2;
+                }
+            };
+            let ctx = match cfg.build(Instant::now(), &resolve) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return 2;
+                }
+            };
+            match run_proxy(rt, &cfg, ctx, |_| {}) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            }
+        }
+    }
+}
+
+/// Used by `demo`: run the proxy over backends started in-process.
+pub(crate) fn run_demo_proxy(
+    rt: &Runtime,
+    listen: &str,
+    backends: &[SocketAddr],
+    algorithm: &str,
+) -> Result<(), String> {
+    let mut fc = FileConfig::default();
+    fc.server.listen = listen.to_string();
+    fc.server.shutdown_timeout = trireme_core::config::Dur(Duration::from_secs(5));
+    fc.backends = backends
+        .iter()
+        .map(|a| BackendSection {
+            url: BackendUrl {
+                host: a.ip().to_string(),
+                port: a.port(),
+            },
+            weight: 1,
+        })
+        .collect();
+    let alg = Algorithm::from_name(algorithm)
+        .ok_or_else(|| format!("unknown algorithm `{algorithm}`"))?;
+    fc.load_balancing.algorithm = AlgorithmName(alg);
+    let cfg = Config::validate(fc, "", "demo").map_err(|e| e.to_string())?;
+    let ctx = cfg
+        .build(Instant::now(), &resolve)
+        .map_err(|e| e.to_string())?;
+    run_proxy(rt, &cfg, ctx, |addr| {
+        println!();
+        println!(
+            "trireme demo ({} runtime): proxy on http://{addr}/ in front of {} demo backends",
+            rt.name,
+            backends.len()
+        );
+        println!("  try:  curl -i http://{addr}/hello");
+        println!("        for i in 1 2 3 4 5 6; do curl -s http://{addr}/; done");
+        println!("  stop: Ctrl-C");
+        println!();
+    })
+}

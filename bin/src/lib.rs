@@ -1,0 +1,5 @@
+//! The trireme binaries: one CLI and one config format over several event models.
+
+pub mod cli;
+pub mod demo;
+pub mod runtimes;

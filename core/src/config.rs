@@ -1,0 +1,749 @@
+//! YAML configuration. Key names follow the source documents where they apply
+//! (`server.workers`, `max_connections`, `timeout`, `keep_alive_timeout`,
+//! `load_balancing.algorithm`, `health_check.*`, `backends[].url/weight`, ...).
+//! Unknown keys and bad values are errors naming the file, line and key.
+//!
+//! Parsing is pure: the file's text comes in, host names are resolved by a function the
+//! runtime passes to [`Config::build`].
+
+use crate::balance::{Algorithm, HashMethod};
+use crate::http1::Limits;
+use crate::metrics::Metrics;
+use crate::proxy::ProxyContext;
+use crate::route::{HostPattern, Route, Router};
+use crate::upstream::{
+    ActiveHealth, BackendConfig, HashKey, PassiveHealth, PoolConfig, Upstream, UpstreamConfig,
+};
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A configuration error, already formatted with file, line and key where known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ------------------------------------------------------------------ value types
+
+/// A duration written as `30s`, `500ms`, `2m`, `1h`, `1d`, or a bare number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+/// A size written as `4GB`, `512KB`, `16KiB`, `10MB`, or a bare number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}` (expected e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => n,
+        "ms" => n / 1000.0,
+        "us" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        u => {
+            return Err(format!(
+                "invalid duration unit `{u}` in `{s}` (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 10.0 * 365.0 * 86400.0 {
+        return Err(format!("duration `{s}` out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size `{s}` (expected e.g. 16KB, 10MB, 4GB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0f64.powi(4),
+        u => {
+            return Err(format!(
+                "invalid size unit `{u}` in `{s}` (use B, KB, MB, GB)"
+            ))
+        }
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 / 2.0 {
+        return Err(format!("size `{s}` out of range"));
+    }
+    Ok(v as u64)
+}
+
+struct StrOrNum<T>(fn(&str) -> Result<T, String>, fn(u64) -> T);
+
+impl<T> Visitor<'_> for StrOrNum<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string like `30s` / `10MB` or a number")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.0)(v).map_err(E::custom)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        Ok((self.1)(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        if v < 0 {
+            return Err(E::custom("must not be negative"));
+        }
+        Ok((self.1)(v as u64))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        (self.0)(&v.to_string()).map_err(E::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrOrNum(
+            |s| parse_duration(s).map(Dur),
+            |n| Dur(Duration::from_secs(n)),
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrOrNum(|s| parse_size(s).map(Size), Size))
+    }
+}
+
+/// `algorithm:` names from the source documents plus trireme's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlgorithmName(pub Algorithm);
+
+impl<'de> Deserialize<'de> for AlgorithmName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Algorithm::from_name(&s).map(AlgorithmName).ok_or_else(|| {
+            de::Error::custom(format!(
+                "unknown algorithm `{s}` (expected one of: {})",
+                Algorithm::NAMES.join(", ")
+            ))
+        })
+    }
+}
+
+/// A backend URL: `http://host:port` (port defaults to 80).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendUrl {
+    pub fn parse(s: &str) -> Result<BackendUrl, String> {
+        let rest = if let Some(r) = s.strip_prefix("http://") {
+            r
+        } else if s.starts_with("https://") {
+            return Err(format!(
+                "`{s}`: https backends are not supported yet (use http://)"
+            ));
+        } else if s.contains("://") {
+            return Err(format!("`{s}`: unsupported scheme (use http://host:port)"));
+        } else {
+            s
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(format!(
+                "`{s}`: a backend URL has no path (use http://host:port)"
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let end = v6
+                .find(']')
+                .ok_or_else(|| format!("`{s}`: unterminated IPv6 address"))?;
+            let host = &v6[..end];
+            let port = match &v6[end + 1..] {
+                "" => 80,
+                p => p
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| format!("`{s}`: invalid port"))?,
+            };
+            (host.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse()
+                        .map_err(|_| format!("`{s}`: invalid port `{p}`"))?,
+                ),
+                None => (rest.to_string(), 80),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("`{s}`: missing host"));
+        }
+        Ok(BackendUrl { host, port })
+    }
+    /// Host header value used towards this backend.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        BackendUrl::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// `hash_key:` `header:NAME`, `cookie:NAME`, `path` or `ip`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashKeySpec(pub HashKey);
+
+impl<'de> Deserialize<'de> for HashKeySpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let k = if let Some(h) = s.strip_prefix("header:") {
+            HashKey::Header(h.trim().to_string())
+        } else if let Some(c) = s.strip_prefix("cookie:") {
+            HashKey::Cookie(c.trim().to_string())
+        } else if s == "path" || s == "uri" {
+            HashKey::Path
+        } else if s == "ip" || s == "client_ip" {
+            HashKey::ClientIp
+        } else {
+            return Err(de::Error::custom(format!(
+                "invalid hash_key `{s}` (expected header:NAME, cookie:NAME, path or ip)"
+            )));
+        };
+        Ok(HashKeySpec(k))
+    }
+}
+
+/// `expected_status: 200` or `"200-399"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRange(pub u16, pub u16);
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fn parse(s: &str) -> Result<StatusRange, String> {
+            let bad =
+                || format!("invalid expected_status `{s}` (expected e.g. 200 or \"200-399\")");
+            let (a, b) = s.split_once('-').unwrap_or((s, s));
+            let a: u16 = a.trim().parse().map_err(|_| bad())?;
+            let b: u16 = b.trim().parse().map_err(|_| bad())?;
+            if !(100..=599).contains(&a) || !(100..=599).contains(&b) || a > b {
+                return Err(bad());
+            }
+            Ok(StatusRange(a, b))
+        }
+        d.deserialize_any(StrOrNum(parse, |n| StatusRange(n as u16, n as u16)))
+    }
+}
+
+// ------------------------------------------------------------------ file schema
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub load_balancing: LbSection,
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+    /// Named upstreams for routing; the top-level `backends` form the upstream `default`.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: String,
+    pub workers: Option<usize>,
+    pub max_connections: usize,
+    /// Inactivity allowed while a body is in flight.
+    pub timeout: Dur,
+    pub keep_alive_timeout: Dur,
+    #[serde(alias = "client_header_timeout")]
+    pub header_timeout: Dur,
+    pub max_body_size: Size,
+    pub max_header_size: Size,
+    pub max_uri_length: Size,
+    pub max_headers: usize,
+    #[serde(alias = "keepalive_requests")]
+    pub max_requests_per_connection: u32,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub shutdown_timeout: Dur,
+    pub connection_pool: PoolSection,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:8080".into(),
+            workers: None,
+            max_connections: 100_000,
+            timeout: Dur(Duration::from_secs(30)),
+            keep_alive_timeout: Dur(Duration::from_secs(75)),
+            header_timeout: Dur(Duration::from_secs(10)),
+            max_body_size: Size(10 * 1024 * 1024),
+            max_header_size: Size(16 * 1024),
+            max_uri_length: Size(8 * 1024),
+            max_headers: 100,
+            max_requests_per_connection: 10_000,
+            shutdown_timeout: Dur(Duration::from_secs(30)),
+            connection_pool: PoolSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    #[serde(alias = "reuse_connections")]
+    pub enabled: bool,
+    /// Idle connections kept per backend and worker.
+    #[serde(alias = "max_per_backend")]
+    pub max_idle: usize,
+    pub idle_timeout: Dur,
+    pub max_lifetime: Dur,
+    pub max_requests: u32,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        let d = PoolConfig::default();
+        PoolSection {
+            enabled: d.enabled,
+            max_idle: d.max_idle,
+            idle_timeout: Dur(d.idle_timeout),
+            max_lifetime: Dur(d.max_lifetime),
+            max_requests: d.max_requests,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LbSection {
+    pub algorithm: AlgorithmName,
+    pub hash_key: HashKeySpec,
+    pub hash_method: HashMethodName,
+    pub seed: u64,
+    pub retries: u32,
+    pub connect_timeout: Dur,
+    #[serde(alias = "read_timeout")]
+    pub response_timeout: Dur,
+    pub health_check: Option<HealthSection>,
+    pub passive_health: PassiveSection,
+    pub connection_draining: DrainSection,
+}
+
+impl Default for LbSection {
+    fn default() -> Self {
+        LbSection {
+            algorithm: AlgorithmName(Algorithm::RoundRobin),
+            hash_key: HashKeySpec(HashKey::ClientIp),
+            hash_method: HashMethodName(HashMethod::Maglev),
+            seed: 0x7472_6972_656d_65,
+            retries: 2,
+            connect_timeout: Dur(Duration::from_secs(5)),
+            response_timeout: Dur(Duration::from_secs(60)),
+            health_check: None,
+            passive_health: PassiveSection::default(),
+            connection_draining: DrainSection::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashMethodName(pub HashMethod);
+
+impl<'de> Deserialize<'de> for HashMethodName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "maglev" => Ok(HashMethodName(HashMethod::Maglev)),
+            "ring" | "ketama" => Ok(HashMethodName(HashMethod::Ring)),
+            _ => Err(de::Error::custom(format!(
+                "unknown hash_method `{s}` (expected maglev or ring)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub enabled: bool,
+    pub path: String,
+    pub interval: Dur,
+    pub timeout: Dur,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub expected_status: StatusRange,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        let d = ActiveHealth::default();
+        HealthSection {
+            enabled: true,
+            path: d.path,
+            interval: Dur(d.interval),
+            timeout: Dur(d.timeout),
+            healthy_threshold: d.healthy_threshold,
+            unhealthy_threshold: d.unhealthy_threshold,
+            expected_status: StatusRange(d.expected_status.0, d.expected_status.1),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveSection {
+    pub max_fails: u32,
+    pub fail_timeout: Dur,
+    pub on_5xx: bool,
+}
+
+impl Default for PassiveSection {
+    fn default() -> Self {
+        let d = PassiveHealth::default();
+        PassiveSection {
+            max_fails: d.max_fails,
+            fail_timeout: Dur(d.fail_timeout),
+            on_5xx: d.on_5xx,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainSection {
+    pub enabled: bool,
+    pub timeout: Option<Dur>,
+}
+
+impl Default for DrainSection {
+    fn default() -> Self {
+        DrainSection {
+            enabled: true,
+            timeout: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub url: BackendUrl,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub backends: Vec<BackendSection>,
+    /// Replaces the top-level `load_balancing` for this upstream when given.
+    #[serde(default)]
+    pub load_balancing: Option<LbSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default, alias = "path_prefix")]
+    pub path: Option<String>,
+    pub upstream: String,
+}
+
+// ------------------------------------------------------------------ resolved config
+
+/// A validated configuration, ready to build a [`ProxyContext`].
+#[derive(Debug)]
+pub struct Config {
+    pub file: FileConfig,
+    pub listen: SocketAddr,
+}
+
+/// Where a bad value sits in the source text: `file:line: key` (best effort, by text search
+/// for checks that run after deserialization).
+fn locate(file: &str, src: &str, key: &str, value: &str) -> String {
+    for (i, line) in src.lines().enumerate() {
+        let t = line.trim_start().trim_start_matches("- ");
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with(':') && (value.is_empty() || rest.contains(value)) {
+                return format!("{file}:{}: `{key}`", i + 1);
+            }
+        }
+    }
+    format!("{file}: `{key}`")
+}
+
+impl Config {
+    /// Parse and validate YAML text. `file` names the source in error messages.
+    pub fn from_yaml(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let fc: FileConfig =
+            serde_saphyr::from_str(src).map_err(|e| ConfigError(format!("{file}: {e}")))?;
+        Self::validate(fc, src, file)
+    }
+
+    /// Validate an already-built [`FileConfig`] (used by the config-less CLI path).
+    pub fn validate(fc: FileConfig, src: &str, file: &str) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = fc.server.listen.parse().map_err(|_| {
+            ConfigError(format!(
+                "{}: invalid listen address `{}` (expected IP:PORT, e.g. 0.0.0.0:8080)",
+                locate(file, src, "listen", ""),
+                fc.server.listen
+            ))
+        })?;
+        if fc.backends.is_empty() && fc.upstreams.is_empty() {
+            return Err(ConfigError(format!(
+                "{file}: `backends`: no backends configured (add `backends: [{{url: http://127.0.0.1:9000}}]`)"
+            )));
+        }
+        if fc.upstreams.contains_key("default") && !fc.backends.is_empty() {
+            return Err(ConfigError(format!(
+                "{}: the upstream name `default` is taken by the top-level `backends`",
+                locate(file, src, "default", "")
+            )));
+        }
+        for (name, u) in &fc.upstreams {
+            if u.backends.is_empty() {
+                return Err(ConfigError(format!(
+                    "{}: upstream `{name}` has no backends",
+                    locate(file, src, name, "")
+                )));
+            }
+        }
+        for r in &fc.routes {
+            let known = fc.upstreams.contains_key(&r.upstream)
+                || (r.upstream == "default" && !fc.backends.is_empty());
+            if !known {
+                return Err(ConfigError(format!(
+                    "{}: route names unknown upstream `{}`",
+                    locate(file, src, "upstream", &r.upstream),
+                    r.upstream
+                )));
+            }
+            if let Some(p) = &r.path {
+                if !p.starts_with('/') {
+                    return Err(ConfigError(format!(
+                        "{}: path prefix `{p}` must start with /",
+                        locate(file, src, "path", p)
+                    )));
+                }
+            }
+        }
+        for b in fc
+            .backends
+            .iter()
+            .chain(fc.upstreams.values().flat_map(|u| u.backends.iter()))
+        {
+            if b.weight == 0 || b.weight > 10_000 {
+                return Err(ConfigError(format!(
+                    "{}: weight {} out of range (1-10000)",
+                    locate(file, src, "weight", &b.weight.to_string()),
+                    b.weight
+                )));
+            }
+        }
+        if fc.server.max_headers == 0 || fc.server.max_headers > 256 {
+            return Err(ConfigError(format!(
+                "{}: must be 1-256",
+                locate(file, src, "max_headers", "")
+            )));
+        }
+        if fc.server.max_requests_per_connection == 0 {
+            return Err(ConfigError(format!(
+                "{}: must be at least 1",
+                locate(file, src, "max_requests_per_connection", "")
+            )));
+        }
+        Ok(Config { file: fc, listen })
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        let d = &self.file.load_balancing.connection_draining;
+        match (d.enabled, d.timeout) {
+            (false, _) => Duration::ZERO,
+            (true, Some(t)) => t.0,
+            (true, None) => self.file.server.shutdown_timeout.0,
+        }
+    }
+
+    fn upstream_config(
+        name: &str,
+        lb: &LbSection,
+        backends: &[BackendSection],
+        pool: &PoolSection,
+        resolve: &dyn Fn(&str, u16) -> Result<SocketAddr, String>,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let mut bs = Vec::new();
+        for b in backends {
+            let addr = resolve(&b.url.host, b.url.port).map_err(|e| {
+                ConfigError(format!(
+                    "backend `{}` of upstream `{name}`: {e}",
+                    b.url.authority()
+                ))
+            })?;
+            bs.push(BackendConfig {
+                addr,
+                host: b.url.authority(),
+                weight: b.weight,
+            });
+        }
+        Ok(UpstreamConfig {
+            name: name.to_string(),
+            backends: bs,
+            algorithm: lb.algorithm.0,
+            hash_method: lb.hash_method.0,
+            hash_key: lb.hash_key.0.clone(),
+            seed: lb.seed,
+            passive: PassiveHealth {
+                max_fails: lb.passive_health.max_fails,
+                fail_timeout: lb.passive_health.fail_timeout.0,
+                on_5xx: lb.passive_health.on_5xx,
+            },
+            active: lb
+                .health_check
+                .as_ref()
+                .filter(|h| h.enabled)
+                .map(|h| ActiveHealth {
+                    path: h.path.clone(),
+                    interval: h.interval.0,
+                    timeout: h.timeout.0,
+                    healthy_threshold: h.healthy_threshold.max(1),
+                    unhealthy_threshold: h.unhealthy_threshold.max(1),
+                    expected_status: (h.expected_status.0, h.expected_status.1),
+                }),
+            pool: PoolConfig {
+                enabled: pool.enabled,
+                max_idle: pool.max_idle,
+                idle_timeout: pool.idle_timeout.0,
+                max_lifetime: pool.max_lifetime.0,
+                max_requests: pool.max_requests.max(1),
+            },
+            retries: lb.retries,
+            connect_timeout: lb.connect_timeout.0,
+            response_timeout: lb.response_timeout.0,
+        })
+    }
+
+    /// Build the shared context: upstreams (resolving host names with `resolve`), routes,
+    /// limits and timeouts. `base` is the runtime's clock origin.
+    pub fn build(
+        &self,
+        base: Instant,
+        resolve: &dyn Fn(&str, u16) -> Result<SocketAddr, String>,
+    ) -> Result<Arc<ProxyContext>, ConfigError> {
+        let fc = &self.file;
+        let pool = &fc.server.connection_pool;
+        let mut ups: Vec<UpstreamConfig> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        if !fc.backends.is_empty() {
+            ups.push(Self::upstream_config(
+                "default",
+                &fc.load_balancing,
+                &fc.backends,
+                pool,
+                resolve,
+            )?);
+            names.push("default".into());
+        }
+        for (name, u) in &fc.upstreams {
+            let lb = u.load_balancing.as_ref().unwrap_or(&fc.load_balancing);
+            ups.push(Self::upstream_config(name, lb, &u.backends, pool, resolve)?);
+            names.push(name.clone());
+        }
+        let upstreams: Vec<Arc<Upstream>> = ups
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| Arc::new(Upstream::new(i as u16, u, base)))
+            .collect();
+        let routes = fc
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.as_deref().map(HostPattern::parse),
+                path_prefix: r.path.clone().unwrap_or_else(|| "/".into()),
+                upstream: names.iter().position(|n| *n == r.upstream).unwrap_or(0),
+            })
+            .collect();
+        let default = if fc.backends.is_empty() {
+            None
+        } else {
+            Some(0)
+        };
+        let s = &fc.server;
+        Ok(Arc::new(ProxyContext {
+            limits: Limits {
+                max_head: s.max_header_size.0 as usize,
+                max_uri: s.max_uri_length.0 as usize,
+                max_headers: s.max_headers,
+                max_body: s.max_body_size.0,
+            },
+            header_timeout: s.header_timeout.0,
+            keep_alive_timeout: s.keep_alive_timeout.0,
+            idle_timeout: s.timeout.0,
+            max_requests_per_connection: s.max_requests_per_connection,
+            upstreams,
+            router: Router { routes, default },
+            metrics: Arc::new(Metrics::default()),
+            via_name: "trireme".into(),
+        }))
+    }
+}
+
+/// Resolve IP literals only (what core can do without I/O); runtimes pass a resolver that
+/// also looks up host names.
+pub fn resolve_literal(host: &str, port: u16) -> Result<SocketAddr, String> {
+    host.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, port))
+        .map_err(|_| format!("`{host}` is not an IP address"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,677 @@
+//! Request and response heads: parsed with httparse, validated strictly (RFC 9112), and kept
+//! as index ranges into the caller's buffer instead of borrowed slices, so a parsed head can
+//! outlive the borrow of the read buffer it came from.
+
+use super::{BodyKind, Limits, Version};
+use crate::error::{HttpError, Status};
+use smallvec::SmallVec;
+
+/// A byte range inside the head buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    #[inline]
+    pub fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.start as usize..self.end as usize]
+    }
+    #[inline]
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+    fn of(buf: &[u8], part: &[u8]) -> Span {
+        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+        Span {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
+    }
+}
+
+/// One header field as two ranges into the head buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeaderSpan {
+    pub name: Span,
+    pub value: Span,
+}
+
+/// Request methods the proxy treats specially; anything else is `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Options,
+    Trace,
+    Connect,
+    Patch,
+    Other,
+}
+
+impl Method {
+    fn from_bytes(m: &[u8]) -> Method {
+        match m {
+            b"GET" => Method::Get,
+            b"HEAD" => Method::Head,
+            b"POST" => Method::Post,
+            b"PUT" => Method::Put,
+            b"DELETE" => Method::Delete,
+            b"OPTIONS" => Method::Options,
+            b"TRACE" => Method::Trace,
+            b"CONNECT" => Method::Connect,
+            b"PATCH" => Method::Patch,
+            _ => Method::Other,
+        }
+    }
+    /// RFC 9110 section 9.2.2: safe to retry after a failure.
+    pub fn is_idempotent(self) -> bool {
+        matches!(
+            self,
+            Method::Get
+                | Method::Head
+                | Method::Put
+                | Method::Delete
+                | Method::Options
+                | Method::Trace
+        )
+    }
+}
+
+/// Hop-by-hop header names (RFC 9110 section 7.6.1), plus `Proxy-Connection`, plus the
+/// framing headers that the proxy always regenerates itself.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 10] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// A parsed, validated request head.
+#[derive(Clone, Debug)]
+pub struct RequestHead {
+    /// Bytes of the head including the final blank line.
+    pub len: usize,
+    pub method: Method,
+    pub method_span: Span,
+    /// The request target as sent (origin-, absolute- or asterisk-form).
+    pub target: Span,
+    /// Path and query to forward (origin-form; for absolute-form the part after the authority).
+    pub path: Span,
+    /// Authority from an absolute-form target, which replaces Host (RFC 9112 section 3.2.2).
+    pub target_authority: Option<Span>,
+    pub version: Version,
+    pub headers: SmallVec<[HeaderSpan; 24]>,
+    pub host: Option<Span>,
+    pub body: BodyKind,
+    /// The client asked to keep the connection open after this exchange.
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    /// Field names listed in `Connection`, which are hop-by-hop for this message.
+    pub connection_tokens: SmallVec<[Span; 4]>,
+}
+
+impl RequestHead {
+    /// Is this header one the proxy must not forward (hop-by-hop, or named in Connection)?
+    pub fn is_hop(&self, buf: &[u8], h: &HeaderSpan) -> bool {
+        let name = h.name.get(buf);
+        is_hop_by_hop(name)
+            || self
+                .connection_tokens
+                .iter()
+                .any(|t| t.get(buf).eq_ignore_ascii_case(name))
+    }
+
+    /// The effective host: authority of an absolute-form target, else the Host field.
+    pub fn effective_host<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        match (self.target_authority, self.host) {
+            (Some(a), _) => a.get(buf),
+            (None, Some(h)) => h.get(buf),
+            (None, None) => b"",
+        }
+    }
+
+    /// First value of a header, by case-insensitive name.
+    pub fn header<'a>(&self, buf: &'a [u8], name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.get(buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| h.value.get(buf))
+    }
+}
+
+/// Outcome of trying to parse a head out of a buffer.
+#[derive(Debug)]
+pub enum Parsed<T> {
+    Complete(T),
+    /// More bytes are needed; nothing is wrong yet.
+    Partial,
+}
+
+fn map_httparse_request(e: httparse::Error) -> HttpError {
+    match e {
+        httparse::Error::Version => {
+            HttpError::new(Status::HttpVersionNotSupported, "unsupported HTTP version")
+        }
+        httparse::Error::TooManyHeaders => HttpError::new(
+            Status::RequestHeaderFieldsTooLarge,
+            "too many header fields",
+        ),
+        httparse::Error::HeaderName => {
+            HttpError::new(Status::BadRequest, "invalid header field name")
+        }
+        httparse::Error::HeaderValue => {
+            HttpError::new(Status::BadRequest, "invalid header field value")
+        }
+        httparse::Error::NewLine => HttpError::new(Status::BadRequest, "invalid line ending"),
+        httparse::Error::Status => HttpError::new(Status::BadRequest, "invalid status"),
+        httparse::Error::Token => {
+            HttpError::new(Status::BadRequest, "invalid token in request line")
+        }
+    }
+}
+
+/// Bytes of the request line seen so far (up to the first LF), to judge URI length on a
+/// partial head.
+fn first_line_len(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
+}
+
+const MAX_HEADERS_HARD: usize = 256;
+
+/// Parse and validate a request head at the start of `buf`.
+///
+/// Returns `Partial` until the whole head is present. Limits are enforced on partial input
+/// too, so a client cannot make the proxy buffer more than `limits.max_head` bytes.
+pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, HttpError> {
+    // RFC 9112 section 2.2: ignore at least one empty line before the request line.
+    let skip = leading_crlf(buf);
+    let buf_full = buf;
+    let buf = &buf[skip..];
+    let max_headers = limits.max_headers.min(MAX_HEADERS_HARD);
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_HARD];
+    let mut req = httparse::Request::new(&mut storage[..max_headers]);
+    let status = req.parse(buf).map_err(map_httparse_request)?;
+    let len = match status {
+        httparse::Status::Partial => {
+            match first_line_len(buf) {
+                None if buf.len() > limits.max_uri + 32 => {
+                    return Err(HttpError::new(Status::UriTooLong, "request line too long"))
+                }
+                _ => {}
+            }
+            if buf_full.len() >= limits.max_head {
+                return Err(HttpError::new(
+                    Status::RequestHeaderFieldsTooLarge,
+                    "request head too large",
+                ));
+            }
+            return Ok(Parsed::Partial);
+        }
+        httparse::Status::Complete(n) => n,
+    };
+    if skip + len > limits.max_head {
+        return Err(HttpError::new(
+            Status::RequestHeaderFieldsTooLarge,
+            "request head too large",
+        ));
+    }
+    let method_s = req.method.unwrap_or("");
+    let target_s = req.path.unwrap_or("");
+    if target_s.len() > limits.max_uri {
+        return Err(HttpError::new(
+            Status::UriTooLong,
+            "request target too long",
+        ));
+    }
+    let version = if req.version == Some(0) {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
+    let method = Method::from_bytes(method_s.as_bytes());
+    let method_span = Span::of(buf_full, method_s.as_bytes());
+    let target = Span::of(buf_full, target_s.as_bytes());
+
+    // Request target forms (RFC 9112 section 3.2).
+    let tb = target_s.as_bytes();
+    let (path, target_authority) = if tb.first() == Some(&b'/') {
+        (target, None)
+    } else if tb == b"*" {
+        if method != Method::Options {
+            return Err(HttpError::new(
+                Status::BadRequest,
+                "asterisk-form target outside OPTIONS",
+            ));
+        }
+        (target, None)
+    } else if method == Method::Connect {
+        return Err(HttpError::new(
+            Status::MethodNotAllowed,
+            "CONNECT is not supported",
+        ));
+    } else if let Some(rest) = strip_scheme(tb) {
+        let auth_len = rest
+            .iter()
+            .position(|&b| b == b'/' || b == b'?')
+            .unwrap_or(rest.len());
+        let auth = &rest[..auth_len];
+        if auth.is_empty() || !valid_host(auth) {
+            return Err(HttpError::new(
+                Status::BadRequest,
+                "invalid authority in absolute-form target",
+            ));
+        }
+        let auth_span = Span::of(buf_full, auth);
+        let path_bytes = &rest[auth_len..];
+        // An absolute-form target with an empty path forwards as "/"; the caller sees an
+        // empty span and writes "/".
+        (Span::of(buf_full, path_bytes), Some(auth_span))
+    } else {
+        return Err(HttpError::new(Status::BadRequest, "invalid request target"));
+    };
+
+    let mut headers: SmallVec<[HeaderSpan; 24]> = SmallVec::new();
+    let mut host: Option<Span> = None;
+    let mut content_length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut te_chunked_last = false;
+    let mut te_other = false;
+    let mut te_chunked_count = 0usize;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+    let mut expect_continue = false;
+    let mut connection_tokens: SmallVec<[Span; 4]> = SmallVec::new();
+
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        validate_field(name, value)?;
+        let hs = HeaderSpan {
+            name: Span::of(buf_full, name),
+            value: Span::of(buf_full, value),
+        };
+        headers.push(hs);
+        if name.eq_ignore_ascii_case(b"host") {
+            if host.is_some() {
+                return Err(HttpError::new(Status::BadRequest, "duplicate Host header"));
+            }
+            let v = trim(value);
+            if !v.is_empty() && !valid_host(v) {
+                return Err(HttpError::new(Status::BadRequest, "invalid Host header"));
+            }
+            host = Some(Span::of(buf_full, v));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if content_length.is_some() {
+                return Err(HttpError::new(
+                    Status::BadRequest,
+                    "duplicate Content-Length",
+                ));
+            }
+            content_length = Some(
+                parse_content_length(value)
+                    .ok_or_else(|| HttpError::new(Status::BadRequest, "invalid Content-Length"))?,
+            );
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te_seen = true;
+            for coding in value.split(|&b| b == b',') {
+                let c = trim(coding);
+                if c.is_empty() {
+                    continue;
+                }
+                if !c.iter().all(|&b| is_tchar(b)) {
+                    return Err(HttpError::new(
+                        Status::BadRequest,
+                        "invalid Transfer-Encoding",
+                    ));
+                }
+                te_chunked_last = c.eq_ignore_ascii_case(b"chunked");
+                if te_chunked_last {
+                    te_chunked_count += 1;
+                } else {
+                    // Known codings before chunked ("gzip, chunked") would have to be
+                    // forwarded as they are; like nginx, only plain "chunked" is accepted.
+                    te_other = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for tok in value.split(|&b| b == b',') {
+                let t = trim(tok);
+                if t.is_empty() {
+                    continue;
+                }
+                if !t.iter().all(|&b| is_tchar(b)) {
+                    return Err(HttpError::new(
+                        Status::BadRequest,
+                        "invalid Connection header",
+                    ));
+                }
+                if t.eq_ignore_ascii_case(b"close") {
+                    conn_close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    conn_keep_alive = true;
+                }
+                connection_tokens.push(Span::of(buf_full, t));
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            if trim(value).eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+            } else {
+                return Err(HttpError::new(
+                    Status::ExpectationFailed,
+                    "unsupported expectation",
+                ));
+            }
+        }
+    }
+
+    if version == Version::Http11 && host.is_none() {
+        return Err(HttpError::new(Status::BadRequest, "missing Host header"));
+    }
+
+    let body = if te_seen {
+        if version == Version::Http10 {
+            return Err(HttpError::new(
+                Status::BadRequest,
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if content_length.is_some() {
+            return Err(HttpError::new(
+                Status::BadRequest,
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if !te_chunked_last || te_chunked_count != 1 {
+            return Err(HttpError::new(
+                Status::BadRequest,
+                "Transfer-Encoding whose final coding is not chunked",
+            ));
+        }
+        if te_other {
+            return Err(HttpError::new(
+                Status::NotImplemented,
+                "unsupported transfer coding",
+            ));
+        }
+        BodyKind::Chunked
+    } else if let Some(n) = content_length {
+        if n > limits.max_body {
+            return Err(HttpError::new(
+                Status::PayloadTooLarge,
+                "request body larger than max_body_size",
+            ));
+        }
+        if n == 0 {
+            BodyKind::None
+        } else {
+            BodyKind::Length(n)
+        }
+    } else {
+        BodyKind::None
+    };
+
+    let keep_alive = match version {
+        Version::Http11 => !conn_close,
+        Version::Http10 => conn_keep_alive && !conn_close,
+    };
+
+    Ok(Parsed::Complete(RequestHead {
+        len: skip + len,
+        method,
+        method_span,
+        target,
+        path,
+        target_authority,
+        version,
+        headers,
+        host,
+        body,
+        keep_alive,
+        expect_continue,
+        connection_tokens,
+    }))
+}
+
+fn leading_crlf(buf: &[u8]) -> usize {
+    let mut i = 0;
+    // At most a few empty lines; more is not a client worth waiting for.
+    while i < buf.len() && i < 8 && (buf[i] == b'\r' || buf[i] == b'\n') {
+        i += 1;
+    }
+    i
+}
+
+fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
+    for s in [b"http://".as_slice(), b"https://"] {
+        if t.len() >= s.len() && t[..s.len()].eq_ignore_ascii_case(s) {
+            return Some(&t[s.len()..]);
+        }
+    }
+    None
+}
+
+/// RFC 9110 `tchar`.
+#[inline]
+pub fn is_tchar(b: u8) -> bool {
+    matches!(b,
+        b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+        | b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z')
+}
+
+/// Field names are tokens; values are VCHAR / obs-text / SP / HTAB with no CR, LF or NUL.
+/// httparse already enforces most of this; checking again keeps the guarantee ours.
+fn validate_field(name: &[u8], value: &[u8]) -> Result<(), HttpError> {
+    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        return Err(HttpError::new(
+            Status::BadRequest,
+            "invalid header field name",
+        ));
+    }
+    if value
+        .iter()
+        .any(|&b| b == b'\r' || b == b'\n' || b == 0 || b == 0x7f || (b < 0x20 && b != b'\t'))
+    {
+        return Err(HttpError::new(
+            Status::BadRequest,
+            "invalid character in header field value",
+        ));
+    }
+    Ok(())
+}
+
+fn valid_host(h: &[u8]) -> bool {
+    h.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'~' | b'%')
+    })
+}
+
+#[inline]
+pub fn trim(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// Content-Length: 1*DIGIT, no sign, no list, at most 18 digits (no overflow possible).
+pub fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let v = trim(v);
+    if v.is_empty() || v.len() > 18 || !v.iter().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |acc, &b| acc * 10 + (b - b'0') as u64))
+}
+
+/// A parsed response head (from a backend).
+#[derive(Clone, Debug)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub version: Version,
+    pub status: u16,
+    pub reason: Span,
+    pub headers: SmallVec<[HeaderSpan; 24]>,
+    /// Framing of the response body as sent by the backend (ignoring the request method).
+    pub body: BodyKind,
+    /// The backend intends to close the connection after this response.
+    pub close: bool,
+    pub connection_tokens: SmallVec<[Span; 4]>,
+}
+
+impl ResponseHead {
+    pub fn is_hop(&self, buf: &[u8], h: &HeaderSpan) -> bool {
+        let name = h.name.get(buf);
+        is_hop_by_hop(name)
+            || self
+                .connection_tokens
+                .iter()
+                .any(|t| t.get(buf).eq_ignore_ascii_case(name))
+    }
+}
+
+/// Parse a backend's response head. Errors here become 502 for the client.
+pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead>, HttpError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_HARD];
+    let mut resp = httparse::Response::new(&mut storage);
+    let bad = |why: &'static str| HttpError::new(Status::BadGateway, why);
+    let status = resp
+        .parse(buf)
+        .map_err(|_| bad("invalid response head from backend"))?;
+    let len = match status {
+        httparse::Status::Partial => {
+            if buf.len() >= max_head {
+                return Err(bad("response head from backend too large"));
+            }
+            return Ok(Parsed::Partial);
+        }
+        httparse::Status::Complete(n) => n,
+    };
+    let version = if resp.version == Some(0) {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
+    let code = resp.code.unwrap_or(0);
+    let reason = Span::of(buf, resp.reason.unwrap_or("").as_bytes());
+    let mut headers: SmallVec<[HeaderSpan; 24]> = SmallVec::new();
+    let mut content_length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut te_chunked_last = false;
+    let mut close = version == Version::Http10;
+    let mut connection_tokens: SmallVec<[Span; 4]> = SmallVec::new();
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        validate_field(name, h.value).map_err(|_| bad("invalid header in backend response"))?;
+        headers.push(HeaderSpan {
+            name: Span::of(buf, name),
+            value: Span::of(buf, h.value),
+        });
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_content_length(h.value)
+                .ok_or_else(|| bad("invalid Content-Length from backend"))?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(bad("conflicting Content-Length from backend"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te_seen = true;
+            for c in h.value.split(|&b| b == b',') {
+                let c = trim(c);
+                if !c.is_empty() {
+                    te_chunked_last = c.eq_ignore_ascii_case(b"chunked");
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in h.value.split(|&b| b == b',') {
+                let t = trim(t);
+                if t.is_empty() {
+                    continue;
+                }
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") && version == Version::Http10 {
+                    close = false;
+                }
+                connection_tokens.push(Span::of(buf, t));
+            }
+        }
+    }
+    if te_seen && content_length.is_some() {
+        return Err(bad(
+            "backend sent both Content-Length and Transfer-Encoding",
+        ));
+    }
+    let body = if (100..200).contains(&code) || code == 204 || code == 304 {
+        BodyKind::None
+    } else if te_seen {
+        if te_chunked_last {
+            BodyKind::Chunked
+        } else {
+            close = true;
+            BodyKind::UntilClose
+        }
+    } else if let Some(n) = content_length {
+        if n == 0 {
+            BodyKind::None
+        } else {
+            BodyKind::Length(n)
+        }
+    } else {
+        close = true;
+        BodyKind::UntilClose
+    };
+    Ok(Parsed::Complete(ResponseHead {
+        len,
+        version,
+        status: code,
+        reason,
+        headers,
+        body,
+        close,
+        connection_tokens,
+    }))
+}
+
+/// Status code of a health-probe response, as soon as the status line is complete.
+pub fn probe_status(buf: &[u8]) -> Parsed<Result<u16, ()>> {
+    let line_end = match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => i,
+        None if buf.len() > 1024 => return Parsed::Complete(Err(())),
+        None => return Parsed::Partial,
+    };
+    let line = &buf[..line_end];
+    let ok = line.starts_with(b"HTTP/1.") && line.len() >= 12 && line[8] == b' ';
+    if !ok {
+        return Parsed::Complete(Err(()));
+    }
+    let code = &line[9..12];
+    if !code.iter().all(|b| b.is_ascii_digit()) {
+        return Parsed::Complete(Err(()));
+    }
+    Parsed::Complete(Ok(code
+        .iter()
+        .fold(0u16, |a, &b| a * 10 + (b - b'0') as u16)))
+}

@@ -1,0 +1,354 @@
+use super::body::Chunk;
+use super::*;
+use crate::error::Status;
+use proptest::prelude::*;
+
+fn parse(s: &[u8]) -> Result<Parsed<RequestHead>, crate::HttpError> {
+    parse_request(s, &Limits::default())
+}
+
+fn status_of(s: &[u8]) -> u16 {
+    match parse(s) {
+        Err(e) => e.status.code(),
+        Ok(Parsed::Complete(_)) => 200,
+        Ok(Parsed::Partial) => 0,
+    }
+}
+
+fn complete(s: &[u8]) -> RequestHead {
+    match parse(s) {
+        Ok(Parsed::Complete(h)) => h,
+        other => panic!("expected a complete head, got {other:?}"),
+    }
+}
+
+#[test]
+fn simple_get() {
+    let raw = b"GET /a?b=c HTTP/1.1\r\nHost: example.com\r\nX-A: 1\r\n\r\nrest";
+    let h = complete(raw);
+    assert_eq!(h.len, raw.len() - 4);
+    assert_eq!(h.method, Method::Get);
+    assert_eq!(h.path.get(raw), b"/a?b=c");
+    assert_eq!(h.effective_host(raw), b"example.com");
+    assert_eq!(h.body, BodyKind::None);
+    assert!(h.keep_alive);
+    assert_eq!(h.header(raw, "x-a"), Some(&b"1"[..]));
+}
+
+#[test]
+fn partial_until_blank_line() {
+    assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\n"), 0);
+    assert_eq!(status_of(b"GET / HTT"), 0);
+}
+
+#[test]
+fn smuggling_vectors_are_rejected() {
+    let cases: &[(&[u8], u16)] = &[
+        // CL + TE
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        // conflicting / duplicate / invalid CL
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+        // TE whose final coding is not chunked; chunked twice
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\x0b\r\n\r\n", 400),
+        // unknown codings before chunked
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        // TE in HTTP/1.0
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        // obs-fold
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n", 400),
+        // bare CR
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r2\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\rHost: a\r\n\r\n", 400),
+        // NUL
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n", 400),
+        // whitespace before colon
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+        // invalid field names
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX(A): 1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n", 400),
+        // missing / duplicate Host
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        // versions
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+        (b"GET / HTTP/0.9\r\n\r\n", 505),
+        // request line
+        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n", 417),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(
+            status_of(raw),
+            *want,
+            "{}",
+            String::from_utf8_lossy(raw).escape_debug()
+        );
+    }
+}
+
+#[test]
+fn accepted_forms() {
+    let h = complete(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n");
+    assert_eq!(h.body, BodyKind::Chunked);
+    let h = complete(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n");
+    assert_eq!(h.body, BodyKind::Length(12));
+    let h = complete(b"GET / HTTP/1.0\r\n\r\n");
+    assert!(!h.keep_alive);
+    let h = complete(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    assert!(h.keep_alive);
+    let raw = b"GET http://Example.com:8080 HTTP/1.1\r\nHost: other\r\n\r\n";
+    let h = complete(raw);
+    assert_eq!(h.effective_host(raw), b"Example.com:8080");
+    assert!(h.path.is_empty());
+    let h = complete(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(h.method, Method::Options);
+    // Leading empty line before the request line is tolerated (RFC 9112 section 2.2).
+    let h = complete(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(h.len, 2 + 27);
+    // Connection-named fields are hop-by-hop.
+    let raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\n\r\n";
+    let h = complete(raw);
+    assert!(!h.keep_alive);
+    let secret = h
+        .headers
+        .iter()
+        .find(|x| x.name.get(raw) == b"X-Secret")
+        .unwrap();
+    assert!(h.is_hop(raw, secret));
+}
+
+#[test]
+fn limits() {
+    let l = Limits {
+        max_head: 64,
+        max_uri: 16,
+        max_headers: 3,
+        max_body: 10,
+    };
+    let p = |s: &[u8]| match parse_request(s, &l) {
+        Err(e) => e.status.code(),
+        Ok(Parsed::Complete(_)) => 200,
+        Ok(Parsed::Partial) => 0,
+    };
+    assert_eq!(
+        p(b"GET /aaaaaaaaaaaaaaaaaaaaaaaa HTTP/1.1\r\nHost: a\r\n\r\n"),
+        414
+    );
+    assert_eq!(
+        p(&[b"GET /".as_slice(), &[b'a'; 100]].concat()),
+        414,
+        "URI limit holds on a partial line"
+    );
+    assert_eq!(
+        p(b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 1\r\nC: 1\r\n\r\n"),
+        431
+    );
+    assert_eq!(
+        p(b"GET / HTTP/1.1\r\nHost: a\r\nA: 11111111111111111111111111111111111111111\r\n"),
+        431
+    );
+    assert_eq!(
+        p(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n"),
+        413
+    );
+    assert_eq!(
+        p(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"),
+        200
+    );
+}
+
+#[test]
+fn response_framing() {
+    let r = |s: &[u8]| match parse_response(s, 4096) {
+        Ok(Parsed::Complete(h)) => Ok((h.status, h.body, h.close)),
+        Ok(Parsed::Partial) => Err(0),
+        Err(e) => Err(e.status.code()),
+    };
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"),
+        Ok((200, BodyKind::Length(3), false))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        Ok((200, BodyKind::Chunked, false))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\n\r\n"),
+        Ok((200, BodyKind::UntilClose, true))
+    );
+    assert_eq!(
+        r(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+        Ok((200, BodyKind::Length(1), true))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 204 No Content\r\n\r\n"),
+        Ok((204, BodyKind::None, false))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        Ok((304, BodyKind::None, false))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        Err(502)
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
+        Err(502)
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"),
+        Ok((200, BodyKind::None, true))
+    );
+    assert_eq!(r(b"garbage\r\n\r\n"), Err(502));
+    assert_eq!(r(b"HTTP/1.1 200 OK\r\n"), Err(0));
+}
+
+fn decode_all(dec: &mut ChunkedDecoder, input: &[u8]) -> Result<(Vec<u8>, bool, usize), BodyError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let (used, c) = dec.decode(&input[pos..])?;
+        match c {
+            Some(Chunk::Data(r)) => out.extend_from_slice(&input[pos + r.start..pos + r.end]),
+            Some(Chunk::End) => return Ok((out, true, pos + used)),
+            None => {}
+        }
+        pos += used;
+        if used == 0 || pos == input.len() {
+            return Ok((out, false, pos));
+        }
+    }
+}
+
+#[test]
+fn chunked_decoder() {
+    let mut d = ChunkedDecoder::new();
+    let (out, done, used) = decode_all(
+        &mut d,
+        b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT",
+    )
+    .unwrap();
+    assert_eq!(out, b"hello world");
+    assert!(done);
+    assert_eq!(used, 44);
+    for bad in [
+        &b"\r\n"[..],
+        b"g\r\n",
+        b"5\nhello\r\n",
+        b"5\r\nhelloX\r\n",
+        b"5 \r\nhello\r\n",
+        b" 5\r\nhello\r\n",
+        b"11111111111111111\r\n",
+        b"5;a\x00b\r\n",
+        b"5\r\nhello\r\n0\r\nbad trailer\r\r\n",
+        b"-1\r\n",
+        b"0x5\r\n",
+    ] {
+        let mut d = ChunkedDecoder::new();
+        assert!(
+            decode_all(&mut d, bad).is_err(),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // 16 hex digits is the maximum (no overflow: values stay within u64).
+    let mut d = ChunkedDecoder::new();
+    assert!(decode_all(&mut d, b"ffffffffffffffff\r\n").is_ok());
+}
+
+#[test]
+fn error_response_is_well_formed() {
+    let mut out = Vec::new();
+    write::error_response(&mut out, Status::BadGateway, true);
+    let s = String::from_utf8(out).unwrap();
+    assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+    assert!(s.contains("Connection: close\r\n"));
+    let body = s.split("\r\n\r\n").nth(1).unwrap();
+    assert!(s.contains(&format!("Content-Length: {}\r\n", body.len())));
+}
+
+proptest! {
+    /// A request fed whole or split at any byte boundaries yields the same outcome.
+    #[test]
+    fn split_feeding_is_equivalent(
+        idx in 0usize..8,
+        cuts in proptest::collection::vec(0usize..400, 0..6),
+    ) {
+        let reqs: [&[u8]; 8] = [
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ];
+        let raw = reqs[idx];
+        let whole = format!("{:?}", parse(raw).map(|p| match p { Parsed::Complete(h) => (h.len, h.body), Parsed::Partial => (0, BodyKind::None) }));
+        // Feeding a growing prefix: every prefix is Partial or the same error, and the
+        // first complete parse equals the whole parse.
+        let mut points: Vec<usize> = cuts.into_iter().map(|c| c % (raw.len() + 1)).collect();
+        points.push(raw.len());
+        points.sort();
+        let mut final_outcome = None;
+        for p in points {
+            match parse(&raw[..p]) {
+                Ok(Parsed::Partial) => {}
+                other => {
+                    final_outcome = Some(format!("{:?}", other.map(|p| match p { Parsed::Complete(h) => (h.len, h.body), Parsed::Partial => (0, BodyKind::None) })));
+                    break;
+                }
+            }
+        }
+        prop_assert_eq!(final_outcome.unwrap_or_default(), whole);
+    }
+
+    /// The chunked decoder gives the same data for any split of its input.
+    #[test]
+    fn chunked_split_equivalence(data in proptest::collection::vec(any::<u8>(), 0..300), sizes in proptest::collection::vec(1usize..50, 1..10), split in 1usize..64) {
+        let mut enc = Vec::new();
+        let mut rest = &data[..];
+        for s in sizes.iter().cycle() {
+            if rest.is_empty() { break; }
+            let n = (*s).min(rest.len());
+            write::push_chunk(&mut enc, &rest[..n]);
+            rest = &rest[n..];
+        }
+        enc.extend_from_slice(write::LAST_CHUNK);
+        let mut d = ChunkedDecoder::new();
+        let mut out = Vec::new();
+        let mut done = false;
+        for piece in enc.chunks(split) {
+            let mut pos = 0;
+            while pos < piece.len() && !done {
+                let (used, c) = d.decode(&piece[pos..]).unwrap();
+                match c {
+                    Some(Chunk::Data(r)) => out.extend_from_slice(&piece[pos + r.start..pos + r.end]),
+                    Some(Chunk::End) => done = true,
+                    None => {}
+                }
+                pos += used;
+            }
+        }
+        prop_assert!(done);
+        prop_assert_eq!(out, data);
+    }
+}

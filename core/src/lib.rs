@@ -1,0 +1,19 @@
+//! trireme-core: every decision trireme makes, as pure state machines.
+//!
+//! No sockets, files, clocks, threads or global RNG (enforced by `core/clippy.toml`):
+//! bytes and events come in with `now`, output is pulled. See [`proxy::Session`] for the
+//! driving contract and [`sim`] for the deterministic simulator that exercises it.
+
+pub mod balance;
+pub mod buf;
+pub mod config;
+pub mod error;
+pub mod http1;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod sim;
+pub mod upstream;
+
+pub use error::{HttpError, Status};
+pub use proxy::{Action, ProxyContext, Session};

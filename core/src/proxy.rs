@@ -1,0 +1,1280 @@
+//! One client connection's proxy session: a pure state machine.
+//!
+//! # Driving a session
+//!
+//! The runtime owns the sockets and the clock; the session owns the buffers and every
+//! decision. After each input, the runtime drains the session's output:
+//!
+//! 1. Input: read client bytes into [`Session::client_in`] then call
+//!    [`Session::on_client_read`]; likewise [`Session::up_in`] and
+//!    [`Session::on_upstream_read`]. Report EOF, errors, connect outcomes and timer expiry
+//!    with the other `on_*` methods, always passing `now`.
+//! 2. Output, pulled: [`Session::poll_action`] until `None` (connect to a backend, release
+//!    the upstream connection to the pool or close it); write [`Session::client_out`] and
+//!    [`Session::up_out`] and report progress with `on_*_written`; read only while
+//!    [`Session::wants_client_read`] / [`Session::wants_upstream_read`]; arm one timer at
+//!    [`Session::deadline`]; close the client when [`Session::wants_close`].
+//!
+//! Requests on one connection are handled one at a time, in order: pipelined requests wait
+//! in `client_in` until the response before them is complete. Bodies stream through in
+//! both directions with a bounded amount buffered (backpressure through `wants_*_read`).
+//!
+//! After a client protocol error the read side stays failed: the error response is written
+//! and the connection closes.
+
+use crate::balance::{Algorithm, PickInput};
+use crate::buf::OutBuf;
+use crate::error::{HttpError, Status};
+use crate::http1::body::{Chunk, ChunkedDecoder};
+use crate::http1::head::{self, Method, Parsed, RequestHead};
+use crate::http1::write::{error_response, push_chunk, push_dec, LAST_CHUNK};
+use crate::http1::{BodyKind, Limits, Version};
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::upstream::{HashKey, Upstream};
+use bytes::{Buf, BytesMut};
+use smallvec::SmallVec;
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Buffered bytes beyond which the session stops reading from the other side.
+pub const HIGH_WATER: usize = 64 * 1024;
+/// Read buffer capacity the runtime should keep available.
+pub const READ_CHUNK: usize = 16 * 1024;
+
+/// Everything a session needs that is shared by all sessions of a process.
+pub struct ProxyContext {
+    pub limits: Limits,
+    /// A client must send a whole request head within this time.
+    pub header_timeout: Duration,
+    /// Idle time allowed between requests on a keep-alive client connection.
+    pub keep_alive_timeout: Duration,
+    /// Inactivity allowed while a request or response body is in flight (`server.timeout`).
+    pub idle_timeout: Duration,
+    pub max_requests_per_connection: u32,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub router: Router,
+    pub metrics: Arc<Metrics>,
+    /// Name in the `Via` header.
+    pub via_name: String,
+}
+
+/// What the session asks of the runtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Get a connection to this backend: an idle pooled one if `fresh` is false and the
+    /// pool has one, else a new one. Answer with [`Session::on_upstream_connected`] or
+    /// [`Session::on_upstream_connect_failed`]. Any previous upstream connection was
+    /// released before this.
+    Connect {
+        upstream: u16,
+        backend: u16,
+        addr: SocketAddr,
+        fresh: bool,
+    },
+    /// The session is done with its upstream connection: return it to the pool (`reuse`) or
+    /// close it.
+    ReleaseUpstream {
+        upstream: u16,
+        backend: u16,
+        reuse: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for (the rest of) a request head.
+    Idle,
+    /// A request is in flight.
+    Active,
+    /// Writing a final response (usually an error), then closing.
+    Closing,
+    /// Close now: nothing more will be written.
+    Closed,
+}
+
+#[derive(Debug)]
+enum ReqBody {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+}
+
+#[derive(Debug)]
+enum RespBody {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+#[derive(Debug)]
+enum Resp {
+    AwaitHead,
+    Body {
+        body: RespBody,
+        chunked_to_client: bool,
+    },
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Up {
+    None,
+    Connecting { since: Instant, fresh: bool },
+    Connected { reused: bool },
+}
+
+/// The request in flight.
+#[derive(Debug)]
+struct Req {
+    method: Method,
+    version: Version,
+    has_body: bool,
+    upstream: u16,
+    backend: Option<u16>,
+    tried: SmallVec<[u16; 4]>,
+    retries_left: u32,
+    stale_retry_used: bool,
+    /// The client has been sent (part of) a final response head.
+    response_started: bool,
+    /// Bytes of the response received from the backend (retry only before any).
+    resp_bytes: u64,
+    /// Client connection closes after this exchange.
+    close_after: bool,
+    hash_key: SmallVec<[u8; 64]>,
+    has_hash_key: bool,
+}
+
+pub struct Session {
+    ctx: Arc<ProxyContext>,
+    client_ip: IpAddr,
+    /// Bytes read from the client, not yet consumed.
+    pub client_in: BytesMut,
+    /// Bytes to write to the client.
+    pub client_out: OutBuf,
+    /// Bytes read from the current upstream connection, not yet consumed.
+    pub up_in: BytesMut,
+    /// Bytes to write to the current upstream connection.
+    pub up_out: OutBuf,
+    actions: VecDeque<Action>,
+    state: State,
+    req: Option<Req>,
+    req_body: ReqBody,
+    resp: Resp,
+    up: Up,
+    /// The upstream request head, kept for a retry.
+    up_head: Vec<u8>,
+    head_started: Option<Instant>,
+    last_client_io: Instant,
+    last_up_io: Instant,
+    requests_done: u32,
+    draining: bool,
+    client_eof: bool,
+    /// The backend did not announce a close for the response in flight.
+    up_reuse_ok: bool,
+}
+
+fn lower_eq(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+impl Session {
+    pub fn new(ctx: Arc<ProxyContext>, client: SocketAddr, now: Instant) -> Self {
+        ctx.metrics
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        ctx.metrics
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        Session {
+            ctx,
+            client_ip: client.ip(),
+            client_in: BytesMut::new(),
+            client_out: OutBuf::new(),
+            up_in: BytesMut::new(),
+            up_out: OutBuf::new(),
+            actions: VecDeque::new(),
+            state: State::Idle,
+            req: None,
+            req_body: ReqBody::Done,
+            resp: Resp::Done,
+            up: Up::None,
+            up_head: Vec::new(),
+            head_started: None,
+            last_client_io: now,
+            last_up_io: now,
+            requests_done: 0,
+            draining: false,
+            client_eof: false,
+            up_reuse_ok: false,
+        }
+    }
+
+    // ----------------------------------------------------------------- output, pulled
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Ensure `client_in` has room for a read of at least [`READ_CHUNK`] bytes.
+    pub fn reserve_client_in(&mut self) -> &mut BytesMut {
+        self.client_in.reserve(READ_CHUNK);
+        &mut self.client_in
+    }
+
+    pub fn reserve_up_in(&mut self) -> &mut BytesMut {
+        self.up_in.reserve(READ_CHUNK);
+        &mut self.up_in
+    }
+
+    /// The runtime should read from the client now.
+    pub fn wants_client_read(&self) -> bool {
+        match self.state {
+            State::Idle => !self.client_eof && self.client_in.len() < self.ctx.limits.max_head + 8,
+            State::Active => {
+                if self.client_eof {
+                    return false;
+                }
+                if matches!(self.req_body, ReqBody::Done) {
+                    // Pipelined bytes: hold at most one head's worth.
+                    self.client_in.len() < self.ctx.limits.max_head
+                } else {
+                    self.up_out.len() < HIGH_WATER && self.client_in.len() < HIGH_WATER
+                }
+            }
+            State::Closing | State::Closed => false,
+        }
+    }
+
+    /// The runtime should read from the upstream connection now.
+    pub fn wants_upstream_read(&self) -> bool {
+        matches!(self.up, Up::Connected { .. })
+            && !matches!(self.resp, Resp::Done)
+            && self.client_out.len() < HIGH_WATER
+            && self.up_in.len() < HIGH_WATER
+    }
+
+    /// The client connection should be closed now (its output is flushed or abandoned).
+    pub fn wants_close(&self) -> bool {
+        self.state == State::Closed || (self.state == State::Closing && self.client_out.is_empty())
+    }
+
+    /// The one deadline the runtime should arm; call [`on_timeout`](Self::on_timeout) then.
+    pub fn deadline(&self) -> Option<Instant> {
+        let c = &self.ctx;
+        match self.state {
+            State::Idle => Some(match self.head_started {
+                Some(t) => t + c.header_timeout,
+                None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
+                None => self.last_client_io + c.keep_alive_timeout,
+            }),
+            State::Active => {
+                let mut d: Option<Instant> = None;
+                let mut add = |t: Instant| d = Some(d.map_or(t, |x: Instant| x.min(t)));
+                let up = self.current_upstream();
+                match self.up {
+                    Up::Connecting { since, .. } => add(since + up.cfg.connect_timeout),
+                    Up::Connected { .. } if !matches!(self.resp, Resp::Done) => {
+                        add(self.last_up_io + up.cfg.response_timeout)
+                    }
+                    _ => {}
+                }
+                if !matches!(self.req_body, ReqBody::Done) || !self.client_out.is_empty() {
+                    add(self.last_client_io + c.idle_timeout);
+                }
+                d
+            }
+            State::Closing => Some(self.last_client_io + c.idle_timeout),
+            State::Closed => None,
+        }
+    }
+
+    /// No request in flight and nothing buffered: the connection may be closed without
+    /// losing anything (used for graceful shutdown).
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Idle && self.client_in.is_empty() && self.client_out.is_empty()
+    }
+
+    // ----------------------------------------------------------------- client input
+
+    /// New bytes were appended to `client_in`.
+    pub fn on_client_read(&mut self, now: Instant) {
+        self.last_client_io = now;
+        self.process_client(now);
+    }
+
+    /// Convenience for tests and simulators: append and process.
+    pub fn feed_client(&mut self, data: &[u8], now: Instant) {
+        self.client_in.extend_from_slice(data);
+        self.on_client_read(now);
+    }
+
+    pub fn on_client_written(&mut self, n: usize, now: Instant) {
+        self.client_out.consume(n);
+        self.last_client_io = now;
+    }
+
+    /// The client closed its sending side.
+    pub fn on_client_eof(&mut self, now: Instant) {
+        self.client_eof = true;
+        match self.state {
+            State::Idle => {
+                // Nothing or a partial head: nothing to answer.
+                self.state = State::Closed;
+            }
+            State::Active => {
+                if !matches!(self.req_body, ReqBody::Done) {
+                    tracing::debug!(client = %self.client_ip, "client closed during request body");
+                    self.abort(now);
+                }
+                // Otherwise the response still goes out; the connection closes after it.
+                if let Some(r) = self.req.as_mut() {
+                    r.close_after = true;
+                }
+            }
+            State::Closing | State::Closed => {}
+        }
+    }
+
+    /// Reading from or writing to the client failed: drop everything.
+    pub fn on_client_error(&mut self, now: Instant) {
+        self.client_eof = true;
+        self.abort(now);
+    }
+
+    /// Graceful shutdown: idle connections close now; a request in flight finishes and its
+    /// response carries `Connection: close`.
+    pub fn begin_drain(&mut self, _now: Instant) {
+        self.draining = true;
+        if self.state == State::Idle && self.client_in.is_empty() {
+            self.state = State::Closed;
+        }
+        if let Some(r) = self.req.as_mut() {
+            r.close_after = true;
+        }
+    }
+
+    // ----------------------------------------------------------------- upstream input
+
+    pub fn on_upstream_connected(&mut self, reused: bool, now: Instant) {
+        if !matches!(self.up, Up::Connecting { .. }) {
+            return;
+        }
+        self.up = Up::Connected { reused };
+        self.last_up_io = now;
+        let m = &self.ctx.metrics;
+        if reused {
+            m.upstream_reuses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            m.upstream_connects.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn on_upstream_connect_failed(&mut self, now: Instant) {
+        if !matches!(self.up, Up::Connecting { .. }) {
+            return;
+        }
+        self.connect_failed(now, false);
+    }
+
+    pub fn on_upstream_written(&mut self, n: usize, now: Instant) {
+        self.up_out.consume(n);
+        self.last_up_io = now;
+    }
+
+    /// New bytes were appended to `up_in`.
+    pub fn on_upstream_read(&mut self, now: Instant) {
+        self.last_up_io = now;
+        if let Some(r) = self.req.as_mut() {
+            r.resp_bytes += self.up_in.len() as u64;
+        }
+        self.process_upstream(now);
+        // Writing the response may have freed the client for the next request.
+    }
+
+    pub fn feed_upstream(&mut self, data: &[u8], now: Instant) {
+        self.up_in.extend_from_slice(data);
+        self.on_upstream_read(now);
+    }
+
+    /// The backend closed the connection (or it failed: `error`).
+    pub fn on_upstream_eof(&mut self, error: bool, now: Instant) {
+        if !matches!(self.up, Up::Connected { .. }) {
+            return;
+        }
+        match &self.resp {
+            Resp::AwaitHead => {
+                let reused = matches!(self.up, Up::Connected { reused: true });
+                let (retryable, no_bytes) = match &self.req {
+                    Some(r) => (r.method.is_idempotent() && !r.has_body, r.resp_bytes == 0),
+                    None => (false, false),
+                };
+                if retryable
+                    && no_bytes
+                    && reused
+                    && !self.req.as_ref().is_some_and(|r| r.stale_retry_used)
+                {
+                    // A pooled connection the backend had already closed: not the backend's
+                    // fault, and never the client's problem. Same backend, fresh connection.
+                    if let Some(r) = self.req.as_mut() {
+                        r.stale_retry_used = true;
+                    }
+                    self.ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                    self.release_upstream(false);
+                    self.connect_again(now, true, false);
+                    return;
+                }
+                if no_bytes && retryable {
+                    // Closed without a byte of response: retry elsewhere like a connect
+                    // failure.
+                    self.connect_failed(now, false);
+                    return;
+                }
+                self.report_backend_failure(now);
+                self.upstream_error(
+                    Status::BadGateway,
+                    "backend closed the connection before a complete response head",
+                    now,
+                );
+            }
+            Resp::Body {
+                body: RespBody::UntilClose,
+                chunked_to_client,
+            } if !error => {
+                if *chunked_to_client {
+                    self.client_out.vec().extend_from_slice(LAST_CHUNK);
+                }
+                self.resp = Resp::Done;
+                self.finish_exchange(false, now);
+            }
+            Resp::Body { .. } => {
+                tracing::warn!(client = %self.client_ip, "backend closed the connection mid-response");
+                self.report_backend_failure(now);
+                self.abort(now);
+            }
+            Resp::Done => {}
+        }
+    }
+
+    /// The timer armed at [`deadline`](Self::deadline) fired (it may be stale: the session
+    /// rechecks against `now`).
+    pub fn on_timeout(&mut self, now: Instant) {
+        let Some(d) = self.deadline() else { return };
+        if now < d {
+            return;
+        }
+        match self.state {
+            State::Idle => {
+                if self.head_started.is_some() || !self.client_in.is_empty() {
+                    tracing::debug!(client = %self.client_ip, "client request head timed out");
+                    self.client_error(HttpError::new(
+                        Status::RequestTimeout,
+                        "request head not received in time",
+                    ));
+                } else {
+                    self.state = State::Closed;
+                }
+            }
+            State::Active => {
+                let up_cfg_ct = self.current_upstream().cfg.connect_timeout;
+                let up_cfg_rt = self.current_upstream().cfg.response_timeout;
+                match self.up {
+                    Up::Connecting { since, .. } if now >= since + up_cfg_ct => {
+                        self.connect_failed(now, true);
+                        return;
+                    }
+                    Up::Connected { .. }
+                        if !matches!(self.resp, Resp::Done)
+                            && now >= self.last_up_io + up_cfg_rt =>
+                    {
+                        self.report_backend_failure(now);
+                        self.upstream_error(
+                            Status::GatewayTimeout,
+                            "backend did not respond in time",
+                            now,
+                        );
+                        return;
+                    }
+                    _ => {}
+                }
+                if now >= self.last_client_io + self.ctx.idle_timeout {
+                    let started = self.req.as_ref().is_some_and(|r| r.response_started);
+                    if !started && !matches!(self.req_body, ReqBody::Done) {
+                        self.release_upstream(false);
+                        self.client_error(HttpError::new(
+                            Status::RequestTimeout,
+                            "request body not received in time",
+                        ));
+                    } else {
+                        tracing::debug!(client = %self.client_ip, "client stalled; closing");
+                        self.abort(now);
+                    }
+                }
+            }
+            State::Closing => {
+                // The client does not read its error response: give up on it.
+                self.client_out.clear();
+                self.state = State::Closed;
+            }
+            State::Closed => {}
+        }
+    }
+
+    // ----------------------------------------------------------------- internals
+
+    fn current_upstream(&self) -> &Upstream {
+        let id = self.req.as_ref().map_or(0, |r| r.upstream as usize);
+        &self.ctx.upstreams[id]
+    }
+
+    fn process_client(&mut self, now: Instant) {
+        loop {
+            match self.state {
+                State::Idle => {
+                    if self.client_in.is_empty() {
+                        return;
+                    }
+                    let parsed = head::parse_request(&self.client_in, &self.ctx.limits);
+                    match parsed {
+                        Err(e) => {
+                            self.client_error(e);
+                            return;
+                        }
+                        Ok(Parsed::Partial) => {
+                            if self.head_started.is_none() {
+                                self.head_started = Some(now);
+                            }
+                            return;
+                        }
+                        Ok(Parsed::Complete(h)) => self.start_request(h, now),
+                    }
+                }
+                State::Active => {
+                    if !matches!(self.req_body, ReqBody::Done) {
+                        if let Err(e) = self.forward_request_body() {
+                            let started = self.req.as_ref().is_some_and(|r| r.response_started);
+                            if started {
+                                tracing::debug!(client = %self.client_ip, error = %e, "bad request body after response started");
+                                self.abort(now);
+                            } else {
+                                self.release_upstream(false);
+                                self.client_error(e);
+                            }
+                        }
+                    }
+                    return;
+                }
+                State::Closing | State::Closed => return,
+            }
+        }
+    }
+
+    fn forward_request_body(&mut self) -> Result<(), HttpError> {
+        match &mut self.req_body {
+            ReqBody::Done => {}
+            ReqBody::Length(rem) => {
+                let n = (*rem).min(self.client_in.len() as u64) as usize;
+                self.up_out.vec().extend_from_slice(&self.client_in[..n]);
+                self.client_in.advance(n);
+                *rem -= n as u64;
+                if *rem == 0 {
+                    self.req_body = ReqBody::Done;
+                }
+            }
+            ReqBody::Chunked(dec) => {
+                let mut pos = 0;
+                let mut done = false;
+                loop {
+                    let (used, chunk) = dec.decode(&self.client_in[pos..]).map_err(|_| {
+                        HttpError::new(Status::BadRequest, "invalid chunked request body")
+                    })?;
+                    match chunk {
+                        Some(Chunk::Data(r)) => {
+                            if dec.decoded > self.ctx.limits.max_body {
+                                return Err(HttpError::new(
+                                    Status::PayloadTooLarge,
+                                    "chunked request body larger than max_body_size",
+                                ));
+                            }
+                            push_chunk(
+                                self.up_out.vec(),
+                                &self.client_in[pos + r.start..pos + r.end],
+                            );
+                        }
+                        Some(Chunk::End) => {
+                            self.up_out.vec().extend_from_slice(LAST_CHUNK);
+                            done = true;
+                        }
+                        None => {}
+                    }
+                    pos += used;
+                    if done || used == 0 || pos == self.client_in.len() {
+                        break;
+                    }
+                }
+                self.client_in.advance(pos);
+                if done {
+                    self.req_body = ReqBody::Done;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_request(&mut self, h: RequestHead, now: Instant) {
+        let ctx = self.ctx.clone();
+        ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        self.head_started = None;
+        let buf: &[u8] = &self.client_in;
+        let host = h.effective_host(buf);
+        let path = h.path.get(buf);
+        let Some(up_id) = ctx
+            .router
+            .route(host, if path.is_empty() { b"/" } else { path })
+        else {
+            let body = h.body != BodyKind::None;
+            self.client_in.advance(h.len);
+            self.reply_error(
+                Status::NotFound,
+                "no route for this host and path",
+                body || !h.keep_alive,
+            );
+            return;
+        };
+        let upstream = &ctx.upstreams[up_id];
+
+        // Hash key for consistent_hash (copied: the head bytes are consumed below).
+        let mut hash_key: SmallVec<[u8; 64]> = SmallVec::new();
+        let mut has_hash_key = false;
+        if upstream.cfg.algorithm == Algorithm::ConsistentHash {
+            let v = match &upstream.cfg.hash_key {
+                HashKey::Header(name) => h.header(buf, name),
+                HashKey::Cookie(name) => h
+                    .header(buf, "cookie")
+                    .and_then(|c| cookie_value(c, name.as_bytes())),
+                HashKey::Path => Some(path),
+                HashKey::ClientIp => None,
+            };
+            if let Some(v) = v {
+                hash_key.extend_from_slice(v);
+                has_hash_key = true;
+            }
+        }
+
+        let mut req = Req {
+            method: h.method,
+            version: h.version,
+            has_body: h.body != BodyKind::None,
+            upstream: up_id as u16,
+            backend: None,
+            tried: SmallVec::new(),
+            retries_left: upstream.cfg.retries,
+            stale_retry_used: false,
+            response_started: false,
+            resp_bytes: 0,
+            close_after: !h.keep_alive
+                || self.draining
+                || self.requests_done + 1 >= ctx.max_requests_per_connection,
+            hash_key,
+            has_hash_key,
+        };
+
+        let Some(backend) = self.pick(&req, upstream, now) else {
+            self.client_in.advance(h.len);
+            tracing::warn!(client = %self.client_ip, upstream = %upstream.cfg.name, "503: no healthy backend");
+            let close = req.has_body || req.close_after;
+            self.req = Some(req);
+            self.reply_error(Status::ServiceUnavailable, "no healthy backend", close);
+            return;
+        };
+
+        // The upstream request head.
+        self.up_head.clear();
+        write_upstream_head(
+            &mut self.up_head,
+            buf,
+            &h,
+            self.client_ip,
+            &upstream.backends[backend].host,
+            &ctx.via_name,
+        );
+        self.client_in.advance(h.len);
+
+        self.req_body = match h.body {
+            BodyKind::None | BodyKind::UntilClose => ReqBody::Done,
+            BodyKind::Length(n) => ReqBody::Length(n),
+            BodyKind::Chunked => ReqBody::Chunked(ChunkedDecoder::new()),
+        };
+        self.up_out.clear();
+        self.up_out.vec().extend_from_slice(&self.up_head);
+        self.up_in.clear();
+        req.backend = Some(backend as u16);
+        req.tried.push(backend as u16);
+        upstream.begin(backend);
+        self.actions.push_back(Action::Connect {
+            upstream: up_id as u16,
+            backend: backend as u16,
+            addr: upstream.backends[backend].addr,
+            fresh: false,
+        });
+        self.req = Some(req);
+        self.up = Up::Connecting {
+            since: now,
+            fresh: false,
+        };
+        self.resp = Resp::AwaitHead;
+        self.state = State::Active;
+    }
+
+    fn pick(&self, req: &Req, upstream: &Upstream, now: Instant) -> Option<usize> {
+        let mut ipb = [0u8; 16];
+        let client: &[u8] = match self.client_ip {
+            IpAddr::V4(a) => {
+                ipb[..4].copy_from_slice(&a.octets());
+                &ipb[..4]
+            }
+            IpAddr::V6(a) => {
+                ipb.copy_from_slice(&a.octets());
+                &ipb[..]
+            }
+        };
+        let input = PickInput {
+            client,
+            key: req.has_hash_key.then_some(&req.hash_key[..]),
+        };
+        upstream.pick(&input, &req.tried, now)
+    }
+
+    /// Connect failed or timed out: passive health, then retry elsewhere or answer 502/504.
+    fn connect_failed(&mut self, now: Instant, timed_out: bool) {
+        self.report_backend_failure(now);
+        let (status, why) = if timed_out {
+            (
+                Status::GatewayTimeout,
+                "connecting to the backend timed out",
+            )
+        } else {
+            (Status::BadGateway, "could not connect to the backend")
+        };
+        let retry = self
+            .req
+            .as_ref()
+            .is_some_and(|r| r.method.is_idempotent() && !r.has_body && r.retries_left > 0);
+        if retry {
+            self.release_upstream(false);
+            if let Some(r) = self.req.as_mut() {
+                r.retries_left -= 1;
+            }
+            self.ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            if self.connect_again(now, false, true) {
+                return;
+            }
+            tracing::warn!(client = %self.client_ip, "{}: {why}; no other backend to retry on", status.code());
+            self.reply_upstream_error(status);
+            return;
+        }
+        self.upstream_error(status, why, now);
+    }
+
+    /// Connect for the current request again: the same backend on a fresh connection, or
+    /// (`repick`) another backend. Returns false when no backend is left.
+    fn connect_again(&mut self, now: Instant, fresh: bool, repick: bool) -> bool {
+        let ctx = self.ctx.clone();
+        let Some(req) = self.req.as_ref() else {
+            return false;
+        };
+        let upstream = &ctx.upstreams[req.upstream as usize];
+        let backend = if repick {
+            match self.pick(req, upstream, now) {
+                Some(b) => b,
+                None => return false,
+            }
+        } else {
+            match req.backend {
+                Some(b) => b as usize,
+                None => return false,
+            }
+        };
+        let up_id = req.upstream;
+        // The head names the backend's Host only for HTTP/1.0 clients without Host; the
+        // stored head is reused as is.
+        self.up_out.clear();
+        self.up_out.vec().extend_from_slice(&self.up_head);
+        self.up_in.clear();
+        upstream.begin(backend);
+        if let Some(r) = self.req.as_mut() {
+            r.backend = Some(backend as u16);
+            if !r.tried.contains(&(backend as u16)) {
+                r.tried.push(backend as u16);
+            }
+            r.resp_bytes = 0;
+        }
+        self.actions.push_back(Action::Connect {
+            upstream: up_id,
+            backend: backend as u16,
+            addr: upstream.backends[backend].addr,
+            fresh: fresh || repick,
+        });
+        self.up = Up::Connecting { since: now, fresh };
+        self.resp = Resp::AwaitHead;
+        true
+    }
+
+    fn report_backend_failure(&self, now: Instant) {
+        if let Some(r) = &self.req {
+            if let Some(b) = r.backend {
+                self.ctx.upstreams[r.upstream as usize].report_failure(b as usize, now);
+            }
+        }
+    }
+
+    /// Give up the upstream connection (and the backend's in-flight slot).
+    fn release_upstream(&mut self, reuse: bool) {
+        if self.up == Up::None {
+            return;
+        }
+        self.up = Up::None;
+        if let Some(r) = self.req.as_mut() {
+            if let Some(b) = r.backend.take() {
+                self.ctx.upstreams[r.upstream as usize].end(b as usize);
+                self.actions.push_back(Action::ReleaseUpstream {
+                    upstream: r.upstream,
+                    backend: b,
+                    reuse,
+                });
+            }
+        }
+        self.up_out.clear();
+        if !reuse {
+            self.up_in.clear();
+        }
+    }
+
+    fn process_upstream(&mut self, now: Instant) {
+        loop {
+            match &mut self.resp {
+                Resp::AwaitHead => {
+                    let parsed = head::parse_response(&self.up_in, 64 * 1024);
+                    let h = match parsed {
+                        Err(e) => {
+                            self.report_backend_failure(now);
+                            self.upstream_error(e.status, e.why, now);
+                            return;
+                        }
+                        Ok(Parsed::Partial) => return,
+                        Ok(Parsed::Complete(h)) => h,
+                    };
+                    let Some(req) = self.req.as_mut() else { return };
+                    if h.status == 101 {
+                        self.report_backend_failure(now);
+                        self.upstream_error(
+                            Status::BadGateway,
+                            "backend switched protocols without an upgrade request",
+                            now,
+                        );
+                        return;
+                    }
+                    if (100..200).contains(&h.status) {
+                        // Interim response: relay to HTTP/1.1 clients (100 Continue, 103).
+                        if req.version == Version::Http11 {
+                            let out = self.client_out.vec();
+                            write_status_line(out, h.status, h.reason.get(&self.up_in));
+                            for hd in &h.headers {
+                                if !h.is_hop(&self.up_in, hd) {
+                                    push_header(
+                                        out,
+                                        hd.name.get(&self.up_in),
+                                        hd.value.get(&self.up_in),
+                                    );
+                                }
+                            }
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        self.up_in.advance(h.len);
+                        continue;
+                    }
+                    let upstream = &self.ctx.upstreams[req.upstream as usize];
+                    if let Some(b) = req.backend {
+                        if h.status >= 500 && upstream.cfg.passive.on_5xx {
+                            upstream.report_failure(b as usize, now);
+                        } else {
+                            upstream.report_success(b as usize);
+                        }
+                    }
+                    self.ctx.metrics.count_status(h.status);
+                    let no_body = req.method == Method::Head || h.status == 204 || h.status == 304;
+                    // Request body still unsent when the answer comes: close afterwards.
+                    if !matches!(self.req_body, ReqBody::Done) {
+                        req.close_after = true;
+                    }
+                    let body = if no_body {
+                        None
+                    } else {
+                        match h.body {
+                            BodyKind::None => None,
+                            BodyKind::Length(n) => Some(RespBody::Length(n)),
+                            BodyKind::Chunked => Some(RespBody::Chunked(ChunkedDecoder::new())),
+                            BodyKind::UntilClose => Some(RespBody::UntilClose),
+                        }
+                    };
+                    let delimited_for_client = match &body {
+                        Some(RespBody::Chunked(_)) | Some(RespBody::UntilClose) => {
+                            req.version == Version::Http11
+                        }
+                        _ => true,
+                    };
+                    if !delimited_for_client {
+                        req.close_after = true;
+                    }
+                    let chunked_to_client = matches!(
+                        body,
+                        Some(RespBody::Chunked(_)) | Some(RespBody::UntilClose)
+                    ) && req.version == Version::Http11;
+                    // Client response head.
+                    let out = self.client_out.vec();
+                    let ub: &[u8] = &self.up_in;
+                    write_status_line(out, h.status, h.reason.get(ub));
+                    for hd in &h.headers {
+                        let name = hd.name.get(ub);
+                        if no_body && lower_eq(name, b"content-length") && h.status != 204 {
+                            push_header(out, name, hd.value.get(ub));
+                            continue;
+                        }
+                        if !h.is_hop(ub, hd) {
+                            push_header(out, name, hd.value.get(ub));
+                        }
+                    }
+                    match &body {
+                        None if !no_body => out.extend_from_slice(b"Content-Length: 0\r\n"),
+                        Some(RespBody::Length(n)) => {
+                            out.extend_from_slice(b"Content-Length: ");
+                            push_dec(out, *n);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        _ if chunked_to_client => {
+                            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+                        }
+                        _ => {}
+                    }
+                    if req.close_after {
+                        out.extend_from_slice(b"Connection: close\r\n");
+                    } else if req.version == Version::Http10 {
+                        out.extend_from_slice(b"Connection: keep-alive\r\n");
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    req.response_started = true;
+                    let up_close = h.close;
+                    self.up_in.advance(h.len);
+                    match body {
+                        None => {
+                            self.resp = Resp::Done;
+                            self.finish_exchange(!up_close, now);
+                            return;
+                        }
+                        Some(body) => {
+                            self.resp = Resp::Body {
+                                body,
+                                chunked_to_client,
+                            };
+                            self.up_reuse_ok = !up_close;
+                        }
+                    }
+                }
+                Resp::Body {
+                    body,
+                    chunked_to_client,
+                } => {
+                    let chunked_out = *chunked_to_client;
+                    let out = self.client_out.vec();
+                    let mut complete = false;
+                    match body {
+                        RespBody::Length(rem) => {
+                            let n = (*rem).min(self.up_in.len() as u64) as usize;
+                            out.extend_from_slice(&self.up_in[..n]);
+                            self.up_in.advance(n);
+                            *rem -= n as u64;
+                            complete = *rem == 0;
+                        }
+                        RespBody::UntilClose => {
+                            if chunked_out {
+                                push_chunk(out, &self.up_in);
+                            } else {
+                                out.extend_from_slice(&self.up_in);
+                            }
+                            self.up_in.clear();
+                        }
+                        RespBody::Chunked(dec) => {
+                            let mut pos = 0;
+                            loop {
+                                let r = dec.decode(&self.up_in[pos..]);
+                                let (used, chunk) = match r {
+                                    Ok(x) => x,
+                                    Err(e) => {
+                                        tracing::warn!(client = %self.client_ip, error = %e, "invalid chunked response from backend");
+                                        self.up_in.clear();
+                                        self.report_backend_failure(now);
+                                        self.abort(now);
+                                        return;
+                                    }
+                                };
+                                match chunk {
+                                    Some(Chunk::Data(r)) => {
+                                        let d = &self.up_in[pos + r.start..pos + r.end];
+                                        if chunked_out {
+                                            push_chunk(out, d);
+                                        } else {
+                                            out.extend_from_slice(d);
+                                        }
+                                    }
+                                    Some(Chunk::End) => {
+                                        if chunked_out {
+                                            out.extend_from_slice(LAST_CHUNK);
+                                        }
+                                        complete = true;
+                                    }
+                                    None => {}
+                                }
+                                pos += used;
+                                if complete || used == 0 || pos == self.up_in.len() {
+                                    break;
+                                }
+                            }
+                            self.up_in.advance(pos);
+                        }
+                    }
+                    if complete {
+                        self.resp = Resp::Done;
+                        let reuse = self.up_reuse_ok;
+                        self.finish_exchange(reuse, now);
+                    }
+                    return;
+                }
+                Resp::Done => return,
+            }
+        }
+    }
+
+    /// The response is complete (request body may or may not be).
+    fn finish_exchange(&mut self, up_reusable: bool, now: Instant) {
+        let req_done = matches!(self.req_body, ReqBody::Done);
+        // Extra bytes after a complete response: the backend broke framing; never reuse.
+        let reuse = up_reusable && req_done && self.up_in.is_empty();
+        self.release_upstream(reuse);
+        self.up_in.clear();
+        self.requests_done += 1;
+        let close = self.req.as_ref().is_none_or(|r| r.close_after)
+            || !req_done
+            || self.draining
+            || self.client_eof;
+        self.req = None;
+        self.req_body = ReqBody::Done;
+        self.resp = Resp::Done;
+        if close {
+            self.state = State::Closing;
+        } else {
+            self.state = State::Idle;
+            self.last_client_io = now;
+            // A pipelined request may already be waiting.
+            self.process_client(now);
+        }
+    }
+
+    /// A client protocol error: answer with its status and close (the read side stays
+    /// failed). If a response is already under way, abort instead.
+    fn client_error(&mut self, e: HttpError) {
+        self.ctx
+            .metrics
+            .client_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(client = %self.client_ip, status = e.status.code(), why = e.why, "rejecting request");
+        self.reply_error(e.status, e.why, true);
+    }
+
+    /// Queue a proxy-generated response. With `close`, the connection closes after it.
+    fn reply_error(&mut self, status: Status, _why: &'static str, close: bool) {
+        let started = self.req.as_ref().is_some_and(|r| r.response_started);
+        if started {
+            self.state = State::Closed;
+            return;
+        }
+        self.ctx.metrics.count_status(status.code());
+        let close = close || self.draining || self.client_eof;
+        error_response(self.client_out.vec(), status, close);
+        self.requests_done += 1;
+        self.req = None;
+        self.resp = Resp::Done;
+        self.head_started = None;
+        if close {
+            self.client_in.clear();
+            self.req_body = ReqBody::Done;
+            self.state = State::Closing;
+        } else {
+            self.req_body = ReqBody::Done;
+            self.state = State::Idle;
+        }
+    }
+
+    /// 502/503/504 for the request in flight, with a log line saying why.
+    fn upstream_error(&mut self, status: Status, why: &'static str, _now: Instant) {
+        let started = self.req.as_ref().is_some_and(|r| r.response_started);
+        if let Some(r) = &self.req {
+            let up = &self.ctx.upstreams[r.upstream as usize];
+            let backend = r
+                .backend
+                .map(|b| up.backends[b as usize].addr.to_string())
+                .unwrap_or_default();
+            tracing::warn!(client = %self.client_ip, upstream = %up.cfg.name, backend = %backend, status = status.code(), "{why}");
+        }
+        self.release_upstream(false);
+        if started {
+            self.abort(_now);
+            return;
+        }
+        self.reply_upstream_error(status);
+    }
+
+    fn reply_upstream_error(&mut self, status: Status) {
+        self.ctx
+            .metrics
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.release_upstream(false);
+        // Keep the client connection only if its request was read completely.
+        let close = !matches!(self.req_body, ReqBody::Done)
+            || self.req.as_ref().is_none_or(|r| r.close_after);
+        self.reply_error(status, "", close);
+    }
+
+    /// Tear down: no more output, close the client and the upstream connection.
+    fn abort(&mut self, _now: Instant) {
+        self.release_upstream(false);
+        self.req = None;
+        self.req_body = ReqBody::Done;
+        self.resp = Resp::Done;
+        self.state = State::Closed;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Keep least_conn and active counts exact when a runtime drops a busy session.
+        if let Some(r) = &self.req {
+            if let Some(b) = r.backend {
+                self.ctx.upstreams[r.upstream as usize].end(b as usize);
+            }
+        }
+        self.ctx
+            .metrics
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn cookie_value<'a>(cookies: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    cookies.split(|&b| b == b';').find_map(|c| {
+        let c = head::trim(c);
+        let eq = c.iter().position(|&b| b == b'=')?;
+        (c[..eq] == *name).then(|| &c[eq + 1..])
+    })
+}
+
+fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_dec(out, status as u64);
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[inline]
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Serialize the request head sent to the backend: origin-form target, hop-by-hop fields
+/// removed, `X-Forwarded-For` / `X-Forwarded-Proto` / `Via` added, framing regenerated.
+fn write_upstream_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    h: &RequestHead,
+    client: IpAddr,
+    backend_host: &str,
+    via: &str,
+) {
+    out.extend_from_slice(h.method_span.get(buf));
+    out.push(b' ');
+    let path = h.path.get(buf);
+    if path.is_empty() {
+        out.push(b'/');
+    } else {
+        out.extend_from_slice(path);
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    let host = h.effective_host(buf);
+    if host.is_empty() {
+        out.extend_from_slice(backend_host.as_bytes());
+    } else {
+        out.extend_from_slice(host);
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut xff: SmallVec<[&[u8]; 2]> = SmallVec::new();
+    let mut prev_via: SmallVec<[&[u8]; 2]> = SmallVec::new();
+    for hd in &h.headers {
+        let name = hd.name.get(buf);
+        if h.is_hop(buf, hd) || lower_eq(name, b"host") || lower_eq(name, b"x-forwarded-proto") {
+            continue;
+        }
+        if lower_eq(name, b"x-forwarded-for") {
+            xff.push(hd.value.get(buf));
+            continue;
+        }
+        if lower_eq(name, b"via") {
+            prev_via.push(hd.value.get(buf));
+            continue;
+        }
+        push_header(out, name, hd.value.get(buf));
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    for v in &xff {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{client}");
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nVia: ");
+    for v in &prev_via {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(if h.version == Version::Http10 {
+        b"1.0 "
+    } else {
+        b"1.1 "
+    });
+    out.extend_from_slice(via.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    match h.body {
+        BodyKind::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            push_dec(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyKind::None | BodyKind::UntilClose => {
+            // Keep an explicit zero length for methods that usually carry a body.
+            if matches!(h.method, Method::Post | Method::Put | Method::Patch) {
+                out.extend_from_slice(b"Content-Length: 0\r\n");
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests;

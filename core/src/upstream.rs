@@ -1,0 +1,533 @@
+//! Backend sets: shared health and load state, passive ejection, the upstream keep-alive
+//! pool and active health probing. Shared between worker threads through atomics and the
+//! balancer's own locks; no clock is read here, `now` always comes in.
+
+use crate::balance::{Algorithm, Avail, Balancer, HashMethod, PickInput};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where the request's hash key comes from for `consistent_hash`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    Header(String),
+    Cookie(String),
+    Path,
+    ClientIp,
+}
+
+/// Passive health: eject a backend after `max_fails` consecutive failures for `fail_timeout`.
+#[derive(Clone, Debug)]
+pub struct PassiveHealth {
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    /// Count 5xx responses as failures (connect errors and timeouts always count).
+    pub on_5xx: bool,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+            on_5xx: true,
+        }
+    }
+}
+
+/// Active HTTP health probes.
+#[derive(Clone, Debug)]
+pub struct ActiveHealth {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// Accepted status range, inclusive (default 200-399).
+    pub expected_status: (u16, u16),
+}
+
+impl Default for ActiveHealth {
+    fn default() -> Self {
+        ActiveHealth {
+            path: "/".into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            expected_status: (200, 399),
+        }
+    }
+}
+
+/// Upstream keep-alive pool limits (per backend, per worker).
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub enabled: bool,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub max_requests: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: true,
+            max_idle: 64,
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(600),
+            max_requests: 10_000,
+        }
+    }
+}
+
+/// Per-upstream policy.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+    pub algorithm: Algorithm,
+    pub hash_method: HashMethod,
+    pub hash_key: HashKey,
+    pub seed: u64,
+    pub passive: PassiveHealth,
+    pub active: Option<ActiveHealth>,
+    pub pool: PoolConfig,
+    /// Further attempts on other backends for idempotent requests whose connect failed.
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    /// Time to wait for the backend between two reads (first byte included).
+    pub response_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    /// Host header value for probes and for HTTP/1.0 requests without Host.
+    pub host: String,
+    pub weight: u32,
+}
+
+/// One backend's shared state.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub weight: u32,
+    key: Vec<u8>,
+    /// Verdict of active probes.
+    healthy: AtomicBool,
+    /// Passive ejection: unavailable until this many nanoseconds after the upstream's base.
+    down_until: AtomicU64,
+    consecutive_fails: AtomicU32,
+    /// Requests in flight, all workers.
+    pub active: AtomicU32,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+impl Backend {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// A named set of backends with its balancer.
+pub struct Upstream {
+    pub id: u16,
+    pub cfg: UpstreamConfig,
+    pub backends: Vec<Backend>,
+    balancer: Balancer,
+    /// Reference instant for the nanosecond timestamps in backend state.
+    base: Instant,
+}
+
+/// View used by balancers: availability at a given time.
+struct AvailAt<'a> {
+    up: &'a Upstream,
+    now_ns: u64,
+}
+
+impl Avail for AvailAt<'_> {
+    fn len(&self) -> usize {
+        self.up.backends.len()
+    }
+    fn available(&self, i: usize) -> bool {
+        let b = &self.up.backends[i];
+        b.healthy.load(Ordering::Relaxed) && b.down_until.load(Ordering::Relaxed) <= self.now_ns
+    }
+    fn weight(&self, i: usize) -> u32 {
+        self.up.backends[i].weight
+    }
+    fn active(&self, i: usize) -> u32 {
+        self.up.backends[i].active.load(Ordering::Relaxed)
+    }
+    fn key(&self, i: usize) -> &[u8] {
+        &self.up.backends[i].key
+    }
+}
+
+impl Upstream {
+    /// `base` is any instant not later than the first `now` the runtime will pass.
+    pub fn new(id: u16, cfg: UpstreamConfig, base: Instant) -> Self {
+        let backends: Vec<Backend> = cfg
+            .backends
+            .iter()
+            .map(|b| Backend {
+                addr: b.addr,
+                host: b.host.clone(),
+                weight: b.weight.max(1),
+                key: b.addr.to_string().into_bytes(),
+                healthy: AtomicBool::new(true),
+                down_until: AtomicU64::new(0),
+                consecutive_fails: AtomicU32::new(0),
+                active: AtomicU32::new(0),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            })
+            .collect();
+        let mut up = Upstream {
+            id,
+            backends,
+            balancer: Balancer::new(Algorithm::RoundRobin, HashMethod::Maglev, &EmptyAvail, 0),
+            cfg,
+            base,
+        };
+        let view = AvailAt { up: &up, now_ns: 0 };
+        let balancer = Balancer::new(up.cfg.algorithm, up.cfg.hash_method, &view, up.cfg.seed);
+        up.balancer = balancer;
+        up
+    }
+
+    fn ns(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    pub fn is_available(&self, i: usize, now: Instant) -> bool {
+        AvailAt {
+            up: self,
+            now_ns: self.ns(now),
+        }
+        .available(i)
+    }
+
+    /// Pick a backend for a request, skipping unavailable ones and `exclude`.
+    pub fn pick(&self, input: &PickInput<'_>, exclude: &[u16], now: Instant) -> Option<usize> {
+        let view = AvailAt {
+            up: self,
+            now_ns: self.ns(now),
+        };
+        self.balancer.pick(&view, input, exclude)
+    }
+
+    /// A request was assigned to backend `i`. Pair with [`end`](Self::end).
+    pub fn begin(&self, i: usize) {
+        let b = &self.backends[i];
+        b.active.fetch_add(1, Ordering::Relaxed);
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        self.balancer.on_begin(i);
+    }
+
+    pub fn end(&self, i: usize) {
+        let b = &self.backends[i];
+        let _ = b
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
+        self.balancer.on_end(i);
+    }
+
+    /// Passive health: a connect failure, timeout, or (if configured) 5xx.
+    pub fn report_failure(&self, i: usize, now: Instant) {
+        let b = &self.backends[i];
+        b.failures.fetch_add(1, Ordering::Relaxed);
+        let max = self.cfg.passive.max_fails;
+        if max == 0 {
+            return;
+        }
+        let fails = b.consecutive_fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= max {
+            b.consecutive_fails.store(0, Ordering::Relaxed);
+            let until = self.ns(now) + self.cfg.passive.fail_timeout.as_nanos() as u64;
+            b.down_until.store(until, Ordering::Relaxed);
+            tracing::warn!(
+                upstream = %self.cfg.name,
+                backend = %b.addr,
+                fails,
+                for_secs = self.cfg.passive.fail_timeout.as_secs_f64(),
+                "backend ejected after consecutive failures"
+            );
+        }
+    }
+
+    /// Passive health: the backend answered.
+    pub fn report_success(&self, i: usize) {
+        self.backends[i]
+            .consecutive_fails
+            .store(0, Ordering::Relaxed);
+    }
+
+    /// Active health verdict.
+    pub fn set_healthy(&self, i: usize, healthy: bool) {
+        let b = &self.backends[i];
+        let was = b.healthy.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            if healthy {
+                // Re-admitted by probes: clear any passive ejection too.
+                b.down_until.store(0, Ordering::Relaxed);
+                b.consecutive_fails.store(0, Ordering::Relaxed);
+                tracing::info!(upstream = %self.cfg.name, backend = %b.addr, "backend healthy again");
+            } else {
+                tracing::warn!(upstream = %self.cfg.name, backend = %b.addr, "backend marked unhealthy by health checks");
+            }
+        }
+    }
+}
+
+struct EmptyAvail;
+impl Avail for EmptyAvail {
+    fn len(&self) -> usize {
+        0
+    }
+    fn available(&self, _: usize) -> bool {
+        false
+    }
+    fn weight(&self, _: usize) -> u32 {
+        1
+    }
+    fn active(&self, _: usize) -> u32 {
+        0
+    }
+    fn key(&self, _: usize) -> &[u8] {
+        b""
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Keep-alive pool
+
+/// Bookkeeping for one upstream connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnMeta {
+    pub created: Instant,
+    /// Requests completed on this connection.
+    pub requests: u32,
+}
+
+struct Idle<C> {
+    conn: C,
+    meta: ConnMeta,
+    since: Instant,
+}
+
+/// Idle upstream connections of one worker, per backend. `C` is the runtime's connection
+/// (a socket, or a token for one); the pool decides what to keep, reuse and expire.
+pub struct Pool<C> {
+    cfg: PoolConfig,
+    per_backend: Vec<VecDeque<Idle<C>>>,
+}
+
+impl<C> Pool<C> {
+    pub fn new(backends: usize, cfg: PoolConfig) -> Self {
+        Pool {
+            cfg,
+            per_backend: (0..backends).map(|_| VecDeque::new()).collect(),
+        }
+    }
+
+    fn usable(cfg: &PoolConfig, meta: &ConnMeta, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) < cfg.idle_timeout
+            && now.saturating_duration_since(meta.created) < cfg.max_lifetime
+            && meta.requests < cfg.max_requests
+    }
+
+    /// Most recently used idle connection to `backend` that is still within limits.
+    /// Expired ones met on the way are handed to `discard` (the runtime closes them).
+    pub fn take(
+        &mut self,
+        backend: usize,
+        now: Instant,
+        mut discard: impl FnMut(C),
+    ) -> Option<(C, ConnMeta)> {
+        let q = self.per_backend.get_mut(backend)?;
+        while let Some(idle) = q.pop_back() {
+            if Self::usable(&self.cfg, &idle.meta, idle.since, now) {
+                return Some((idle.conn, idle.meta));
+            }
+            discard(idle.conn);
+        }
+        None
+    }
+
+    /// Offer a connection whose last exchange completed cleanly. Returns it back when it
+    /// must not be kept (pool full, disabled, or past its request or lifetime limit).
+    pub fn put(&mut self, backend: usize, conn: C, meta: ConnMeta, now: Instant) -> Option<C> {
+        if !self.cfg.enabled || !Self::usable(&self.cfg, &meta, now, now) {
+            return Some(conn);
+        }
+        let Some(q) = self.per_backend.get_mut(backend) else {
+            return Some(conn);
+        };
+        if q.len() >= self.cfg.max_idle {
+            return Some(conn);
+        }
+        q.push_back(Idle {
+            conn,
+            meta,
+            since: now,
+        });
+        None
+    }
+
+    /// Remove one specific idle connection (the runtime saw it close while idle).
+    pub fn remove(&mut self, backend: usize, mut is_it: impl FnMut(&C) -> bool) -> Option<C> {
+        let q = self.per_backend.get_mut(backend)?;
+        let pos = q.iter().position(|i| is_it(&i.conn))?;
+        q.remove(pos).map(|i| i.conn)
+    }
+
+    /// Close idle connections past their idle timeout or lifetime.
+    pub fn evict_expired(&mut self, now: Instant, mut discard: impl FnMut(C)) {
+        for q in &mut self.per_backend {
+            // Oldest first: idle connections are pushed at the back.
+            while let Some(front) = q.front() {
+                if Self::usable(&self.cfg, &front.meta, front.since, now) {
+                    break;
+                }
+                if let Some(i) = q.pop_front() {
+                    discard(i.conn);
+                }
+            }
+        }
+    }
+
+    /// When the next idle connection expires (for the runtime's timer).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.per_backend
+            .iter()
+            .filter_map(|q| q.front().map(|i| i.since + self.cfg.idle_timeout))
+            .min()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.per_backend.iter().map(|q| q.len()).sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Active health checks
+
+/// A probe the runtime should run now: connect to `addr`, write `request`, read until
+/// [`crate::http1::head::probe_status`] completes, all within `timeout`, then report back.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub backend: usize,
+    pub addr: SocketAddr,
+    pub timeout: Duration,
+}
+
+struct ProbeState {
+    next_at: Instant,
+    in_flight: bool,
+    ok_streak: u32,
+    fail_streak: u32,
+}
+
+/// Drives active probes for one upstream. One instance per upstream per process.
+pub struct HealthChecker {
+    pub upstream: Arc<Upstream>,
+    cfg: ActiveHealth,
+    probes: Vec<ProbeState>,
+    requests: Vec<Vec<u8>>,
+}
+
+impl HealthChecker {
+    pub fn new(upstream: Arc<Upstream>, cfg: ActiveHealth, now: Instant) -> Self {
+        let n = upstream.backends.len();
+        let requests = upstream
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: trireme-health-check\r\nConnection: close\r\n\r\n",
+                    cfg.path, b.host
+                )
+                .into_bytes()
+            })
+            .collect();
+        HealthChecker {
+            upstream,
+            probes: (0..n)
+                .map(|_| ProbeState {
+                    next_at: now,
+                    in_flight: false,
+                    ok_streak: 0,
+                    fail_streak: 0,
+                })
+                .collect(),
+            cfg,
+            requests,
+        }
+    }
+
+    /// The next probe due at `now`, if any. Marks it in flight.
+    pub fn poll_probe(&mut self, now: Instant) -> Option<Probe> {
+        let (i, p) = self
+            .probes
+            .iter_mut()
+            .enumerate()
+            .find(|(_, p)| !p.in_flight && p.next_at <= now)?;
+        p.in_flight = true;
+        Some(Probe {
+            backend: i,
+            addr: self.upstream.backends[i].addr,
+            timeout: self.cfg.timeout,
+        })
+    }
+
+    pub fn request(&self, backend: usize) -> &[u8] {
+        &self.requests[backend]
+    }
+
+    /// Report a probe: `Some(status)` when a status line arrived, `None` on connect error,
+    /// timeout or garbage.
+    pub fn on_result(&mut self, backend: usize, status: Option<u16>, now: Instant) {
+        let Some(p) = self.probes.get_mut(backend) else {
+            return;
+        };
+        p.in_flight = false;
+        p.next_at = now + self.cfg.interval;
+        let (lo, hi) = self.cfg.expected_status;
+        let ok = status.is_some_and(|s| s >= lo && s <= hi);
+        let healthy_now = self.upstream.backends[backend].is_healthy();
+        if ok {
+            p.fail_streak = 0;
+            p.ok_streak += 1;
+            if !healthy_now && p.ok_streak >= self.cfg.healthy_threshold {
+                self.upstream.set_healthy(backend, true);
+            }
+        } else {
+            p.ok_streak = 0;
+            p.fail_streak += 1;
+            if healthy_now && p.fail_streak >= self.cfg.unhealthy_threshold {
+                self.upstream.set_healthy(backend, false);
+            }
+        }
+    }
+
+    /// When [`poll_probe`](Self::poll_probe) will next have something.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.probes
+            .iter()
+            .filter(|p| !p.in_flight)
+            .map(|p| p.next_at)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests;
