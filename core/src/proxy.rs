@@ -136,6 +136,8 @@ struct Req {
     has_body: bool,
     upstream: u16,
     backend: Option<u16>,
+    /// The backend of the latest attempt (kept after the connection is released).
+    last_backend: u16,
     tried: SmallVec<[u16; 4]>,
     retries_left: u32,
     stale_retry_used: bool,
@@ -425,7 +427,9 @@ impl Session {
                     }
                     self.ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     self.release_upstream(false);
-                    self.connect_again(now, true, false);
+                    if !self.connect_again(now, true, false) {
+                        self.reply_upstream_error(Status::BadGateway);
+                    }
                     return;
                 }
                 if no_bytes && retryable {
@@ -671,6 +675,7 @@ impl Session {
             has_body: h.body != BodyKind::None,
             upstream: up_id as u16,
             backend: None,
+            last_backend: 0,
             tried: SmallVec::new(),
             retries_left: upstream.cfg.retries,
             stale_retry_used: false,
@@ -713,6 +718,7 @@ impl Session {
         self.up_out.vec().extend_from_slice(&self.up_head);
         self.up_in.clear();
         req.backend = Some(backend as u16);
+        req.last_backend = backend as u16;
         req.tried.push(backend as u16);
         upstream.begin(backend);
         self.actions.push_back(Action::Connect {
@@ -794,10 +800,7 @@ impl Session {
                 None => return false,
             }
         } else {
-            match req.backend {
-                Some(b) => b as usize,
-                None => return false,
-            }
+            req.last_backend as usize
         };
         let up_id = req.upstream;
         // The head names the backend's Host only for HTTP/1.0 clients without Host; the
@@ -808,6 +811,7 @@ impl Session {
         upstream.begin(backend);
         if let Some(r) = self.req.as_mut() {
             r.backend = Some(backend as u16);
+            r.last_backend = backend as u16;
             if !r.tried.contains(&(backend as u16)) {
                 r.tried.push(backend as u16);
             }

@@ -1,1 +1,119 @@
 use super::*;
+
+fn err(yaml: &str) -> String {
+    Config::from_yaml(yaml, "lb.yaml")
+        .expect_err("should fail")
+        .to_string()
+}
+
+#[test]
+fn seed_style_config_parses() {
+    let yaml = r#"
+server:
+  listen: 0.0.0.0:8080
+  workers: 8
+  max_connections: 100000
+  timeout: 30s
+  keep_alive_timeout: 120s
+  max_body_size: 5MB
+  connection_pool:
+    reuse_connections: true
+    idle_timeout: 60s
+load_balancing:
+  algorithm: least_conn
+  health_check:
+    interval: 5s
+    timeout: 2s
+    healthy_threshold: 2
+    unhealthy_threshold: 3
+  connection_draining:
+    enabled: true
+    timeout: 30s
+backends:
+  - url: http://127.0.0.1:8081
+    weight: 5
+  - url: http://127.0.0.1:8082
+    weight: 3
+  - url: http://127.0.0.1:8083
+    weight: 2
+"#;
+    let cfg = Config::from_yaml(yaml, "lb.yaml").unwrap();
+    assert_eq!(cfg.listen.port(), 8080);
+    assert_eq!(cfg.file.server.workers, Some(8));
+    assert_eq!(cfg.file.server.max_body_size.0, 5 * 1024 * 1024);
+    assert_eq!(cfg.drain_timeout(), Duration::from_secs(30));
+    let ctx = cfg.build(Instant::now(), &resolve_literal).unwrap();
+    let up = &ctx.upstreams[0];
+    assert_eq!(up.cfg.algorithm, Algorithm::LeastConn);
+    assert_eq!(
+        up.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+        vec![5, 3, 2]
+    );
+    assert_eq!(
+        up.cfg.active.as_ref().unwrap().interval,
+        Duration::from_secs(5)
+    );
+    assert_eq!(ctx.keep_alive_timeout, Duration::from_secs(120));
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    let e = err(
+        "server:\n  listen: 127.0.0.1:80\n  wrokers: 4\nbackends:\n  - url: http://127.0.0.1:1\n",
+    );
+    assert!(
+        e.contains("lb.yaml") && e.contains("wrokers") && e.contains('3'),
+        "{e}"
+    );
+    let e = err("server:\n  timeout: 30 parsecs\nbackends:\n  - url: http://127.0.0.1:1\n");
+    assert!(
+        e.contains("lb.yaml") && e.contains("parsecs") && e.contains('2'),
+        "{e}"
+    );
+    let e = err("load_balancing:\n  algorithm: fastest\nbackends:\n  - url: http://127.0.0.1:1\n");
+    assert!(
+        e.contains("fastest") && e.contains("round_robin") && e.contains('2'),
+        "{e}"
+    );
+    let e = err("backends:\n  - url: ftp://x:1\n");
+    assert!(e.contains("unsupported scheme") && e.contains('2'), "{e}");
+    let e = err("backends:\n  - url: http://127.0.0.1:1\n    weight: 0\n");
+    assert!(e.contains("lb.yaml:3") && e.contains("weight"), "{e}");
+    let e = err(
+        "routes:\n  - path: /api\n    upstream: nope\nbackends:\n  - url: http://127.0.0.1:1\n",
+    );
+    assert!(e.contains("lb.yaml:3") && e.contains("nope"), "{e}");
+    let e = err("server:\n  listen: nowhere\nbackends:\n  - url: http://127.0.0.1:1\n");
+    assert!(e.contains("lb.yaml:2") && e.contains("listen"), "{e}");
+    let e = err("server:\n  listen: 127.0.0.1:80\n");
+    assert!(e.contains("no backends"), "{e}");
+}
+
+#[test]
+fn units() {
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert!(parse_duration("5 fortnights").is_err());
+    assert!(parse_duration("-1s").is_err());
+    assert_eq!(parse_size("4GB").unwrap(), 4 << 30);
+    assert_eq!(parse_size("16KiB").unwrap(), 16 << 10);
+    assert_eq!(parse_size("100").unwrap(), 100);
+    assert!(parse_size("12 parsecs").is_err());
+    assert_eq!(
+        BackendUrl::parse("http://[::1]:81").unwrap(),
+        BackendUrl {
+            host: "::1".into(),
+            port: 81
+        }
+    );
+    assert_eq!(
+        BackendUrl::parse("10.0.0.1").unwrap(),
+        BackendUrl {
+            host: "10.0.0.1".into(),
+            port: 80
+        }
+    );
+    assert!(BackendUrl::parse("https://a:1").is_err());
+    assert!(BackendUrl::parse("http://a:1/path").is_err());
+}

@@ -1,1 +1,545 @@
 use super::*;
+use crate::config::{resolve_literal, Config};
+use crate::sim::{parse_responses, Behavior, Reply, Sim, SimRequest};
+use proptest::prelude::*;
+
+const B1: &str = "127.0.0.1:9001";
+const B2: &str = "127.0.0.1:9002";
+const CLIENT: &str = "10.1.2.3:5555";
+
+fn ctx_from(yaml: &str, now: Instant) -> Arc<ProxyContext> {
+    let cfg = Config::from_yaml(yaml, "test.yaml").expect("config");
+    cfg.build(now, &resolve_literal).expect("build")
+}
+
+fn two_backends(extra: &str) -> String {
+    format!(
+        "server:\n  timeout: 5s\n  keep_alive_timeout: 20s\n  header_timeout: 3s\n  max_body_size: 1MB\nload_balancing:\n  connect_timeout: 1s\n  response_timeout: 2s\n{extra}backends:\n  - url: http://{B1}\n  - url: http://{B2}\n"
+    )
+}
+
+fn echo_path(name: &'static str) -> Behavior {
+    Behavior::Serve(Box::new(move |r: &SimRequest| {
+        Reply::ok(format!("{name} {}", r.target()).as_bytes())
+    }))
+}
+
+fn sim_with(yaml: &str, b1: Behavior, b2: Behavior, seed: u64) -> Sim {
+    let now = Instant::now();
+    let ctx = ctx_from(yaml, now);
+    Sim::new(
+        ctx,
+        vec![(B1.parse().unwrap(), b1), (B2.parse().unwrap(), b2)],
+        seed,
+        now,
+    )
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: example.com\r\n\r\n").into_bytes()
+}
+
+fn statuses(received: &[u8], n: usize) -> Vec<u16> {
+    parse_responses(received, &vec![false; n])
+        .iter()
+        .map(|r| r.0)
+        .collect()
+}
+
+#[test]
+fn keep_alive_reuses_one_upstream_connection() {
+    let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    for i in 0..10 {
+        sim.send(c, &get(&format!("/r{i}")));
+        sim.run_for(Duration::from_millis(10));
+    }
+    let resp = parse_responses(&sim.clients[c].received, &[false; 10]);
+    assert_eq!(resp.len(), 10);
+    assert!(resp.iter().all(|r| r.0 == 200));
+    // Round robin alternates; each backend saw exactly one connection for five requests.
+    assert_eq!(sim.backends[0].requests.len(), 5);
+    assert_eq!(sim.backends[1].requests.len(), 5);
+    assert_eq!(sim.backends[0].connections, 1);
+    assert_eq!(sim.backends[1].connections, 1);
+    assert!(!sim.clients[c].closed);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    for seed in 1..20 {
+        let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), seed);
+        sim.max_piece = 7;
+        let c = sim.connect_client(CLIENT.parse().unwrap());
+        let mut all = Vec::new();
+        for i in 0..5 {
+            all.extend_from_slice(&get(&format!("/p{i}")));
+        }
+        sim.send(c, &all);
+        sim.run_for(Duration::from_millis(100));
+        let resp = parse_responses(&sim.clients[c].received, &[false; 5]);
+        assert_eq!(resp.len(), 5, "seed {seed}");
+        for (i, r) in resp.iter().enumerate() {
+            assert!(
+                String::from_utf8_lossy(&r.2).ends_with(&format!("/p{i}")),
+                "seed {seed}: {:?}",
+                String::from_utf8_lossy(&r.2)
+            );
+        }
+    }
+}
+
+#[test]
+fn headers_are_rewritten_for_the_backend() {
+    let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(
+        c,
+        b"GET /h HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nX-End: kept\r\n\r\n",
+    );
+    sim.run_for(Duration::from_millis(10));
+    let r = &sim.backends[0].requests[0];
+    for gone in [
+        "connection",
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(r.header(gone).is_none(), "{gone} forwarded:\n{}", r.head);
+    }
+    assert_eq!(r.header("x-forwarded-for"), Some("1.1.1.1, 10.1.2.3"));
+    assert_eq!(r.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(r.header("via"), Some("1.1 trireme"));
+    assert_eq!(r.header("host"), Some("example.com"));
+    assert_eq!(r.header("x-end"), Some("kept"));
+    assert!(r.head.starts_with("GET /h HTTP/1.1\r\n"));
+}
+
+#[test]
+fn response_hop_by_hop_removed_and_http10_client_gets_close_delimited_body() {
+    let b = Behavior::Serve(Box::new(|_r: &SimRequest| Reply {
+        chunked: true,
+        headers: vec![
+            ("Connection".into(), "X-Internal".into()),
+            ("X-Internal".into(), "1".into()),
+            ("Keep-Alive".into(), "timeout=1".into()),
+        ],
+        ..Reply::ok(&[b'z'; 3000])
+    }));
+    let mut sim = sim_with(&two_backends(""), b, echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, b"GET / HTTP/1.0\r\n\r\n");
+    sim.run_for(Duration::from_millis(10));
+    let raw = String::from_utf8_lossy(&sim.clients[c].received).into_owned();
+    assert!(!raw.to_ascii_lowercase().contains("x-internal"), "{raw}");
+    assert!(
+        !raw.to_ascii_lowercase().contains("transfer-encoding"),
+        "HTTP/1.0 client got chunked: {raw}"
+    );
+    assert!(raw.contains("Connection: close"));
+    assert!(sim.clients[c].closed);
+    assert!(raw.ends_with(&"z".repeat(3000)));
+}
+
+#[test]
+fn large_bodies_stream_both_ways() {
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let big2 = big.clone();
+    let b = Behavior::Serve(Box::new(move |r: &SimRequest| {
+        if r.target() == "/up" {
+            Reply::ok(format!("got {}", r.body.len()).as_bytes())
+        } else {
+            Reply {
+                chunked: true,
+                ..Reply::ok(&big2)
+            }
+        }
+    }));
+    let mut sim = sim_with(&two_backends(""), b, echo_path("b2"), 3);
+    sim.max_piece = 4096;
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get("/down"));
+    sim.run_for(Duration::from_millis(50));
+    let resp = parse_responses(&sim.clients[c].received, &[false]);
+    assert_eq!(resp[0].2, big);
+    // Upload, chunked from the client.
+    let mut req = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for part in big.chunks(10_000) {
+        crate::http1::write::push_chunk(&mut req, part);
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    // The second request goes to backend 2 (round robin); pin to b1 by re-sending until b1.
+    let c2 = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c2, &get("/skip"));
+    sim.run_for(Duration::from_millis(10));
+    sim.send(c2, &req);
+    sim.run_for(Duration::from_millis(50));
+    let got = sim.backends[0]
+        .requests
+        .iter()
+        .find(|r| r.target() == "/up")
+        .expect("upload reached b1");
+    assert_eq!(got.body, big);
+}
+
+#[test]
+fn bounded_buffering_while_client_does_not_read() {
+    let body = vec![7u8; 2_000_000];
+    let b = Behavior::Serve(Box::new(move |_r: &SimRequest| Reply::ok(&body)));
+    let now = Instant::now();
+    let ctx = ctx_from(&two_backends(""), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    let _ = b;
+    s.feed_client(&get("/"), now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n";
+    s.feed_upstream(head, now);
+    // Feed while the session wants it, never writing to the client.
+    let chunk = vec![1u8; 16 * 1024];
+    let mut fed = 0;
+    while s.wants_upstream_read() && fed < 2_000_000 {
+        s.feed_upstream(&chunk, now);
+        fed += chunk.len();
+    }
+    assert!(
+        fed < 200_000,
+        "read {fed} bytes while the client read nothing"
+    );
+    assert!(s.client_out.len() < HIGH_WATER + 32 * 1024);
+}
+
+#[test]
+fn backend_death_mid_response_aborts_the_client() {
+    let b = Behavior::Serve(Box::new(|_r: &SimRequest| Reply {
+        die_after: Some(500),
+        ..Reply::ok(&[b'x'; 5000])
+    }));
+    let mut sim = sim_with(&two_backends(""), b, echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get("/"));
+    sim.run_for(Duration::from_millis(50));
+    assert!(
+        sim.clients[c].closed,
+        "client must see the connection close"
+    );
+    let resp = parse_responses(&sim.clients[c].received, &[false]);
+    assert!(
+        resp.is_empty(),
+        "a truncated response must not look complete"
+    );
+    assert_eq!(sim.pooled(), 0);
+}
+
+#[test]
+fn connect_failure_is_retried_on_another_backend() {
+    let mut sim = sim_with(&two_backends(""), Behavior::Refuse, echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    for _ in 0..6 {
+        sim.send(c, &get("/x"));
+        sim.run_for(Duration::from_millis(10));
+    }
+    assert_eq!(statuses(&sim.clients[c].received, 6), vec![200; 6]);
+    assert_eq!(sim.backends[1].requests.len(), 6);
+    // After max_fails (3) consecutive failures the dead backend is ejected: no more
+    // connect attempts are needed.
+    let m = &sim.ctx.metrics;
+    assert!(
+        m.retries.load(Ordering::Relaxed) <= 3,
+        "retries: {}",
+        m.retries.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn post_is_not_retried_and_gets_502() {
+    let mut sim = sim_with(&two_backends(""), Behavior::Refuse, echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(
+        c,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(statuses(&sim.clients[c].received, 1), vec![502]);
+    assert_eq!(sim.backends[1].requests.len(), 0);
+}
+
+#[test]
+fn no_healthy_backend_is_503() {
+    let mut sim = sim_with(
+        &two_backends("  passive_health:\n    max_fails: 1\n    fail_timeout: 30s\n  retries: 0\n"),
+        Behavior::Refuse,
+        Behavior::Refuse,
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let before = sim.clients[c].received.len();
+        sim.send(c, &get("/"));
+        sim.run_for(Duration::from_millis(10));
+        codes.extend(statuses(&sim.clients[c].received[before..], 1));
+    }
+    assert_eq!(codes, vec![502, 502, 503]);
+    // Re-admitted after fail_timeout.
+    sim.run_for(Duration::from_secs(31));
+    assert!(sim.ctx.upstreams[0].is_available(0, sim.now));
+}
+
+#[test]
+fn stale_pooled_connection_is_retried_on_a_fresh_one() {
+    let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get("/1"));
+    sim.run_for(Duration::from_millis(10));
+    sim.send(c, &get("/2"));
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(sim.pooled(), 2);
+    // The backends restart: pooled connections are dead but the runtime has not noticed.
+    sim.backends[0].behavior = echo_path("b1");
+    // Mark pooled connections dead silently by killing and reviving the behaviour.
+    sim.kill_backend(B1.parse().unwrap());
+    sim.backends[0].behavior = echo_path("b1");
+    sim.send(c, &get("/3"));
+    sim.run_for(Duration::from_millis(10));
+    let codes = statuses(&sim.clients[c].received, 3);
+    assert_eq!(
+        codes,
+        vec![200, 200, 200],
+        "{}",
+        String::from_utf8_lossy(&sim.clients[c].received)
+    );
+}
+
+#[test]
+fn connect_timeout_gives_504_and_slow_backend_gives_504() {
+    let slow = Behavior::Serve(Box::new(|_r: &SimRequest| Reply {
+        delay: Duration::from_secs(10),
+        ..Reply::ok(b"late")
+    }));
+    let mut sim = sim_with(
+        &two_backends("  retries: 0\n"),
+        Behavior::Blackhole,
+        slow,
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get("/"));
+    sim.run_for(Duration::from_secs(3));
+    sim.send(c, &get("/"));
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(statuses(&sim.clients[c].received, 2), vec![504, 504]);
+}
+
+#[test]
+fn slow_client_head_is_cut_off() {
+    let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    // One byte a second: the head timeout (3s) counts from the first byte, not the last.
+    for b in b"GET / HTTP/1.1\r\nHost: a\r\n" {
+        if sim.clients[c].closed {
+            break;
+        }
+        sim.send(c, &[*b]);
+        sim.run_for(Duration::from_secs(1));
+    }
+    assert!(sim.clients[c].closed);
+    assert_eq!(statuses(&sim.clients[c].received, 1), vec![408]);
+    assert!(sim.backends[0].requests.is_empty());
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed_after_timeout() {
+    let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get("/"));
+    sim.run_for(Duration::from_secs(19));
+    assert!(!sim.clients[c].closed);
+    sim.run_for(Duration::from_secs(2));
+    assert!(sim.clients[c].closed);
+}
+
+#[test]
+fn rejected_requests_never_reach_a_backend() {
+    let cases: &[(&[u8], u16)] = &[
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000000\r\n\r\n", 413),
+    ];
+    for (raw, code) in cases {
+        let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+        let c = sim.connect_client(CLIENT.parse().unwrap());
+        sim.send(c, raw);
+        sim.run_for(Duration::from_millis(10));
+        assert_eq!(statuses(&sim.clients[c].received, 1), vec![*code]);
+        assert!(sim.clients[c].closed);
+        assert_eq!(
+            sim.backends[0].requests.len() + sim.backends[1].requests.len(),
+            0
+        );
+    }
+}
+
+#[test]
+fn chunked_body_over_limit_is_413_mid_stream() {
+    let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    let mut req = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..200 {
+        crate::http1::write::push_chunk(&mut req, &[b'a'; 8192]);
+    }
+    sim.send(c, &req);
+    sim.run_for(Duration::from_millis(50));
+    assert_eq!(statuses(&sim.clients[c].received, 1), vec![413]);
+    assert!(sim.clients[c].closed);
+    assert!(
+        sim.backends[0].requests.is_empty(),
+        "the backend never saw a complete request"
+    );
+}
+
+#[test]
+fn head_and_204_and_304_have_no_body() {
+    let b = Behavior::Serve(Box::new(|r: &SimRequest| match r.target() {
+        "/204" => Reply::status(204),
+        "/304" => Reply {
+            headers: vec![("ETag".into(), "\"x\"".into())],
+            ..Reply::status(304)
+        },
+        _ => Reply::ok(b"0123456789"),
+    }));
+    let mut sim = sim_with(
+        &two_backends("  algorithm: ip_hash\n"),
+        b,
+        Behavior::Refuse,
+        1,
+    );
+    let c = sim.connect_client("127.0.0.9:1".parse().unwrap());
+    sim.send(c, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n");
+    sim.send(c, &get("/204"));
+    sim.send(c, &get("/304"));
+    sim.send(c, &get("/"));
+    sim.run_for(Duration::from_millis(50));
+    let resp = parse_responses(&sim.clients[c].received, &[true, false, false, false]);
+    let codes: Vec<u16> = resp.iter().map(|r| r.0).collect();
+    assert_eq!(
+        codes,
+        vec![200, 204, 304, 200],
+        "{}",
+        String::from_utf8_lossy(&sim.clients[c].received)
+    );
+    let head = &resp[0];
+    assert!(head
+        .1
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("content-length") && v == "10"));
+    assert_eq!(resp[3].2, b"0123456789");
+}
+
+#[test]
+fn expect_100_continue_is_relayed() {
+    let b = Behavior::Serve(Box::new(|r: &SimRequest| {
+        Reply::ok(format!("{}", r.body.len()).as_bytes())
+    }));
+    let now = Instant::now();
+    let ctx = ctx_from(&two_backends(""), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    let _ = b;
+    s.feed_client(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+        now,
+    );
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    let head = String::from_utf8_lossy(s.up_out.pending()).into_owned();
+    assert!(head.contains("Expect: 100-continue"), "{head}");
+    s.on_upstream_written(s.up_out.len(), now);
+    s.feed_upstream(b"HTTP/1.1 100 Continue\r\n\r\n", now);
+    assert_eq!(s.client_out.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.on_client_written(s.client_out.len(), now);
+    s.feed_client(b"body", now);
+    assert_eq!(s.up_out.pending(), b"body");
+    s.on_upstream_written(4, now);
+    s.feed_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n4", now);
+    assert!(String::from_utf8_lossy(s.client_out.pending()).starts_with("HTTP/1.1 200 OK"));
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream { reuse: true, .. })
+    ));
+}
+
+#[test]
+fn drain_closes_idle_and_finishes_in_flight() {
+    let slow = Behavior::Serve(Box::new(|_r: &SimRequest| Reply {
+        delay: Duration::from_millis(500),
+        ..Reply::ok(b"done")
+    }));
+    let mut sim = sim_with(
+        &two_backends("  algorithm: ip_hash\n"),
+        slow,
+        Behavior::Refuse,
+        1,
+    );
+    let busy = sim.connect_client("127.0.0.5:1".parse().unwrap());
+    let idle = sim.connect_client("127.0.0.5:2".parse().unwrap());
+    sim.send(busy, &get("/"));
+    sim.run_for(Duration::from_millis(10));
+    let now = sim.now;
+    for c in [busy, idle] {
+        sim.clients[c].session.begin_drain(now);
+    }
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.clients[idle].closed);
+    assert!(sim.clients[busy].closed);
+    let resp = parse_responses(&sim.clients[busy].received, &[false]);
+    assert_eq!(resp[0].0, 200);
+    assert!(resp[0]
+        .1
+        .iter()
+        .any(|(n, v)| n == "Connection" && v == "close"));
+}
+
+#[test]
+fn routes_pick_named_upstreams() {
+    let yaml = format!(
+        "upstreams:\n  api:\n    backends:\n      - url: http://{B2}\nroutes:\n  - path: /api\n    upstream: api\nbackends:\n  - url: http://{B1}\n"
+    );
+    let mut sim = sim_with(&yaml, echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get("/api/users"));
+    sim.send(c, &get("/web"));
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(sim.backends[1].requests[0].target(), "/api/users");
+    assert_eq!(sim.backends[0].requests[0].target(), "/web");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Whatever the split of the byte stream, the client sees the same responses.
+    #[test]
+    fn any_split_same_responses(seed in 1u64..u64::MAX, piece in 1usize..64) {
+        let run = |max_piece: usize| {
+            let b = |name: &'static str| Behavior::Serve(Box::new(move |r: &SimRequest| Reply {
+                chunked: r.target().contains("c"),
+                ..Reply::ok(format!("{name}:{}:{}", r.target(), r.body.len()).as_bytes())
+            }));
+            let mut sim = sim_with(&two_backends(""), b("b1"), b("b2"), seed);
+            sim.max_piece = max_piece;
+            let c = sim.connect_client(CLIENT.parse().unwrap());
+            let mut all = Vec::new();
+            all.extend_from_slice(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+            all.extend_from_slice(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+            all.extend_from_slice(b"PUT /d HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nwxyz");
+            sim.send(c, &all);
+            sim.run_for(Duration::from_millis(100));
+            parse_responses(&sim.clients[c].received, &[false; 3]).into_iter().map(|r| (r.0, r.2)).collect::<Vec<_>>()
+        };
+        let whole = run(usize::MAX);
+        prop_assert_eq!(whole.len(), 3);
+        prop_assert_eq!(run(piece), whole);
+    }
+}

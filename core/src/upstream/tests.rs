@@ -1,1 +1,145 @@
 use super::*;
+use crate::balance::PickInput;
+
+fn upstream(n: usize, now: Instant) -> Arc<Upstream> {
+    let cfg = UpstreamConfig {
+        name: "t".into(),
+        backends: (0..n)
+            .map(|i| BackendConfig {
+                addr: format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                host: "h".into(),
+                weight: 1,
+            })
+            .collect(),
+        algorithm: crate::balance::Algorithm::RoundRobin,
+        hash_method: crate::balance::HashMethod::Maglev,
+        hash_key: HashKey::ClientIp,
+        seed: 1,
+        passive: PassiveHealth {
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(10),
+            on_5xx: true,
+        },
+        active: None,
+        pool: PoolConfig::default(),
+        retries: 1,
+        connect_timeout: Duration::from_secs(1),
+        response_timeout: Duration::from_secs(1),
+    };
+    Arc::new(Upstream::new(0, cfg, now))
+}
+
+#[test]
+fn passive_ejection_and_readmission() {
+    let t0 = Instant::now();
+    let up = upstream(2, t0);
+    let inp = PickInput {
+        client: b"",
+        key: None,
+    };
+    up.report_failure(0, t0);
+    assert!(up.is_available(0, t0), "one failure is below max_fails");
+    up.report_success(0);
+    up.report_failure(0, t0);
+    assert!(up.is_available(0, t0), "success resets the count");
+    up.report_failure(0, t0);
+    assert!(!up.is_available(0, t0));
+    for _ in 0..10 {
+        assert_eq!(up.pick(&inp, &[], t0 + Duration::from_secs(5)), Some(1));
+    }
+    assert!(up.is_available(0, t0 + Duration::from_secs(10)));
+}
+
+#[test]
+fn active_checks_need_thresholds() {
+    let t0 = Instant::now();
+    let up = upstream(2, t0);
+    let cfg = ActiveHealth {
+        healthy_threshold: 2,
+        unhealthy_threshold: 3,
+        interval: Duration::from_secs(1),
+        ..ActiveHealth::default()
+    };
+    let mut hc = HealthChecker::new(up.clone(), cfg, t0);
+    let mut t = t0;
+    let mut round = |hc: &mut HealthChecker, t: Instant, status0: Option<u16>| {
+        let mut probes = Vec::new();
+        while let Some(p) = hc.poll_probe(t) {
+            probes.push(p.backend);
+        }
+        assert_eq!(probes.len(), 2);
+        hc.on_result(0, status0, t);
+        hc.on_result(1, Some(200), t);
+        assert_eq!(hc.next_deadline(), Some(t + Duration::from_secs(1)));
+    };
+    for i in 0..3 {
+        assert!(
+            up.backends[0].is_healthy(),
+            "still healthy after {i} failures"
+        );
+        round(&mut hc, t, Some(503));
+        t += Duration::from_secs(1);
+    }
+    assert!(!up.backends[0].is_healthy());
+    assert!(hc.request(0).starts_with(b"GET / HTTP/1.1\r\nHost: h\r\n"));
+    round(&mut hc, t, Some(200));
+    t += Duration::from_secs(1);
+    assert!(
+        !up.backends[0].is_healthy(),
+        "one success is below healthy_threshold"
+    );
+    round(&mut hc, t, Some(204));
+    assert!(up.backends[0].is_healthy());
+    assert!(up.backends[1].is_healthy());
+}
+
+#[test]
+fn pool_limits() {
+    let t0 = Instant::now();
+    let cfg = PoolConfig {
+        enabled: true,
+        max_idle: 2,
+        idle_timeout: Duration::from_secs(5),
+        max_lifetime: Duration::from_secs(60),
+        max_requests: 3,
+    };
+    let mut p: Pool<u32> = Pool::new(2, cfg);
+    let fresh = ConnMeta {
+        created: t0,
+        requests: 1,
+    };
+    assert_eq!(p.put(0, 1, fresh, t0), None);
+    assert_eq!(p.put(0, 2, fresh, t0), None);
+    assert_eq!(p.put(0, 3, fresh, t0), Some(3), "max_idle");
+    assert_eq!(
+        p.put(
+            1,
+            4,
+            ConnMeta {
+                created: t0,
+                requests: 3
+            },
+            t0
+        ),
+        Some(4),
+        "max_requests"
+    );
+    assert_eq!(
+        p.put(1, 5, fresh, t0 + Duration::from_secs(61)),
+        Some(5),
+        "max_lifetime"
+    );
+    // LIFO: the most recently used comes back first.
+    assert_eq!(p.take(0, t0, |_| {}).map(|x| x.0), Some(2));
+    assert_eq!(p.put(0, 2, fresh, t0 + Duration::from_secs(3)), None);
+    let mut closed = Vec::new();
+    p.evict_expired(t0 + Duration::from_secs(6), |c| closed.push(c));
+    assert_eq!(closed, vec![1]);
+    assert_eq!(p.next_expiry(), Some(t0 + Duration::from_secs(8)));
+    let mut closed = Vec::new();
+    assert!(p
+        .take(0, t0 + Duration::from_secs(9), |c| closed.push(c))
+        .is_none());
+    assert_eq!(closed, vec![2]);
+    assert_eq!(p.idle_count(), 0);
+}
