@@ -1,1 +1,467 @@
+//! Black-box scenarios: the real binary in front of real backend servers on 127.0.0.1.
+//! Every scenario runs once per runtime binary (the `matrix!` list); a new runtime is one
+//! more line there.
 
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One `#[test]` per scenario and runtime binary.
+macro_rules! matrix {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn tokio() {
+                    super::$scenario(&super::bin("trireme-tokio"));
+                }
+            }
+        )*
+    };
+}
+
+matrix!(
+    round_robin_and_weights,
+    keep_alive_reuses_backend_connections,
+    failover_with_zero_failed_gets,
+    streaming_large_bodies_with_bounded_memory,
+    rejected_requests_reach_no_backend,
+    proxy_errors_502_503_504,
+    headers_forwarded_and_hop_by_hop_removed,
+    slow_client_head_is_cut_off,
+    graceful_shutdown_finishes_in_flight,
+    active_health_checks_eject_and_readmit,
+    pipelined_requests_in_order,
+    check_command_reports_errors,
+);
+
+fn round_robin_and_weights(bin: &PathBuf) {
+    let b: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("b{i}")).unwrap())
+        .collect();
+    let p = Proxy::with_backends(bin, &[&b[0], &b[1], &b[2]], &[]);
+    let mut c = p.client();
+    let resps: Vec<Response> = (0..30).map(|_| c.get("/")).collect();
+    assert!(resps.iter().all(|r| r.status == 200));
+    let counts = by_backend(&resps);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{counts:?}"
+    );
+    // What the backends saw matches what the client saw.
+    assert_eq!(b.iter().map(|x| x.requests().len()).sum::<usize>(), 30);
+    drop(p);
+
+    // Weighted: 3:1 gives exactly 30:10 over 40 requests (smooth WRR is exact per period).
+    let p = Proxy::start(
+        bin,
+        &[
+            "--listen".into(),
+            "{listen}".into(),
+            "--backend".into(),
+            format!("http://{},weight=3", b[0].addr),
+            "--backend".into(),
+            format!("http://{}", b[1].addr),
+        ],
+    );
+    let mut c = p.client();
+    let resps: Vec<Response> = (0..40).map(|_| c.get("/")).collect();
+    let counts = by_backend(&resps);
+    assert_eq!(counts.get("b1"), Some(&30), "{counts:?}");
+    assert_eq!(counts.get("b2"), Some(&10), "{counts:?}");
+}
+
+fn keep_alive_reuses_backend_connections(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &[]);
+    let mut c = p.client();
+    for _ in 0..100 {
+        assert_eq!(c.get("/").status, 200);
+    }
+    assert_eq!(
+        b.connections.load(Ordering::SeqCst),
+        1,
+        "100 keep-alive requests used one backend connection"
+    );
+    // New client connections, one after another, still reuse the pooled backend connection.
+    for _ in 0..20 {
+        assert_eq!(get(p.addr, "/").status, 200);
+    }
+    assert_eq!(b.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(b.requests().len(), 120);
+}
+
+fn failover_with_zero_failed_gets(bin: &PathBuf) {
+    let b: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("b{i}")).unwrap())
+        .collect();
+    let p = Proxy::with_backends(bin, &[&b[0], &b[1], &b[2]], &[]);
+    let addr = p.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let start = Instant::now();
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(20) {
+                    c.send(b"GET /slow/2 HTTP/1.1\r\nHost: t\r\n\r\n");
+                    match c.read_response(false) {
+                        Some(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed
+                                .lock()
+                                .unwrap()
+                                .push(format!("{:?}", other.map(|r| (r.status, r.text()))));
+                            c = Client::connect(addr);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    b[1].kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "failed GETs after a backend died: {failed:?}\n{}",
+        p.logs()
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    let before = b[1].requests().len();
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").status, 200);
+    }
+    assert_eq!(
+        b[1].requests().len(),
+        before,
+        "the dead backend gets nothing"
+    );
+}
+
+use std::sync::Mutex;
+
+fn streaming_large_bodies_with_bounded_memory(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let yaml =
+        "server:\n  listen: \"{listen}\"\n  max_body_size: 64MB\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let idle_rss = p.peak_rss_kib();
+    // 64 MiB chunked response.
+    let n = 64 << 20;
+    let mut c = p.client();
+    let r = c.get(&format!("/chunked/{n}"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), n);
+    assert!(r.body == pattern(n), "body bytes differ");
+    // 32 MiB upload with Content-Length, then 8 MiB chunked upload, echoed back.
+    let up = pattern(32 << 20);
+    c.send(
+        format!(
+            "POST /bytes/0 HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            up.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&up);
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    assert_eq!(b.requests().last().unwrap().body.len(), up.len());
+    let small = pattern(8 << 20);
+    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for part in small.chunks(100_000) {
+        c.send(format!("{:x}\r\n", part.len()).as_bytes());
+        c.send(part);
+        c.send(b"\r\n");
+    }
+    c.send(b"0\r\n\r\n");
+    let r = c.read_response(false).unwrap();
+    assert!(r.body == small, "echoed body differs");
+    let peak = p.peak_rss_kib();
+    // The proxy never holds a body whole: its peak RSS grows by far less than the bodies.
+    assert!(
+        peak - idle_rss < 24 * 1024,
+        "proxy RSS grew from {idle_rss} KiB to {peak} KiB while streaming 104 MiB"
+    );
+}
+
+fn rejected_requests_reach_no_backend(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &[]);
+    let cases: &[(&[u8], u16)] = &[
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX{}: a\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n", 413),
+    ];
+    for (raw, want) in cases {
+        let mut c = p.client();
+        c.send(raw);
+        let r = c
+            .read_response(false)
+            .unwrap_or_else(|| panic!("no response to {:?}", String::from_utf8_lossy(raw)));
+        assert_eq!(r.status, *want, "{:?}", String::from_utf8_lossy(raw));
+        assert!(
+            c.closed_within(Duration::from_secs(5)),
+            "connection stays open after {:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    // Long URI and huge head.
+    let mut c = p.client();
+    c.send(format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(10_000)).as_bytes());
+    assert_eq!(c.read_response(false).unwrap().status, 414);
+    let mut c = p.client();
+    c.send(
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.read_response(false).unwrap().status, 431);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        b.requests().len(),
+        0,
+        "a rejected request reached the backend: {:?}",
+        b.requests()
+    );
+    assert_eq!(b.connections.load(Ordering::SeqCst), 0);
+}
+
+fn proxy_errors_502_503_504(bin: &PathBuf) {
+    let live = Backend::start("live").unwrap();
+    let dead_port = free_port();
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\nload_balancing:\n  retries: 0\n  response_timeout: 1s\n  passive_health:\n    max_fails: 2\n    fail_timeout: 60s\nupstreams:\n  dead:\n    backends:\n      - url: http://127.0.0.1:{dead_port}\nroutes:\n  - path: /dead\n    upstream: dead\nbackends:\n  - url: http://{{b0}}\n"
+    );
+    let p = Proxy::with_config(bin, &yaml, &[&live]);
+    assert_eq!(get(p.addr, "/dead").status, 502);
+    assert_eq!(get(p.addr, "/dead").status, 502);
+    let r = get(p.addr, "/dead");
+    assert_eq!(r.status, 503, "ejected after max_fails");
+    assert!(r.text().contains("503"));
+    let r = get(p.addr, "/slow/3000");
+    assert_eq!(r.status, 504);
+    assert_eq!(get(p.addr, "/").status, 200);
+    let logs = p.logs();
+    assert!(logs.contains("could not connect to the backend"), "{logs}");
+    assert!(logs.contains("no healthy backend"), "{logs}");
+    assert!(logs.contains("did not respond in time"), "{logs}");
+}
+
+fn headers_forwarded_and_hop_by_hop_removed(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &[]);
+    let mut c = p.client();
+    c.send(b"GET /x?y=1 HTTP/1.1\r\nHost: app.example\r\nConnection: X-Secret\r\nX-Secret: s\r\nProxy-Connection: keep-alive\r\nKeep-Alive: 5\r\nX-Forwarded-For: 203.0.113.9\r\nX-Keep: yes\r\n\r\n");
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("connection").is_none());
+    let got = &b.requests()[0];
+    assert_eq!(got.target, "/x?y=1");
+    assert_eq!(got.header("host"), Some("app.example"));
+    assert_eq!(
+        got.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(got.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(got.header("via"), Some("1.1 trireme"));
+    assert_eq!(got.header("x-keep"), Some("yes"));
+    for h in ["x-secret", "proxy-connection", "keep-alive", "connection"] {
+        assert!(got.header(h).is_none(), "{h} reached the backend");
+    }
+    // HEAD: no body, Content-Length kept.
+    c.send(b"HEAD /bytes/1234 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response(true).unwrap();
+    assert_eq!(r.header("content-length"), Some("1234"));
+    assert_eq!(
+        c.get("/").status,
+        200,
+        "connection still in sync after HEAD"
+    );
+}
+
+fn slow_client_head_is_cut_off(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let yaml =
+        "server:\n  listen: \"{listen}\"\n  header_timeout: 1s\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let mut c = p.client();
+    let start = Instant::now();
+    let req = b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: 1\r\n\r\n";
+    let mut cut = false;
+    for byte in req {
+        if c.w.write_all(&[*byte]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        if start.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let r = c.read_response(false);
+    assert!(
+        cut || r.as_ref().is_some_and(|r| r.status == 408),
+        "slow client was not cut off: {r:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(4));
+    assert_eq!(b.requests().len(), 0);
+}
+
+fn graceful_shutdown_finishes_in_flight(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let mut p = Proxy::with_backends(bin, &[&b], &[]);
+    let addr = p.addr;
+    let inflight: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || get(addr, "/slow/800")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut idle = Client::connect(addr);
+    p.sigterm();
+    for h in inflight {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "in-flight request lost in shutdown");
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+    assert!(
+        idle.closed_within(Duration::from_secs(3)),
+        "idle keep-alive connection not closed on shutdown"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+fn active_health_checks_eject_and_readmit(bin: &PathBuf) {
+    let b1 = Backend::start("b1").unwrap();
+    let b2 = Backend::start("b2").unwrap();
+    let yaml = "server:\n  listen: \"{listen}\"\nload_balancing:\n  health_check:\n    path: /health\n    interval: 100ms\n    timeout: 500ms\n    healthy_threshold: 2\n    unhealthy_threshold: 2\n  passive_health:\n    max_fails: 0\nbackends:\n  - url: http://{b0}\n  - url: http://{b1}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b1, &b2]);
+    let b2_addr = b2.addr;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        b2.requests().iter().any(|r| r.target == "/health"),
+        "probes reach backends"
+    );
+    drop(b2);
+    std::thread::sleep(Duration::from_millis(600));
+    // Idempotent GETs never fail: the dead backend is out, or the retry covers the gap.
+    let resps: Vec<Response> = (0..20).map(|_| get(p.addr, "/")).collect();
+    assert!(
+        resps
+            .iter()
+            .all(|r| r.status == 200 && r.header("x-backend") == Some("b1")),
+        "{:?}",
+        by_backend(&resps)
+    );
+    let b2 = Backend::start_on(b2_addr, "b2-again").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let resps: Vec<Response> = (0..20).map(|_| get(p.addr, "/")).collect();
+    assert!(
+        by_backend(&resps).get("b2-again").copied().unwrap_or(0) >= 5,
+        "re-admitted: {:?}\n{}",
+        by_backend(&resps),
+        p.logs()
+    );
+    drop(b2);
+}
+
+fn pipelined_requests_in_order(bin: &PathBuf) {
+    let b: Vec<Backend> = (1..=2)
+        .map(|i| Backend::start(&format!("b{i}")).unwrap())
+        .collect();
+    let p = Proxy::with_backends(bin, &[&b[0], &b[1]], &[]);
+    let mut c = p.client();
+    let mut all = Vec::new();
+    for i in 0..20 {
+        all.extend_from_slice(
+            format!("GET /bytes/{} HTTP/1.1\r\nHost: t\r\n\r\n", 100 + i).as_bytes(),
+        );
+    }
+    c.send(&all);
+    for i in 0..20 {
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.body.len(), 100 + i, "response {i} out of order");
+    }
+}
+
+fn check_command_reports_errors(bin: &PathBuf) {
+    let dir = std::env::temp_dir();
+    let good = dir.join(format!("trireme-check-good-{}.yaml", std::process::id()));
+    let bad = dir.join(format!("trireme-check-bad-{}.yaml", std::process::id()));
+    std::fs::write(&good, "server:\n  listen: 127.0.0.1:8080\nbackends:\n  - url: http://127.0.0.1:9000\n    weight: 2\n").unwrap();
+    std::fs::write(&bad, "server:\n  listen: 127.0.0.1:8080\n  keep_alive_timeout: forever\nbackends:\n  - url: http://127.0.0.1:9000\n").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&bad.display().to_string())
+            && err.contains("line 3")
+            && err.contains("forever"),
+        "{err}"
+    );
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let _ = std::fs::remove_file(good);
+    let _ = std::fs::remove_file(bad);
+}

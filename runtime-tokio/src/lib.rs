@@ -48,15 +48,8 @@ impl Pools {
         let pool = &self.by_upstream[upstream as usize];
         loop {
             let (s, meta) = pool.lock().take(backend as usize, now, drop)?;
-            // The reactor has already recorded a FIN/RST or stray bytes on a dead idle
-            // connection: skip it without a syscall. (A close that is still in flight is
-            // caught by the session's retry on a fresh connection.)
-            use std::task::{Context, Poll};
-            let waker = noop_waker();
-            let mut cx = Context::from_waker(&waker);
-            match s.poll_read_ready(&mut cx) {
-                Poll::Ready(_) => continue,
-                Poll::Pending => return Some((s, meta)),
+            if idle_conn_usable(&s) {
+                return Some((s, meta));
             }
         }
     }
@@ -72,6 +65,24 @@ impl Pools {
     fn evict(&self, now: Instant) {
         for p in &self.by_upstream {
             p.lock().evict_expired(now, drop);
+        }
+    }
+}
+
+/// An idle upstream connection is usable when reading from it would block: no FIN, no RST,
+/// no stray bytes. Tokio caches read readiness until a read returns WouldBlock, and the
+/// last response read usually leaves it set, so confirm with one non-blocking read then.
+/// (A close still in flight is caught by the session's retry on a fresh connection.)
+fn idle_conn_usable(s: &TcpStream) -> bool {
+    use std::task::{Context, Poll};
+    let waker = noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    match s.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut b = [0u8; 1];
+            matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
     }
 }

@@ -1,0 +1,253 @@
+//! Helpers for black-box tests: start a trireme binary by path, talk raw HTTP/1.1 to it,
+//! and stop only the processes we started, by PID.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use trireme::demo::{pattern, Backend};
+
+/// Path of a binary built for this test run.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "trireme-tokio" => PathBuf::from(env!("CARGO_BIN_EXE_trireme-tokio")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running proxy process; killed (by PID) when dropped.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// Start `bin` with `args`; `{listen}` in an argument is replaced by the chosen address.
+    pub fn start(bin: &PathBuf, args: &[String]) -> Proxy {
+        Self::start_on(bin, args, free_port())
+    }
+
+    fn start_on(bin: &PathBuf, args: &[String], port: u16) -> Proxy {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{listen}", &addr.to_string()))
+            .collect();
+        let log =
+            std::env::temp_dir().join(format!("trireme-test-{}-{port}.log", std::process::id()));
+        let child = Command::new(bin)
+            .args(&args)
+            .env("TRIREME_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start proxy");
+        let p = Proxy { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not listen: {}",
+                p.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    /// Config-less start in front of these backends.
+    pub fn with_backends(bin: &PathBuf, backends: &[&Backend], extra: &[&str]) -> Proxy {
+        let mut args = vec!["--listen".to_string(), "{listen}".to_string()];
+        for b in backends {
+            args.push("--backend".into());
+            args.push(format!("http://{}", b.addr));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proxy::start(bin, &args)
+    }
+
+    /// Start with a YAML config; `{listen}` and `{b0}`, `{b1}`... are substituted.
+    pub fn with_config(bin: &PathBuf, yaml: &str, backends: &[&Backend]) -> Proxy {
+        let port = free_port();
+        let mut y = yaml.replace("{listen}", &format!("127.0.0.1:{port}"));
+        for (i, b) in backends.iter().enumerate() {
+            y = y.replace(&format!("{{b{i}}}"), &b.addr.to_string());
+        }
+        let path =
+            std::env::temp_dir().join(format!("trireme-test-{}-{port}.yaml", std::process::id()));
+        std::fs::write(&path, y).unwrap();
+        Proxy::start_on(bin, &["--config".into(), path.display().to_string()], port)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Peak resident memory of the proxy process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw HTTP/1.1 client on one connection.
+pub struct Client {
+    pub rd: BufReader<TcpStream>,
+    pub w: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).expect("connect to proxy");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Client {
+            w: s.try_clone().unwrap(),
+            rd: BufReader::new(s),
+        }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.w.write_all(raw).expect("write");
+    }
+
+    pub fn get(&mut self, path: &str) -> Response {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+        self.read_response(false).expect("response")
+    }
+
+    /// Read one response; `None` if the connection closed first.
+    pub fn read_response(&mut self, head: bool) -> Option<Response> {
+        let mut line = String::new();
+        if self.rd.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+        let mut headers = Vec::new();
+        loop {
+            let mut l = String::new();
+            if self.rd.read_line(&mut l).ok()? == 0 {
+                return None;
+            }
+            let l = l.trim_end_matches(['\r', '\n']);
+            if l.is_empty() {
+                break;
+            }
+            let (n, v) = l.split_once(':')?;
+            headers.push((n.to_string(), v.trim().to_string()));
+        }
+        let mut r = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head || status == 204 || status == 304 || (100..200).contains(&status) {
+            return Some(r);
+        }
+        if let Some(cl) = r.header("content-length") {
+            let n: usize = cl.parse().ok()?;
+            r.body.resize(n, 0);
+            self.rd.read_exact(&mut r.body).ok()?;
+        } else if r.header("transfer-encoding").is_some() {
+            loop {
+                let mut sz = String::new();
+                self.rd.read_line(&mut sz).ok()?;
+                let n = usize::from_str_radix(sz.trim_end(), 16).ok()?;
+                if n == 0 {
+                    let mut end = String::new();
+                    self.rd.read_line(&mut end).ok()?;
+                    break;
+                }
+                let s = r.body.len();
+                r.body.resize(s + n, 0);
+                self.rd.read_exact(&mut r.body[s..]).ok()?;
+                let mut crlf = [0u8; 2];
+                self.rd.read_exact(&mut crlf).ok()?;
+            }
+        } else {
+            self.rd.read_to_end(&mut r.body).ok()?;
+        }
+        Some(r)
+    }
+
+    /// True when the proxy closed the connection (EOF within the timeout).
+    pub fn closed_within(&mut self, t: Duration) -> bool {
+        self.w.set_read_timeout(Some(t)).unwrap();
+        let mut b = [0u8; 1];
+        matches!(self.rd.read(&mut b), Ok(0))
+    }
+}
+
+/// One GET on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    Client::connect(addr).get(path)
+}
+
+/// Count requests per backend name.
+pub fn by_backend(resps: &[Response]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in resps {
+        *m.entry(r.header("x-backend").unwrap_or("?").to_string())
+            .or_insert(0) += 1;
+    }
+    m
+}
