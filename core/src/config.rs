@@ -66,7 +66,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 10.0 * 365.0 * 86400.0 {
+    if !secs.is_finite() || !(0.0..=10.0 * 365.0 * 86400.0).contains(&secs) {
         return Err(format!("duration `{s}` out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -379,7 +379,7 @@ impl Default for LbSection {
             algorithm: AlgorithmName(Algorithm::RoundRobin),
             hash_key: HashKeySpec(HashKey::ClientIp),
             hash_method: HashMethodName(HashMethod::Maglev),
-            seed: 0x7472_6972_656d_65,
+            seed: 0x0074_7269_7265_6d65,
             retries: 2,
             connect_timeout: Dur(Duration::from_secs(5)),
             response_timeout: Dur(Duration::from_secs(60)),

@@ -17,3 +17,11 @@ pub mod upstream;
 
 pub use error::{HttpError, Status};
 pub use proxy::{Action, ProxyContext, Session};
+
+/// Test support: an origin for virtual time. The only clock read in core, and only in tests:
+/// everything after it is `origin + duration`.
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn test_origin() -> std::time::Instant {
+    std::time::Instant::now()
+}

@@ -614,13 +614,13 @@ impl Sim {
     }
 }
 
+/// (status, headers, decoded body) of a response as a client saw it.
+pub type ClientResponse = (u16, Vec<(String, String)>, Vec<u8>);
+
 /// Parse a stream of HTTP/1.1 responses as a client would (for assertions): returns
 /// (status, headers, decoded body) for each complete response, given whether each request
 /// was HEAD.
-pub fn parse_responses(
-    mut buf: &[u8],
-    head_flags: &[bool],
-) -> Vec<(u16, Vec<(String, String)>, Vec<u8>)> {
+pub fn parse_responses(mut buf: &[u8], head_flags: &[bool]) -> Vec<ClientResponse> {
     let mut out = Vec::new();
     for &is_head in head_flags {
         let h = match crate::http1::head::parse_response(buf, 1 << 20) {

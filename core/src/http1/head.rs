@@ -26,11 +26,17 @@ impl Span {
     pub fn is_empty(&self) -> bool {
         self.end == self.start
     }
+    /// The position of `part` inside `buf`. A slice that does not lie inside `buf` (httparse
+    /// hands out a static "" in some cases) gives an empty span instead of a wild one.
     fn of(buf: &[u8], part: &[u8]) -> Span {
-        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
-        Span {
-            start: start as u32,
-            end: (start + part.len()) as u32,
+        let base = buf.as_ptr() as usize;
+        let p = part.as_ptr() as usize;
+        match p.checked_sub(base) {
+            Some(start) if start + part.len() <= buf.len() => Span {
+                start: start as u32,
+                end: (start + part.len()) as u32,
+            },
+            _ => Span::default(),
         }
     }
 }
@@ -575,7 +581,7 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
         Version::Http11
     };
     let code = resp.code.unwrap_or(0);
-    let reason = Span::of(buf, resp.reason.unwrap_or("").as_bytes());
+    let reason = reason_span(buf);
     let mut headers: SmallVec<[HeaderSpan; 24]> = SmallVec::new();
     let mut content_length: Option<u64> = None;
     let mut te_seen = false;
@@ -653,6 +659,26 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
         close,
         connection_tokens,
     }))
+}
+
+/// The reason phrase as sent, from the raw status line: httparse reports a non-UTF-8 phrase
+/// (obs-text is legal there) as empty, but the proxy forwards it unchanged.
+fn reason_span(buf: &[u8]) -> Span {
+    let line_end = buf
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(buf.len());
+    // "HTTP/1.x NNN" is 12 bytes; the phrase follows one space.
+    if line_end <= 13 {
+        return Span {
+            start: line_end as u32,
+            end: line_end as u32,
+        };
+    }
+    Span {
+        start: 13,
+        end: line_end as u32,
+    }
 }
 
 /// Status code of a health-probe response, as soon as the status line is complete.

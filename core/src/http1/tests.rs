@@ -220,6 +220,23 @@ fn response_framing() {
     assert_eq!(r(b"HTTP/1.1 200 OK\r\n"), Err(0));
 }
 
+#[test]
+fn non_utf8_reason_phrase_is_forwarded_not_a_crash() {
+    // Found by fuzzing: httparse reports such a phrase as a static "" outside the buffer.
+    let raw = b"HTTP/1.0 001 #\x80HTT\x84\r\n\n=";
+    let _ = parse_response(raw, 4096);
+    let raw = b"HTTP/1.1 200 Gr\xfc\xdfe\r\nContent-Length: 0\r\n\r\n";
+    match parse_response(raw, 4096) {
+        Ok(Parsed::Complete(h)) => assert_eq!(h.reason.get(raw), b"Gr\xfc\xdfe"),
+        other => panic!("{other:?}"),
+    }
+    let raw = b"HTTP/1.1 204\r\n\r\n";
+    match parse_response(raw, 4096) {
+        Ok(Parsed::Complete(h)) => assert!(h.reason.get(raw).is_empty()),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn decode_all(dec: &mut ChunkedDecoder, input: &[u8]) -> Result<(Vec<u8>, bool, usize), BodyError> {
     let mut out = Vec::new();
     let mut pos = 0;

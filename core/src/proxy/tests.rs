@@ -25,7 +25,7 @@ fn echo_path(name: &'static str) -> Behavior {
 }
 
 fn sim_with(yaml: &str, b1: Behavior, b2: Behavior, seed: u64) -> Sim {
-    let now = Instant::now();
+    let now = crate::test_origin();
     let ctx = ctx_from(yaml, now);
     Sim::new(
         ctx,
@@ -188,7 +188,7 @@ fn large_bodies_stream_both_ways() {
 fn bounded_buffering_while_client_does_not_read() {
     let body = vec![7u8; 2_000_000];
     let b = Behavior::Serve(Box::new(move |_r: &SimRequest| Reply::ok(&body)));
-    let now = Instant::now();
+    let now = crate::test_origin();
     let ctx = ctx_from(&two_backends(""), now);
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
     let _ = b;
@@ -445,7 +445,7 @@ fn expect_100_continue_is_relayed() {
     let b = Behavior::Serve(Box::new(|r: &SimRequest| {
         Reply::ok(format!("{}", r.body.len()).as_bytes())
     }));
-    let now = Instant::now();
+    let now = crate::test_origin();
     let ctx = ctx_from(&two_backends(""), now);
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
     let _ = b;

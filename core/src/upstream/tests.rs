@@ -31,7 +31,7 @@ fn upstream(n: usize, now: Instant) -> Arc<Upstream> {
 
 #[test]
 fn passive_ejection_and_readmission() {
-    let t0 = Instant::now();
+    let t0 = crate::test_origin();
     let up = upstream(2, t0);
     let inp = PickInput {
         client: b"",
@@ -52,7 +52,7 @@ fn passive_ejection_and_readmission() {
 
 #[test]
 fn active_checks_need_thresholds() {
-    let t0 = Instant::now();
+    let t0 = crate::test_origin();
     let up = upstream(2, t0);
     let cfg = ActiveHealth {
         healthy_threshold: 2,
@@ -62,7 +62,7 @@ fn active_checks_need_thresholds() {
     };
     let mut hc = HealthChecker::new(up.clone(), cfg, t0);
     let mut t = t0;
-    let mut round = |hc: &mut HealthChecker, t: Instant, status0: Option<u16>| {
+    let round = |hc: &mut HealthChecker, t: Instant, status0: Option<u16>| {
         let mut probes = Vec::new();
         while let Some(p) = hc.poll_probe(t) {
             probes.push(p.backend);
@@ -95,7 +95,7 @@ fn active_checks_need_thresholds() {
 
 #[test]
 fn pool_limits() {
-    let t0 = Instant::now();
+    let t0 = crate::test_origin();
     let cfg = PoolConfig {
         enabled: true,
         max_idle: 2,

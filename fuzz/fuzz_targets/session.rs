@@ -1,0 +1,79 @@
+#![no_main]
+//! A whole proxy session fed arbitrary client and backend bytes in arbitrary splits, with
+//! the runtime's side of the contract played faithfully. Must never panic: the release
+//! build aborts on panic, which would kill every connection of the process.
+use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use trireme_core::config::{resolve_literal, Config};
+use trireme_core::proxy::{Action, ProxyContext, Session};
+
+static CTX: OnceLock<(std::sync::Arc<ProxyContext>, Instant)> = OnceLock::new();
+
+fuzz_target!(|data: &[u8]| {
+    let (ctx, t0) = CTX.get_or_init(|| {
+        #[allow(clippy::disallowed_methods)]
+        let t0 = Instant::now();
+        let cfg = Config::from_yaml(
+            "server:\n  max_body_size: 64KB\n  max_header_size: 4KB\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n",
+            "fuzz",
+        )
+        .unwrap();
+        (cfg.build(t0, &resolve_literal).unwrap(), t0)
+    });
+    if data.len() < 3 {
+        return;
+    }
+    let split = 1 + data[0] as usize;
+    let mode = data[1];
+    let rest = &data[2..];
+    let mid = rest.len() / 2;
+    let (client, backend) = rest.split_at(mid);
+    let mut now = *t0;
+    let mut s = Session::new(ctx.clone(), "127.0.0.1:1".parse().unwrap(), now);
+    let mut up_connected = false;
+    let mut backend_pos = 0;
+    for piece in client.chunks(split) {
+        if s.wants_close() {
+            break;
+        }
+        if s.wants_client_read() {
+            s.feed_client(piece, now);
+        }
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Connect { .. } => {
+                    if mode & 1 == 0 {
+                        s.on_upstream_connected(mode & 2 == 0, now);
+                        up_connected = true;
+                    } else {
+                        s.on_upstream_connect_failed(now);
+                    }
+                }
+                Action::ReleaseUpstream { .. } => up_connected = false,
+            }
+        }
+        let n = s.client_out.len();
+        s.on_client_written(n, now);
+        if up_connected {
+            let n = s.up_out.len();
+            s.on_upstream_written(n, now);
+            let end = (backend_pos + split).min(backend.len());
+            if backend_pos < end && s.wants_upstream_read() {
+                s.feed_upstream(&backend[backend_pos..end], now);
+                backend_pos = end;
+            } else if backend_pos >= backend.len() && mode & 4 != 0 {
+                s.on_upstream_eof(mode & 8 != 0, now);
+            }
+        }
+        if mode & 16 != 0 {
+            now += Duration::from_secs(7);
+            s.on_timeout(now);
+        }
+    }
+    if mode & 32 != 0 {
+        s.begin_drain(now);
+    }
+    s.on_client_eof(now);
+    let _ = s.deadline();
+});
