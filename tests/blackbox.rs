@@ -38,6 +38,7 @@ matrix!(
     active_health_checks_eject_and_readmit,
     pipelined_requests_in_order,
     check_command_reports_errors,
+    clients_vanishing_mid_response_leave_no_work_behind,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -464,4 +465,34 @@ fn check_command_reports_errors(bin: &PathBuf) {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
     let _ = std::fs::remove_file(good);
     let _ = std::fs::remove_file(bad);
+}
+
+fn clients_vanishing_mid_response_leave_no_work_behind(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--workers", "1"]);
+    // Clients that ask for large bodies and go away after a few bytes, or right after
+    // sending; with one worker thread a session that kept retrying would starve the rest.
+    for i in 0..30 {
+        let mut c = p.client();
+        c.send(b"GET /bytes/4000000 HTTP/1.1\r\nHost: t\r\n\r\n");
+        if i % 2 == 0 {
+            let mut buf = [0u8; 100];
+            let _ = std::io::Read::read(&mut c.rd, &mut buf);
+        }
+        drop(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let ticks = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = s.rsplit(") ").next().unwrap().split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = ticks(p.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = ticks(p.pid()) - before;
+    assert!(
+        used < 20,
+        "proxy used {used} CPU ticks in 1 s with no clients (spinning)"
+    );
+    assert_eq!(get(p.addr, "/").status, 200);
 }

@@ -295,6 +295,22 @@ impl Session {
         }
     }
 
+    /// One line describing the session's state, for logs and debugging.
+    pub fn debug_state(&self) -> String {
+        format!(
+            "state={:?} up={:?} resp={:?} req_body={:?} client_in={} client_out={} up_in={} up_out={} eof={}",
+            self.state,
+            self.up,
+            self.resp,
+            self.req_body,
+            self.client_in.len(),
+            self.client_out.len(),
+            self.up_in.len(),
+            self.up_out.len(),
+            self.client_eof
+        )
+    }
+
     /// No request in flight and nothing buffered: the connection may be closed without
     /// losing anything (used for graceful shutdown).
     pub fn is_idle(&self) -> bool {
@@ -1156,6 +1172,10 @@ impl Session {
     /// Tear down: no more output, close the client and the upstream connection.
     fn abort(&mut self, _now: Instant) {
         self.release_upstream(false);
+        // Closed means nothing more is written: pending output is dropped, so a runtime
+        // whose write failed has nothing left to retry.
+        self.client_out.clear();
+        self.up_out.clear();
         self.req = None;
         self.req_body = ReqBody::Done;
         self.resp = Resp::Done;

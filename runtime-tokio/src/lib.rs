@@ -304,6 +304,9 @@ async fn connection(
                     }
                 }
             }
+            if s.wants_close() {
+                break;
+            }
             if !s.client_out.is_empty() {
                 match write_now(&client, s.client_out.pending()) {
                     Ok(0) => {}

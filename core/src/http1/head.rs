@@ -201,6 +201,7 @@ fn first_line_len(buf: &[u8]) -> Option<usize> {
 }
 
 const MAX_HEADERS_HARD: usize = 256;
+const MAX_RESPONSE_HEADERS: usize = 128;
 
 /// Parse and validate a request head at the start of `buf`.
 ///
@@ -212,9 +213,13 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>,
     let buf_full = buf;
     let buf = &buf[skip..];
     let max_headers = limits.max_headers.min(MAX_HEADERS_HARD);
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_HARD];
-    let mut req = httparse::Request::new(&mut storage[..max_headers]);
-    let status = req.parse(buf).map_err(map_httparse_request)?;
+    // Uninitialized header slots: no 8 KiB memset per parse (and per partial re-parse).
+    let mut storage =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_HARD];
+    let mut req = httparse::Request::new(&mut []);
+    let status = req
+        .parse_with_uninit_headers(buf, &mut storage[..max_headers])
+        .map_err(map_httparse_request)?;
     let len = match status {
         httparse::Status::Partial => {
             match first_line_len(buf) {
@@ -560,7 +565,8 @@ impl ResponseHead {
 
 /// Parse a backend's response head. Errors here become 502 for the client.
 pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead>, HttpError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_HARD];
+    // httparse has no uninitialized variant for responses; 128 slots keep the memset small.
+    let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut storage);
     let bad = |why: &'static str| HttpError::new(Status::BadGateway, why);
     let status = resp

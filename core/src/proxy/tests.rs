@@ -212,6 +212,34 @@ fn bounded_buffering_while_client_does_not_read() {
 }
 
 #[test]
+fn client_write_error_drops_pending_output() {
+    // A runtime whose client write failed must find nothing left to write (a runtime that
+    // retried pending output after a failure would spin forever).
+    let origin = crate::test_origin();
+    let ctx = ctx_from(&two_backends(""), origin);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), origin);
+    s.feed_client(&get("/"), origin);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, origin);
+    s.on_upstream_written(s.up_out.len(), origin);
+    s.feed_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", origin);
+    s.feed_upstream(&[b'x'; 30_000], origin);
+    assert!(!s.client_out.is_empty());
+    s.on_client_error(origin);
+    assert!(s.wants_close());
+    assert!(s.client_out.is_empty() && s.up_out.is_empty());
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream { reuse: false, .. })
+    ));
+    assert_eq!(s.poll_action(), None);
+    // Reporting the error again changes nothing.
+    s.on_client_error(origin);
+    assert_eq!(s.poll_action(), None);
+    assert_eq!(s.deadline(), None);
+}
+
+#[test]
 fn backend_death_mid_response_aborts_the_client() {
     let b = Behavior::Serve(Box::new(|_r: &SimRequest| Reply {
         die_after: Some(500),
