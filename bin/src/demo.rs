@@ -1,7 +1,7 @@
 //! Demo backends: small HTTP/1.1 servers on loopback (threads, std::net), used by the `demo`
 //! command and by the black-box tests. Each records what it received.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,14 +94,12 @@ pub fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
-fn read_request(rd: &mut BufReader<TcpStream>, conn: usize) -> Option<Received> {
+/// Read a message head: the start line and the header fields, in order.
+pub fn read_head(rd: &mut impl BufRead) -> Option<(String, Vec<(String, String)>)> {
     let mut line = String::new();
     if rd.read_line(&mut line).ok()? == 0 {
         return None;
     }
-    let mut it = line.split_whitespace();
-    let method = it.next()?.to_string();
-    let target = it.next()?.to_string();
     let mut headers = Vec::new();
     loop {
         let mut l = String::new();
@@ -115,18 +113,30 @@ fn read_request(rd: &mut BufReader<TcpStream>, conn: usize) -> Option<Received> 
         let (n, v) = l.split_once(':')?;
         headers.push((n.to_string(), v.trim().to_string()));
     }
-    let get = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.clone())
-    };
+    Some((line.trim_end().to_string(), headers))
+}
+
+fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Read a body framed by Content-Length or chunked encoding; with neither, read to EOF when
+/// `to_eof` (a response) or nothing (a request).
+pub fn read_body(
+    rd: &mut impl BufRead,
+    headers: &[(String, String)],
+    to_eof: bool,
+) -> Option<Vec<u8>> {
     let mut body = Vec::new();
-    if let Some(cl) = get("content-length") {
+    if let Some(cl) = find(headers, "content-length") {
         let n: usize = cl.parse().ok()?;
         body.resize(n, 0);
         rd.read_exact(&mut body).ok()?;
-    } else if get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+    } else if find(headers, "transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
         loop {
             let mut sz = String::new();
             rd.read_line(&mut sz).ok()?;
@@ -142,7 +152,18 @@ fn read_request(rd: &mut BufReader<TcpStream>, conn: usize) -> Option<Received> 
             let mut crlf = [0u8; 2];
             rd.read_exact(&mut crlf).ok()?;
         }
+    } else if to_eof {
+        rd.read_to_end(&mut body).ok()?;
     }
+    Some(body)
+}
+
+fn read_request(rd: &mut BufReader<TcpStream>, conn: usize) -> Option<Received> {
+    let (line, headers) = read_head(rd)?;
+    let mut it = line.split_whitespace();
+    let method = it.next()?.to_string();
+    let target = it.next()?.to_string();
+    let body = read_body(rd, &headers, false)?;
     Some(Received {
         method,
         target,

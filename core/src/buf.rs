@@ -2,6 +2,9 @@
 //! [`OutBuf::pending`] and reports progress with [`OutBuf::consume`]; the allocation is kept
 //! and reused, so a keep-alive connection does not allocate per request.
 
+/// First allocation of an output buffer: a response head plus a small body.
+pub const INITIAL_CAPACITY: usize = 4096;
+
 #[derive(Debug, Default)]
 pub struct OutBuf {
     buf: Vec<u8>,
@@ -42,6 +45,10 @@ impl OutBuf {
     /// Append space for writing. Compacts consumed bytes first when that avoids growth.
     #[inline]
     pub fn vec(&mut self) -> &mut Vec<u8> {
+        if self.buf.capacity() == 0 {
+            // One allocation up front instead of a string of small regrowths per connection.
+            self.buf.reserve(INITIAL_CAPACITY);
+        }
         if self.pos > 0 && self.buf.len() + 4096 > self.buf.capacity() {
             self.buf.drain(..self.pos);
             self.pos = 0;

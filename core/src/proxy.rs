@@ -43,8 +43,10 @@ use std::time::{Duration, Instant};
 
 /// Buffered bytes beyond which the session stops reading from the other side.
 pub const HIGH_WATER: usize = 64 * 1024;
-/// Read buffer capacity the runtime should keep available.
+/// Read buffer space the runtime should keep available for client reads.
 pub const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer space for upstream reads: a 16 KiB response and its head in one read.
+pub const UP_READ_CHUNK: usize = 32 * 1024;
 
 /// Everything a session needs that is shared by all sessions of a process.
 pub struct ProxyContext {
@@ -229,7 +231,7 @@ impl Session {
     }
 
     pub fn reserve_up_in(&mut self) -> &mut BytesMut {
-        self.up_in.reserve(READ_CHUNK);
+        self.up_in.reserve(UP_READ_CHUNK);
         &mut self.up_in
     }
 

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -177,56 +177,19 @@ impl Client {
 
     /// Read one response; `None` if the connection closed first.
     pub fn read_response(&mut self, head: bool) -> Option<Response> {
-        let mut line = String::new();
-        if self.rd.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
+        let (line, headers) = trireme::demo::read_head(&mut self.rd)?;
         let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
-        let mut headers = Vec::new();
-        loop {
-            let mut l = String::new();
-            if self.rd.read_line(&mut l).ok()? == 0 {
-                return None;
-            }
-            let l = l.trim_end_matches(['\r', '\n']);
-            if l.is_empty() {
-                break;
-            }
-            let (n, v) = l.split_once(':')?;
-            headers.push((n.to_string(), v.trim().to_string()));
-        }
-        let mut r = Response {
+        let no_body = head || status == 204 || status == 304 || (100..200).contains(&status);
+        let body = if no_body {
+            Vec::new()
+        } else {
+            trireme::demo::read_body(&mut self.rd, &headers, true)?
+        };
+        Some(Response {
             status,
             headers,
-            body: Vec::new(),
-        };
-        if head || status == 204 || status == 304 || (100..200).contains(&status) {
-            return Some(r);
-        }
-        if let Some(cl) = r.header("content-length") {
-            let n: usize = cl.parse().ok()?;
-            r.body.resize(n, 0);
-            self.rd.read_exact(&mut r.body).ok()?;
-        } else if r.header("transfer-encoding").is_some() {
-            loop {
-                let mut sz = String::new();
-                self.rd.read_line(&mut sz).ok()?;
-                let n = usize::from_str_radix(sz.trim_end(), 16).ok()?;
-                if n == 0 {
-                    let mut end = String::new();
-                    self.rd.read_line(&mut end).ok()?;
-                    break;
-                }
-                let s = r.body.len();
-                r.body.resize(s + n, 0);
-                self.rd.read_exact(&mut r.body[s..]).ok()?;
-                let mut crlf = [0u8; 2];
-                self.rd.read_exact(&mut crlf).ok()?;
-            }
-        } else {
-            self.rd.read_to_end(&mut r.body).ok()?;
-        }
-        Some(r)
+            body,
+        })
     }
 
     /// True when the proxy closed the connection (EOF within the timeout).
