@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Side-by-side load benchmark: trireme-tokio against nginx and HAProxy (and the backend
+# directly), proxy pinned to one core, via the shared harness next to this repository.
+#
+#   benches/compare.sh [ROUNDS] [SECONDS]       (default 5 rounds x 6 s, ~8 minutes)
+#
+# Needs Debian's wrk, nginx and haproxy (installed here if missing, when run as root).
+# Prints the harness's full report, then the condensed table used in docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-5}
+secs=${2:-6}
+harness=../shared/bench/proxy-compare.sh
+[ -x "$harness" ] || { echo "missing $harness (the shared bench harness beside this repo)" >&2; exit 1; }
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq wrk nginx haproxy >/dev/null
+fi
+cargo build --release --bin trireme-tokio
+out=$(mktemp -d)
+"$harness" --rounds "$rounds" --duration "$secs" --out "$out/summary.tsv" \
+  --candidate 'trireme-tokio=./target/release/trireme-tokio --listen 127.0.0.1:{listen} {backend_args}' \
+  | tee "$out/report.md"
+echo
+echo "## condensed ($(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ))"
+sed -n '/^### ka-small/,/^spread =/p' "$out/report.md" | grep -E "^\||^###" | awk -F'|' '
+/^###/ {print ""; print; print ""; print "| candidate | req/s | p50 ms | p99 ms | CPU µs/req | CPU/req ÷ nginx | CPU/req ÷ haproxy | backend conns/req | errors |"; print "|---|---:|---:|---:|---:|---:|---:|---:|---:|"; next}
+$2 ~ /candidate|---/ {next}
+{gsub(/ /,"",$2); gsub(/ /,"",$4); gsub(/ /,"",$6); gsub(/ /,"",$7); gsub(/ /,"",$8); gsub(/ /,"",$19); gsub(/ /,"",$20); gsub(/ /,"",$14); gsub(/ /,"",$15);
+ printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2,$4,$6,$7,$8,$19,$20,$14,$15}'
