@@ -325,9 +325,8 @@ fn stale_pooled_connection_is_retried_on_a_fresh_one() {
     sim.send(c, &get("/2"));
     sim.run_for(Duration::from_millis(10));
     assert_eq!(sim.pooled(), 2);
-    // The backends restart: pooled connections are dead but the runtime has not noticed.
-    sim.backends[0].behavior = echo_path("b1");
-    // Mark pooled connections dead silently by killing and reviving the behaviour.
+    // Backend 1 restarts: its pooled connection is dead, and the request is sent on it before
+    // the close is seen; the session must retry on a fresh connection.
     sim.kill_backend(B1.parse().unwrap());
     sim.backends[0].behavior = echo_path("b1");
     sim.send(c, &get("/3"));
