@@ -174,7 +174,6 @@ fn run_proxy(
     }
     on_ready(addr);
     let opts = RunOptions {
-        listen: addr,
         workers,
         max_connections: cfg.file.server.max_connections,
         drain_timeout: cfg.drain_timeout(),

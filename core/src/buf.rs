@@ -55,13 +55,4 @@ impl OutBuf {
         }
         &mut self.buf
     }
-    /// Release the allocation when idle (bounded memory per idle connection).
-    pub fn shrink_if_idle(&mut self, keep: usize) {
-        if self.is_empty() && self.buf.capacity() > keep {
-            self.buf = Vec::new();
-        }
-    }
-    pub fn capacity(&self) -> usize {
-        self.buf.capacity()
-    }
 }

@@ -1,5 +1,4 @@
-//! Typed errors. A peer's fault carries the HTTP status it earns; misuse of the API by a
-//! runtime is a separate type.
+//! Typed errors: a peer's fault carries the HTTP status it earns.
 
 use std::fmt;
 
@@ -84,15 +83,3 @@ impl fmt::Display for HttpError {
 }
 
 impl std::error::Error for HttpError {}
-
-/// The runtime called the core in a way its contract does not allow.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiMisuse(pub &'static str);
-
-impl fmt::Display for ApiMisuse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "API misuse: {}", self.0)
-    }
-}
-
-impl std::error::Error for ApiMisuse {}

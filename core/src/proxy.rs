@@ -297,28 +297,6 @@ impl Session {
         }
     }
 
-    /// One line describing the session's state, for logs and debugging.
-    pub fn debug_state(&self) -> String {
-        format!(
-            "state={:?} up={:?} resp={:?} req_body={:?} client_in={} client_out={} up_in={} up_out={} eof={}",
-            self.state,
-            self.up,
-            self.resp,
-            self.req_body,
-            self.client_in.len(),
-            self.client_out.len(),
-            self.up_in.len(),
-            self.up_out.len(),
-            self.client_eof
-        )
-    }
-
-    /// No request in flight and nothing buffered: the connection may be closed without
-    /// losing anything (used for graceful shutdown).
-    pub fn is_idle(&self) -> bool {
-        self.state == State::Idle && self.client_in.is_empty() && self.client_out.is_empty()
-    }
-
     // ----------------------------------------------------------------- client input
 
     /// New bytes were appended to `client_in`.
@@ -660,11 +638,8 @@ impl Session {
         else {
             let body = h.body != BodyKind::None;
             self.client_in.advance(h.len);
-            self.reply_error(
-                Status::NotFound,
-                "no route for this host and path",
-                body || !h.keep_alive,
-            );
+            tracing::debug!(client = %self.client_ip, "404: no route for this host and path");
+            self.reply_error(Status::NotFound, body || !h.keep_alive);
             return;
         };
         let upstream = &ctx.upstreams[up_id];
@@ -711,7 +686,7 @@ impl Session {
             tracing::warn!(client = %self.client_ip, upstream = %upstream.cfg.name, "503: no healthy backend");
             let close = req.has_body || req.close_after;
             self.req = Some(req);
-            self.reply_error(Status::ServiceUnavailable, "no healthy backend", close);
+            self.reply_error(Status::ServiceUnavailable, close);
             return;
         };
 
@@ -1113,11 +1088,11 @@ impl Session {
             .client_errors
             .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %self.client_ip, status = e.status.code(), why = e.why, "rejecting request");
-        self.reply_error(e.status, e.why, true);
+        self.reply_error(e.status, true);
     }
 
     /// Queue a proxy-generated response. With `close`, the connection closes after it.
-    fn reply_error(&mut self, status: Status, _why: &'static str, close: bool) {
+    fn reply_error(&mut self, status: Status, close: bool) {
         let started = self.req.as_ref().is_some_and(|r| r.response_started);
         if started {
             self.state = State::Closed;
@@ -1168,7 +1143,7 @@ impl Session {
         // Keep the client connection only if its request was read completely.
         let close = !matches!(self.req_body, ReqBody::Done)
             || self.req.as_ref().is_none_or(|r| r.close_after);
-        self.reply_error(status, "", close);
+        self.reply_error(status, close);
     }
 
     /// Tear down: no more output, close the client and the upstream connection.

@@ -19,7 +19,6 @@ use trireme_core::upstream::{ConnMeta, HealthChecker, Pool};
 /// What the runtime needs besides the shared context.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub listen: SocketAddr,
     /// Worker threads (0: one per core).
     pub workers: usize,
     pub max_connections: usize,
