@@ -147,26 +147,26 @@ pub struct Upstream {
 
 /// View used by balancers: availability at a given time.
 struct AvailAt<'a> {
-    up: &'a Upstream,
+    backends: &'a [Backend],
     now_ns: u64,
 }
 
 impl Avail for AvailAt<'_> {
     fn len(&self) -> usize {
-        self.up.backends.len()
+        self.backends.len()
     }
     fn available(&self, i: usize) -> bool {
-        let b = &self.up.backends[i];
+        let b = &self.backends[i];
         b.healthy.load(Ordering::Relaxed) && b.down_until.load(Ordering::Relaxed) <= self.now_ns
     }
     fn weight(&self, i: usize) -> u32 {
-        self.up.backends[i].weight
+        self.backends[i].weight
     }
     fn active(&self, i: usize) -> u32 {
-        self.up.backends[i].active.load(Ordering::Relaxed)
+        self.backends[i].active.load(Ordering::Relaxed)
     }
     fn key(&self, i: usize) -> &[u8] {
-        &self.up.backends[i].key
+        &self.backends[i].key
     }
 }
 
@@ -189,17 +189,18 @@ impl Upstream {
                 failures: AtomicU64::new(0),
             })
             .collect();
-        let mut up = Upstream {
+        let view = AvailAt {
+            backends: &backends,
+            now_ns: 0,
+        };
+        let balancer = Balancer::new(cfg.algorithm, cfg.hash_method, &view, cfg.seed);
+        Upstream {
             id,
             backends,
-            balancer: Balancer::new(Algorithm::RoundRobin, HashMethod::Maglev, &EmptyAvail, 0),
+            balancer,
             cfg,
             base,
-        };
-        let view = AvailAt { up: &up, now_ns: 0 };
-        let balancer = Balancer::new(up.cfg.algorithm, up.cfg.hash_method, &view, up.cfg.seed);
-        up.balancer = balancer;
-        up
+        }
     }
 
     fn ns(&self, now: Instant) -> u64 {
@@ -208,7 +209,7 @@ impl Upstream {
 
     pub fn is_available(&self, i: usize, now: Instant) -> bool {
         AvailAt {
-            up: self,
+            backends: &self.backends,
             now_ns: self.ns(now),
         }
         .available(i)
@@ -217,7 +218,7 @@ impl Upstream {
     /// Pick a backend for a request, skipping unavailable ones and `exclude`.
     pub fn pick(&self, input: &PickInput<'_>, exclude: &[u16], now: Instant) -> Option<usize> {
         let view = AvailAt {
-            up: self,
+            backends: &self.backends,
             now_ns: self.ns(now),
         };
         self.balancer.pick(&view, input, exclude)
@@ -285,25 +286,6 @@ impl Upstream {
                 tracing::warn!(upstream = %self.cfg.name, backend = %b.addr, "backend marked unhealthy by health checks");
             }
         }
-    }
-}
-
-struct EmptyAvail;
-impl Avail for EmptyAvail {
-    fn len(&self) -> usize {
-        0
-    }
-    fn available(&self, _: usize) -> bool {
-        false
-    }
-    fn weight(&self, _: usize) -> u32 {
-        1
-    }
-    fn active(&self, _: usize) -> u32 {
-        0
-    }
-    fn key(&self, _: usize) -> &[u8] {
-        b""
     }
 }
 
