@@ -20,6 +20,10 @@ macro_rules! matrix {
                 fn tokio() {
                     super::$scenario(&super::bin("trireme-tokio"));
                 }
+                #[test]
+                fn mio() {
+                    super::$scenario(&super::bin("trireme-mio"));
+                }
             }
         )*
     };
@@ -80,7 +84,8 @@ fn round_robin_and_weights(bin: &PathBuf) {
 
 fn keep_alive_reuses_backend_connections(bin: &PathBuf) {
     let b = Backend::start("b1").unwrap();
-    let p = Proxy::with_backends(bin, &[&b], &[]);
+    // One worker: pools are per worker on the thread-per-core runtimes.
+    let p = Proxy::with_backends(bin, &[&b], &["--workers", "1"]);
     let mut c = p.client();
     for _ in 0..100 {
         assert_eq!(c.get("/").status, 200);
@@ -431,8 +436,13 @@ fn pipelined_requests_in_order(bin: &PathBuf) {
 
 fn check_command_reports_errors(bin: &PathBuf) {
     let dir = std::env::temp_dir();
-    let good = dir.join(format!("trireme-check-good-{}.yaml", std::process::id()));
-    let bad = dir.join(format!("trireme-check-bad-{}.yaml", std::process::id()));
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        bin.file_name().unwrap().to_string_lossy()
+    );
+    let good = dir.join(format!("trireme-check-good-{tag}.yaml"));
+    let bad = dir.join(format!("trireme-check-bad-{tag}.yaml"));
     std::fs::write(&good, "server:\n  listen: 127.0.0.1:8080\nbackends:\n  - url: http://127.0.0.1:9000\n    weight: 2\n").unwrap();
     std::fs::write(&bad, "server:\n  listen: 127.0.0.1:8080\n  keep_alive_timeout: forever\nbackends:\n  - url: http://127.0.0.1:9000\n").unwrap();
     let out = std::process::Command::new(bin)

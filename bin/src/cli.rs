@@ -1,7 +1,8 @@
 //! Command line: `--config FILE`, or a config-less start with `--listen` / `--backend` /
 //! `--algorithm`; `check --config FILE`; `demo`; `--version`.
 
-use crate::runtimes::{RunOptions, Runtime, Shutdown};
+use crate::process;
+use crate::runtimes::Runtime;
 use clap::{Parser, Subcommand};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use trireme_core::balance::Algorithm;
 use trireme_core::config::{AlgorithmName, BackendSection, BackendUrl, Config, FileConfig};
 use trireme_core::proxy::ProxyContext;
+use trireme_core::shutdown::Shutdown;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "trireme: reverse proxy and load balancer", long_about = None)]
@@ -133,33 +135,29 @@ fn init_logs(filter: &str) {
         .try_init();
 }
 
-/// SIGTERM or SIGINT.
-fn signals() -> Shutdown {
-    Box::pin(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
-}
-
 fn run_proxy(
     rt: &Runtime,
     cfg: &Config,
     ctx: Arc<ProxyContext>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
-    let listener =
-        (rt.bind)(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let workers = cfg.file.server.workers.unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let opts = cfg.run_options(cores);
+    let listeners = process::bind_listeners(cfg.listen, (rt.listeners)(&opts))
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
+    let pooled: usize = ctx
+        .upstreams
+        .iter()
+        .filter(|u| u.cfg.pool.enabled)
+        .map(|u| u.backends.len() * u.cfg.pool.max_idle)
+        .sum::<usize>()
+        * (rt.pools)(&opts);
+    process::check_open_files(opts.max_connections, pooled, opts.workers);
     tracing::info!(
         runtime = rt.name,
         listen = %addr,
-        workers = if workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { workers },
+        workers = opts.workers,
         upstreams = ctx.upstreams.len(),
         "trireme {} listening",
         env!("CARGO_PKG_VERSION")
@@ -172,13 +170,13 @@ fn run_proxy(
             .collect();
         tracing::info!(upstream = %u.cfg.name, algorithm = u.cfg.algorithm.name(), backends = %list.join(", "), "upstream");
     }
+    let sd = Arc::new(Shutdown::new());
+    process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
+    process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
     on_ready(addr);
-    let opts = RunOptions {
-        workers,
-        max_connections: cfg.file.server.max_connections,
-        drain_timeout: cfg.drain_timeout(),
-    };
-    (rt.run)(ctx, opts, listener, signals()).map_err(|e| e.to_string())
+    let res = (rt.run)(ctx, opts, listeners, sd.clone()).map_err(|e| e.to_string());
+    sd.request(); // stop the health threads
+    res
 }
 
 pub fn main(rt: &Runtime) -> i32 {

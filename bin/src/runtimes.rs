@@ -1,23 +1,38 @@
 //! The event models a binary can run on. Each binary names one; the CLI is shared.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::net::TcpListener;
 use std::sync::Arc;
+use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::proxy::ProxyContext;
+use trireme_core::shutdown::Shutdown;
 
-pub use trireme_tokio::RunOptions;
-
-pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Serve on these listeners until shutdown is requested, then drain. Blocks.
+pub type RunFn =
+    fn(Arc<ProxyContext>, RunOptions, Vec<TcpListener>, Arc<Shutdown>) -> io::Result<()>;
 
 pub struct Runtime {
     pub name: &'static str,
-    pub run: fn(Arc<ProxyContext>, RunOptions, std::net::TcpListener, Shutdown) -> io::Result<()>,
-    pub bind: fn(std::net::SocketAddr) -> io::Result<std::net::TcpListener>,
+    pub run: RunFn,
+    /// How many listening sockets `run` wants (one per thread-per-core worker).
+    pub listeners: fn(&RunOptions) -> usize,
+    /// Upstream connection pools in the process (one per worker, or one shared).
+    pub pools: fn(&RunOptions) -> usize,
 }
 
 pub const TOKIO: Runtime = Runtime {
     name: "tokio",
-    run: |ctx, opts, l, sd| trireme_tokio::run(ctx, opts, l, sd),
-    bind: trireme_tokio::bind,
+    run: trireme_tokio::run,
+    listeners: |o| match o.tokio_flavor {
+        TokioFlavor::MultiThread => 1,
+        TokioFlavor::CurrentThread => o.workers,
+    },
+    pools: |_| 1,
+};
+
+pub const MIO: Runtime = Runtime {
+    name: "mio",
+    run: trireme_mio::run,
+    listeners: |o| o.workers,
+    pools: |o| o.workers,
 };

@@ -309,6 +309,29 @@ pub struct ServerSection {
     /// How long a graceful shutdown waits for requests in flight.
     pub shutdown_timeout: Dur,
     pub connection_pool: PoolSection,
+    /// trireme-tokio only: one multi-thread runtime (work stealing), or one current-thread
+    /// runtime per worker with its own listener (thread-per-core, like trireme-mio).
+    pub tokio_flavor: TokioFlavor,
+}
+
+/// Process-level settings every runtime reads.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Worker threads (at least 1).
+    pub workers: usize,
+    /// Client connections open at once, over all workers; more are closed at accept.
+    pub max_connections: usize,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+    pub tokio_flavor: TokioFlavor,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokioFlavor {
+    #[default]
+    MultiThread,
+    CurrentThread,
 }
 
 impl Default for ServerSection {
@@ -327,6 +350,7 @@ impl Default for ServerSection {
             max_requests_per_connection: 10_000,
             shutdown_timeout: Dur(Duration::from_secs(30)),
             connection_pool: PoolSection::default(),
+            tokio_flavor: TokioFlavor::default(),
         }
     }
 }
@@ -603,6 +627,20 @@ impl Config {
             )));
         }
         Ok(Config { file: fc, listen })
+    }
+
+    /// What a runtime needs besides the proxy context. `cores` is the machine's core count,
+    /// used when `server.workers` is unset or 0.
+    pub fn run_options(&self, cores: usize) -> RunOptions {
+        RunOptions {
+            workers: match self.file.server.workers {
+                Some(n) if n > 0 => n,
+                _ => cores.max(1),
+            },
+            max_connections: self.file.server.max_connections,
+            drain_timeout: self.drain_timeout(),
+            tokio_flavor: self.file.server.tokio_flavor,
+        }
     }
 
     pub fn drain_timeout(&self) -> Duration {

@@ -12,6 +12,7 @@ pub mod http1;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod shutdown;
 pub mod sim;
 pub mod upstream;
 

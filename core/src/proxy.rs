@@ -838,11 +838,23 @@ impl Session {
         if let Some(r) = self.req.as_mut() {
             if let Some(b) = r.backend.take() {
                 self.ctx.upstreams[r.upstream as usize].end(b as usize);
-                self.actions.push_back(Action::ReleaseUpstream {
-                    upstream: r.upstream,
-                    backend: b,
-                    reuse,
-                });
+                // A connect the runtime has not picked up yet is withdrawn, so a request
+                // rejected straight after its head (a bad body already buffered) opens no
+                // backend connection at all.
+                let unseen = self
+                    .actions
+                    .iter()
+                    .rposition(|a| matches!(a, Action::Connect { .. }));
+                match unseen {
+                    Some(i) => {
+                        self.actions.remove(i);
+                    }
+                    None => self.actions.push_back(Action::ReleaseUpstream {
+                        upstream: r.upstream,
+                        backend: b,
+                        reuse,
+                    }),
+                }
             }
         }
         self.up_out.clear();

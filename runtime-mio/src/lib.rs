@@ -1,3 +1,681 @@
-//! trireme on mio (epoll), thread per core. Not built yet: the runtimes issue adds it on the
-//! same `trireme_core::proxy::Session` contract that `trireme-tokio` drives.
-pub use trireme_core as core;
+//! trireme on mio (epoll), thread per core.
+//!
+//! Each worker thread owns a `mio::Poll`, its own `SO_REUSEPORT` listener, a slab of client
+//! connections, a slab of upstream sockets, one keep-alive pool per upstream and a timer
+//! heap fed by the sessions' deadlines. Nothing is shared between workers but the proxy
+//! context (backend health and load counters, metrics: atomics) and the connection count.
+//!
+//! Readiness is edge-triggered. A socket's `readable` / `writable` flags stay set until a
+//! read or write comes up short, so the loop never asks the kernel twice for the same
+//! news: a short read means the receive queue was drained (unless the peer already closed,
+//! which `EPOLLRDHUP` tells), a short write means the send queue is full.
+//!
+//! Every decision (parsing, routing, picking, retrying, deadlines) is the session's
+//! ([`trireme_core::proxy::Session`]); this file moves bytes and keeps time.
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trireme_core::config::RunOptions;
+use trireme_core::proxy::{Action, ProxyContext, Session};
+use trireme_core::shutdown::Shutdown;
+use trireme_core::upstream::{ConnMeta, Pool};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+/// How long to wait before accepting again after the process ran out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+const EVICT_EVERY: Duration = Duration::from_secs(1);
+
+/// Client connection `k` has token `2k`; upstream socket `u` has token `2u + 1`.
+fn client_token(k: usize) -> Token {
+    Token(k << 1)
+}
+fn upstream_token(u: usize) -> Token {
+    Token((u << 1) | 1)
+}
+
+struct Shared {
+    ctx: Arc<ProxyContext>,
+    opts: RunOptions,
+    /// Client connections open, over all workers (for `max_connections`).
+    active: AtomicUsize,
+}
+
+/// Run the proxy, one worker thread per listener, until `shutdown` is requested; then
+/// drain (bounded by `opts.drain_timeout`). Blocks the calling thread.
+pub fn run(
+    ctx: Arc<ProxyContext>,
+    opts: RunOptions,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: Arc<Shutdown>,
+) -> io::Result<()> {
+    let sh = Arc::new(Shared {
+        ctx,
+        opts,
+        active: AtomicUsize::new(0),
+    });
+    let mut threads = Vec::new();
+    for (id, l) in listeners.into_iter().enumerate() {
+        let w = Worker::new(id, sh.clone(), l, shutdown.clone())?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("trireme-worker-{id}"))
+                .spawn(move || w.run())?,
+        );
+    }
+    let mut res = Ok(());
+    let mut left = 0;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(n)) => left += n,
+            Ok(Err(e)) => res = Err(e),
+            Err(_) => res = Err(io::Error::other("worker thread panicked")),
+        }
+    }
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain timeout reached; closed remaining connections"
+        );
+    } else if res.is_ok() {
+        tracing::info!("drained; exiting");
+    }
+    res
+}
+
+struct Conn {
+    stream: TcpStream,
+    s: Session,
+    /// The upstream socket this session uses (a key into `Io::ups`).
+    up: Option<usize>,
+    readable: bool,
+    read_closed: bool,
+    writable: bool,
+    /// The earliest deadline with an entry in the timer heap.
+    armed: Option<Instant>,
+    /// Tells this connection's timer entries from those of an earlier one in the same slot.
+    gen: u32,
+}
+
+struct Up {
+    stream: TcpStream,
+    /// The client connection using it; `None` while idle in the pool.
+    owner: Option<usize>,
+    upstream: u16,
+    backend: u16,
+    meta: ConnMeta,
+    connecting: bool,
+    readable: bool,
+    read_closed: bool,
+    writable: bool,
+}
+
+/// A worker's upstream side: sockets, pools, and the registry to add new ones to.
+struct Io {
+    registry: Registry,
+    ups: Slab<Up>,
+    pools: Vec<Pool<usize>>,
+}
+
+impl Io {
+    fn close_up(&mut self, u: usize) {
+        // Dropping the socket closes it, which also removes it from the epoll set.
+        self.ups.try_remove(u);
+    }
+
+    /// An idle pooled connection to `backend` that the backend has not closed meanwhile.
+    fn take_pooled(&mut self, upstream: u16, backend: u16, now: Instant) -> Option<usize> {
+        let Io { ups, pools, .. } = self;
+        loop {
+            let (u, meta) = pools[upstream as usize].take(backend as usize, now, |u| {
+                ups.try_remove(u);
+            })?;
+            let up = &mut ups[u];
+            if up.readable || up.read_closed {
+                // Readiness while idle: a FIN, a reset or stray bytes, unless it is the
+                // leftover flag of the last read that happened to fill the buffer exactly.
+                let mut b = [0u8; 1];
+                let probe = io::Read::read(&mut up.stream, &mut b);
+                if !matches!(probe, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock) {
+                    ups.remove(u);
+                    continue;
+                }
+                up.readable = false;
+            }
+            up.meta = meta;
+            return Some(u);
+        }
+    }
+}
+
+struct Worker {
+    id: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    /// When accepting failed for lack of file descriptors: retry at this time.
+    accept_retry: Option<Instant>,
+    conns: Slab<Conn>,
+    io: Io,
+    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    next_gen: u32,
+    next_evict: Instant,
+    sh: Arc<Shared>,
+    shutdown: Arc<Shutdown>,
+    _waker: Arc<Waker>,
+    drain_until: Option<Instant>,
+}
+
+/// Read into the spare capacity of `b`. `Ok((n, room))`: bytes read and the room offered.
+fn read_into(fd: i32, b: &mut bytes::BytesMut) -> io::Result<(usize, usize)> {
+    let spare = b.spare_capacity_mut();
+    let room = spare.len();
+    // SAFETY: the kernel writes at most `room` bytes into the spare capacity, and exactly
+    // the `n` it reports are marked initialized.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), room) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: see above.
+    unsafe { b.set_len(b.len() + n) };
+    Ok((n, room))
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+fn interrupted(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+}
+
+impl Worker {
+    fn new(
+        id: usize,
+        sh: Arc<Shared>,
+        listener: std::net::TcpListener,
+        shutdown: Arc<Shutdown>,
+    ) -> io::Result<Worker> {
+        let poll = Poll::new()?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let w2 = waker.clone();
+        shutdown.on_request(move || {
+            let _ = w2.wake();
+        });
+        let pools = sh
+            .ctx
+            .upstreams
+            .iter()
+            .map(|u| Pool::new(u.backends.len(), u.cfg.pool.clone()))
+            .collect();
+        Ok(Worker {
+            id,
+            io: Io {
+                registry: poll.registry().try_clone()?,
+                ups: Slab::new(),
+                pools,
+            },
+            poll,
+            listener: Some(listener),
+            accept_retry: None,
+            conns: Slab::new(),
+            timers: BinaryHeap::new(),
+            next_gen: 0,
+            next_evict: Instant::now() + EVICT_EVERY,
+            sh,
+            shutdown,
+            _waker: waker,
+            drain_until: None,
+        })
+    }
+
+    /// The event loop. Returns the number of connections still open when the drain
+    /// timeout cut them off.
+    fn run(mut self) -> io::Result<usize> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            if self.drain_until.is_none() && self.shutdown.is_requested() {
+                self.begin_drain(now);
+            }
+            if let Some(until) = self.drain_until {
+                if self.conns.is_empty() {
+                    return Ok(0);
+                }
+                if now >= until {
+                    let left = self.conns.len();
+                    for c in self.conns.drain() {
+                        drop(c);
+                        self.sh.active.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return Ok(left);
+                }
+            }
+            let timeout = self
+                .next_wake(now)
+                .map(|t| t.saturating_duration_since(now));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if interrupted(&e) {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(now),
+                    WAKER => {}
+                    Token(t) if t & 1 == 0 => {
+                        let k = t >> 1;
+                        if let Some(c) = self.conns.get_mut(k) {
+                            c.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                            c.read_closed |= ev.is_read_closed();
+                            c.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                            self.drive(k, now);
+                        }
+                    }
+                    Token(t) => self.upstream_event(t >> 1, ev, now),
+                }
+            }
+            self.fire_timers(now);
+            if self.accept_retry.is_some_and(|t| t <= now) {
+                self.accept_retry = None;
+                self.accept(now);
+            }
+            if now >= self.next_evict {
+                self.next_evict = now + EVICT_EVERY;
+                let Io { ups, pools, .. } = &mut self.io;
+                for p in pools.iter_mut() {
+                    p.evict_expired(now, |u| {
+                        ups.try_remove(u);
+                    });
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let mut t = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        for o in [self.accept_retry, self.drain_until, Some(self.next_evict)]
+            .into_iter()
+            .flatten()
+        {
+            t = Some(t.map_or(o, |t| t.min(o)));
+        }
+        t.map(|t| t.max(now))
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.accept_retry = None;
+        self.drain_until = Some(now + self.sh.opts.drain_timeout);
+        if self.id == 0 {
+            tracing::info!(
+                connections = self.sh.active.load(Ordering::Relaxed),
+                timeout_secs = self.sh.opts.drain_timeout.as_secs_f64(),
+                "shutting down: stopped accepting, draining"
+            );
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.s.begin_drain(now);
+            }
+            self.drive(k, now);
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let Some(l) = &self.listener else { return };
+            let (mut stream, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog; retry
+                    // shortly rather than spin (edge-triggered: no new event would come).
+                    tracing::warn!(error = %e, "accept failed");
+                    self.accept_retry = Some(now + ACCEPT_BACKOFF);
+                    return;
+                }
+            };
+            let max = self.sh.opts.max_connections;
+            if self.sh.active.load(Ordering::Relaxed) >= max {
+                tracing::warn!(client = %peer, max, "max_connections reached; closing new connection");
+                drop(stream);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let e = self.conns.vacant_entry();
+            let k = e.key();
+            if let Err(err) = self.poll.registry().register(
+                &mut stream,
+                client_token(k),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(error = %err, "cannot register connection");
+                continue;
+            }
+            self.sh.active.fetch_add(1, Ordering::Relaxed);
+            self.next_gen = self.next_gen.wrapping_add(1);
+            e.insert(Conn {
+                stream,
+                s: Session::new(self.sh.ctx.clone(), peer, now),
+                up: None,
+                readable: false,
+                read_closed: false,
+                writable: true,
+                armed: None,
+                gen: self.next_gen,
+            });
+            if self.drain_until.is_some() {
+                self.conns[k].s.begin_drain(now);
+            }
+            self.drive(k, now);
+        }
+    }
+
+    fn upstream_event(&mut self, u: usize, ev: &mio::event::Event, now: Instant) {
+        let Some(up) = self.io.ups.get_mut(u) else {
+            return;
+        };
+        up.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        up.read_closed |= ev.is_read_closed();
+        up.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+        let Some(k) = up.owner else {
+            // Idle in the pool: the backend closed it or sent something unasked. Drop it.
+            if up.readable {
+                let (upstream, backend) = (up.upstream as usize, up.backend as usize);
+                self.io.pools[upstream].remove(backend, |&x| x == u);
+                self.io.ups.remove(u);
+            }
+            return;
+        };
+        if up.connecting && (up.writable || up.readable) {
+            let outcome = match up.stream.take_error() {
+                Ok(None) => match up.stream.peer_addr() {
+                    Ok(_) => Some(Ok(())),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                    Err(e) => Some(Err(e)),
+                },
+                Ok(Some(e)) | Err(e) => Some(Err(e)),
+            };
+            match outcome {
+                None => {
+                    up.writable = false;
+                    up.readable = false;
+                    return;
+                }
+                Some(Ok(())) => {
+                    up.connecting = false;
+                    up.meta.created = now;
+                    if let Some(c) = self.conns.get_mut(k) {
+                        c.s.on_upstream_connected(false, now);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "upstream connect failed");
+                    self.io.ups.remove(u);
+                    if let Some(c) = self.conns.get_mut(k) {
+                        c.up = None;
+                        c.s.on_upstream_connect_failed(now);
+                    }
+                }
+            }
+        }
+        self.drive(k, now);
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, k, gen))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conns.get_mut(k) else {
+                continue;
+            };
+            if c.gen != gen || c.armed != Some(t) {
+                continue; // a closed connection's entry, or superseded by an earlier one
+            }
+            c.armed = None;
+            if c.s.deadline().is_some_and(|d| d <= now) {
+                c.s.on_timeout(now);
+            }
+            self.drive(k, now);
+        }
+    }
+
+    /// Run connection `k` until it can make no more progress without new readiness: carry
+    /// out the session's actions, write, read; then close it or arm its timer.
+    fn drive(&mut self, k: usize, now: Instant) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        let io = &mut self.io;
+        loop {
+            let mut progress = false;
+            while let Some(a) = c.s.poll_action() {
+                progress = true;
+                match a {
+                    Action::Connect {
+                        upstream,
+                        backend,
+                        addr,
+                        fresh,
+                    } => {
+                        if let Some(u) = c.up.take() {
+                            io.close_up(u);
+                        }
+                        let pooled = if fresh {
+                            None
+                        } else {
+                            io.take_pooled(upstream, backend, now)
+                        };
+                        match pooled {
+                            Some(u) => {
+                                io.ups[u].owner = Some(k);
+                                c.up = Some(u);
+                                c.s.on_upstream_connected(true, now);
+                            }
+                            None => match connect(io, addr, upstream, backend, k, now) {
+                                Ok(u) => c.up = Some(u),
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "upstream connect failed");
+                                    c.s.on_upstream_connect_failed(now);
+                                }
+                            },
+                        }
+                    }
+                    Action::ReleaseUpstream {
+                        upstream,
+                        backend,
+                        reuse,
+                    } => {
+                        let Some(u) = c.up.take() else { continue };
+                        let up = &mut io.ups[u];
+                        if reuse && !up.connecting && !up.read_closed {
+                            up.owner = None;
+                            let mut meta = up.meta;
+                            meta.requests += 1;
+                            if let Some(r) =
+                                io.pools[upstream as usize].put(backend as usize, u, meta, now)
+                            {
+                                io.close_up(r);
+                            }
+                        } else {
+                            io.close_up(u);
+                        }
+                    }
+                }
+            }
+            if c.s.wants_close() {
+                break;
+            }
+
+            // Client: write, then read.
+            if c.writable && !c.s.client_out.is_empty() {
+                let buf = c.s.client_out.pending();
+                match (&c.stream).write(buf) {
+                    Ok(n) if n > 0 => {
+                        if n < buf.len() {
+                            c.writable = false;
+                        }
+                        c.s.on_client_written(n, now);
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => c.writable = false,
+                    Err(e) if interrupted(&e) => progress = true,
+                    _ => {
+                        c.writable = false;
+                        c.s.on_client_error(now);
+                        progress = true;
+                    }
+                }
+            }
+            if c.readable && c.s.wants_client_read() {
+                let fd = c.stream.as_raw_fd();
+                match read_into(fd, c.s.reserve_client_in()) {
+                    Ok((0, _)) => {
+                        c.readable = false;
+                        c.s.on_client_eof(now);
+                    }
+                    Ok((n, room)) => {
+                        if n < room && !c.read_closed {
+                            c.readable = false;
+                        }
+                        c.s.on_client_read(now);
+                    }
+                    Err(e) if would_block(&e) => c.readable = false,
+                    Err(e) if interrupted(&e) => {}
+                    Err(_) => {
+                        c.readable = false;
+                        c.s.on_client_error(now);
+                    }
+                }
+                progress = true;
+            }
+
+            // Upstream: write, then read.
+            if let Some(u) = c.up {
+                let up = &mut io.ups[u];
+                if !up.connecting && up.writable && !c.s.up_out.is_empty() {
+                    let buf = c.s.up_out.pending();
+                    match (&up.stream).write(buf) {
+                        Ok(n) if n > 0 => {
+                            if n < buf.len() {
+                                up.writable = false;
+                            }
+                            c.s.on_upstream_written(n, now);
+                        }
+                        Err(e) if would_block(&e) => up.writable = false,
+                        Err(e) if interrupted(&e) => {}
+                        _ => {
+                            up.writable = false;
+                            c.s.on_upstream_eof(true, now);
+                        }
+                    }
+                    progress = true;
+                }
+            }
+            if let Some(u) = c.up {
+                let up = &mut io.ups[u];
+                if !up.connecting && up.readable && c.s.wants_upstream_read() {
+                    let fd = up.stream.as_raw_fd();
+                    match read_into(fd, c.s.reserve_up_in()) {
+                        Ok((0, _)) => {
+                            up.readable = false;
+                            up.read_closed = true;
+                            c.s.on_upstream_eof(false, now);
+                        }
+                        Ok((n, room)) => {
+                            if n < room && !up.read_closed {
+                                up.readable = false;
+                            }
+                            c.s.on_upstream_read(now);
+                        }
+                        Err(e) if would_block(&e) => up.readable = false,
+                        Err(e) if interrupted(&e) => {}
+                        Err(_) => {
+                            up.readable = false;
+                            up.read_closed = true;
+                            c.s.on_upstream_eof(true, now);
+                        }
+                    }
+                    progress = true;
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+
+        if c.s.wants_close() {
+            if let Some(u) = c.up.take() {
+                io.close_up(u);
+            }
+            let c = self.conns.remove(k);
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            drop(c);
+            self.sh.active.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        // Arm the timer only when the deadline moves earlier; when an entry fires early
+        // (the deadline moved later meanwhile) the session's deadline is checked again.
+        if let Some(d) = c.s.deadline() {
+            if c.armed.is_none_or(|a| d < a) {
+                c.armed = Some(d);
+                self.timers.push(Reverse((d, k, c.gen)));
+            }
+        }
+    }
+}
+
+fn connect(
+    io: &mut Io,
+    addr: SocketAddr,
+    upstream: u16,
+    backend: u16,
+    owner: usize,
+    now: Instant,
+) -> io::Result<usize> {
+    let mut stream = TcpStream::connect(addr)?;
+    let _ = stream.set_nodelay(true);
+    let e = io.ups.vacant_entry();
+    let u = e.key();
+    io.registry.register(
+        &mut stream,
+        upstream_token(u),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    e.insert(Up {
+        stream,
+        owner: Some(owner),
+        upstream,
+        backend,
+        meta: ConnMeta {
+            created: now,
+            requests: 0,
+        },
+        connecting: true,
+        readable: false,
+        read_closed: false,
+        writable: false,
+    });
+    Ok(u)
+}

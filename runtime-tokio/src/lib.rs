@@ -9,22 +9,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
-use trireme_core::http1::head::{probe_status, Parsed};
+use tokio::sync::watch;
+use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::proxy::{Action, ProxyContext, Session};
-use trireme_core::upstream::{ConnMeta, HealthChecker, Pool};
-
-/// What the runtime needs besides the shared context.
-#[derive(Clone, Debug)]
-pub struct RunOptions {
-    /// Worker threads (0: one per core).
-    pub workers: usize,
-    pub max_connections: usize,
-    /// How long a graceful shutdown waits for requests in flight.
-    pub drain_timeout: Duration,
-}
+use trireme_core::shutdown::Shutdown;
+use trireme_core::upstream::{ConnMeta, Pool};
 
 /// Idle upstream connections, one pool per upstream, shared by all tasks.
 struct Pools {
@@ -97,64 +88,103 @@ fn noop_waker() -> std::task::Waker {
     unsafe { Waker::from_raw(RawWaker::new(std::ptr::null(), &VTABLE)) }
 }
 
-/// Bind the listening socket (SO_REUSEADDR, large backlog).
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    Ok(s.into())
-}
-
-/// Run the proxy until `shutdown` completes, then drain. Blocks the calling thread.
-/// `on_ready` is called with the bound address once the listener is up.
+/// Run the proxy on `listeners` until `shutdown` is requested, then drain. Blocks the
+/// calling thread. Multi-thread flavour: one work-stealing runtime with `workers` threads
+/// accepting from the first listener. Current-thread flavour: one single-threaded runtime
+/// per listener, each on its own thread (thread-per-core, like trireme-mio). Upstream pools
+/// and the connection count are shared by all threads either way.
 pub fn run(
     ctx: Arc<ProxyContext>,
     opts: RunOptions,
-    listener: std::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: Arc<Shutdown>,
 ) -> io::Result<()> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if opts.workers > 0 {
-        b.worker_threads(opts.workers);
+    let shared = Arc::new(Shared {
+        pools: Pools::new(&ctx),
+        ctx,
+        active: AtomicUsize::new(0),
+        opts,
+    });
+    match shared.opts.tokio_flavor {
+        TokioFlavor::MultiThread => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(shared.opts.workers)
+                .enable_all()
+                .thread_name("trireme-worker")
+                .build()?;
+            let l = listeners
+                .into_iter()
+                .next()
+                .ok_or(io::ErrorKind::InvalidInput)?;
+            rt.block_on(serve(shared, l, shutdown, true))
+        }
+        TokioFlavor::CurrentThread => {
+            let mut threads = Vec::new();
+            for (i, l) in listeners.into_iter().enumerate() {
+                let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("trireme-worker-{i}"))
+                        .spawn(move || -> io::Result<()> {
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()?;
+                            rt.block_on(serve(shared, l, shutdown, i == 0))
+                        })?,
+                );
+            }
+            let mut res = Ok(());
+            for t in threads {
+                match t.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => res = Err(e),
+                    Err(_) => res = Err(io::Error::other("worker thread panicked")),
+                }
+            }
+            res
+        }
     }
-    let rt = b.enable_all().thread_name("trireme-worker").build()?;
-    rt.block_on(serve(ctx, opts, listener, shutdown))
+}
+
+struct Shared {
+    ctx: Arc<ProxyContext>,
+    pools: Pools,
+    /// Client connections open, over all threads.
+    active: AtomicUsize,
+    opts: RunOptions,
+}
+
+async fn shutdown_requested(sd: Arc<Shutdown>) {
+    let n = Arc::new(tokio::sync::Notify::new());
+    let n2 = n.clone();
+    sd.on_request(move || n2.notify_one());
+    n.notified().await;
 }
 
 async fn serve(
-    ctx: Arc<ProxyContext>,
-    opts: RunOptions,
+    sh: Arc<Shared>,
     listener: std::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: Arc<Shutdown>,
+    report: bool,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    let pools = Arc::new(Pools::new(&ctx));
-    let active = Arc::new(AtomicUsize::new(0));
     let (drain_tx, drain_rx) = watch::channel(false);
-
-    for up in &ctx.upstreams {
-        if let Some(hc) = up.cfg.active.clone() {
-            let checker = HealthChecker::new(up.clone(), hc, Instant::now());
-            tokio::spawn(health_loop(checker, drain_rx.clone()));
-        }
-    }
+    let max = sh.opts.max_connections;
     {
-        let pools = pools.clone();
+        let sh = sh.clone();
         let mut drain = drain_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => pools.evict(Instant::now()),
+                    _ = tick.tick() => sh.pools.evict(Instant::now()),
                     _ = drain.changed() => break,
                 }
             }
         });
     }
 
+    let shutdown = shutdown_requested(shutdown);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -170,36 +200,38 @@ async fn serve(
                         continue;
                     }
                 };
-                if active.load(Ordering::Relaxed) >= opts.max_connections {
-                    tracing::warn!(client = %peer, max = opts.max_connections, "max_connections reached; closing new connection");
+                if sh.active.load(Ordering::Relaxed) >= max {
+                    tracing::warn!(client = %peer, max, "max_connections reached; closing new connection");
                     drop(stream);
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                active.fetch_add(1, Ordering::Relaxed);
-                let (ctx, pools, active, drain) = (ctx.clone(), pools.clone(), active.clone(), drain_rx.clone());
+                sh.active.fetch_add(1, Ordering::Relaxed);
+                let (sh, drain) = (sh.clone(), drain_rx.clone());
                 tokio::spawn(async move {
-                    connection(stream, peer, ctx, pools, drain).await;
-                    active.fetch_sub(1, Ordering::Relaxed);
+                    connection(stream, peer, &sh, drain).await;
+                    sh.active.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         }
     }
 
     drop(listener);
-    let in_flight = active.load(Ordering::Relaxed);
-    tracing::info!(
-        connections = in_flight,
-        timeout_secs = opts.drain_timeout.as_secs_f64(),
-        "shutting down: stopped accepting, draining"
-    );
+    if report {
+        tracing::info!(
+            connections = sh.active.load(Ordering::Relaxed),
+            timeout_secs = sh.opts.drain_timeout.as_secs_f64(),
+            "shutting down: stopped accepting, draining"
+        );
+    }
     let _ = drain_tx.send(true);
-    let deadline = Instant::now() + opts.drain_timeout;
-    while active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    let deadline = Instant::now() + sh.opts.drain_timeout;
+    while sh.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let left = active.load(Ordering::Relaxed);
-    if left > 0 {
+    let left = sh.active.load(Ordering::Relaxed);
+    if !report {
+    } else if left > 0 {
         tracing::warn!(
             connections = left,
             "drain timeout reached; closing remaining connections"
@@ -246,11 +278,11 @@ fn write_now(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
 async fn connection(
     client: TcpStream,
     peer: SocketAddr,
-    ctx: Arc<ProxyContext>,
-    pools: Arc<Pools>,
+    sh: &Shared,
     mut drain: watch::Receiver<bool>,
 ) {
-    let mut s = Session::new(ctx, peer, Instant::now());
+    let pools = &sh.pools;
+    let mut s = Session::new(sh.ctx.clone(), peer, Instant::now());
     let mut up: Option<UpConn> = None;
     let mut connecting: Option<Connecting> = None;
     let mut draining = false;
@@ -442,43 +474,5 @@ fn interest(read: bool, write: bool) -> Option<Interest> {
         (true, false) => Some(Interest::READABLE),
         (false, true) => Some(Interest::WRITABLE),
         (false, false) => None,
-    }
-}
-
-async fn health_loop(mut hc: HealthChecker, mut drain: watch::Receiver<bool>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Option<u16>)>();
-    loop {
-        let now = Instant::now();
-        while let Some(p) = hc.poll_probe(now) {
-            let req = hc.request(p.backend).to_vec();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let status = tokio::time::timeout(p.timeout, probe(p.addr, req))
-                    .await
-                    .ok()
-                    .flatten();
-                let _ = tx.send((p.backend, status));
-            });
-        }
-        let next = hc.next_deadline().unwrap_or(now + Duration::from_secs(1));
-        tokio::select! {
-            Some((b, st)) = rx.recv() => hc.on_result(b, st, Instant::now()),
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next)) => {}
-            _ = drain.changed() => return,
-        }
-    }
-}
-
-async fn probe(addr: SocketAddr, req: Vec<u8>) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(&req).await.ok()?;
-    let mut buf = Vec::with_capacity(256);
-    loop {
-        let n = s.read_buf(&mut buf).await.ok()?;
-        match probe_status(&buf) {
-            Parsed::Complete(r) => return r.ok(),
-            Parsed::Partial if n == 0 => return None,
-            Parsed::Partial => {}
-        }
     }
 }

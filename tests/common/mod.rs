@@ -15,6 +15,7 @@ pub use trireme::demo::{pattern, Backend};
 pub fn bin(name: &str) -> PathBuf {
     match name {
         "trireme-tokio" => PathBuf::from(env!("CARGO_BIN_EXE_trireme-tokio")),
+        "trireme-mio" => PathBuf::from(env!("CARGO_BIN_EXE_trireme-mio")),
         other => panic!("unknown binary {other}"),
     }
 }

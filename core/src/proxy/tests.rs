@@ -563,3 +563,21 @@ proptest! {
         prop_assert_eq!(run(piece), whole);
     }
 }
+
+#[test]
+fn bad_body_in_the_first_read_opens_no_backend_connection() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&two_backends(""), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    s.feed_client(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        now,
+    );
+    let actions: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+    assert!(actions.is_empty(), "{actions:?}");
+    assert!(s.client_out.pending().starts_with(b"HTTP/1.1 400 "));
+    assert!(s.ctx.upstreams[0]
+        .backends
+        .iter()
+        .all(|b| b.active.load(Ordering::Relaxed) == 0));
+}

@@ -1,0 +1,162 @@
+//! Process-level services shared by every event model: listening sockets (one per worker
+//! with SO_REUSEPORT), signals, the open-files limit, and active health checks.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trireme_core::http1::head::{probe_status, Parsed};
+use trireme_core::proxy::ProxyContext;
+use trireme_core::shutdown::Shutdown;
+use trireme_core::upstream::HealthChecker;
+
+/// `n` listening sockets on `addr`. With more than one, each has SO_REUSEPORT so the kernel
+/// spreads new connections over the workers' own accept queues (port 0: the first socket
+/// picks the port, the others join it).
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let mut out = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n.max(1) {
+        let s = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        if n > 1 {
+            s.set_reuse_port(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&at.into())?;
+        s.listen(4096)?;
+        let l: TcpListener = s.into();
+        at = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// SIGTERM or SIGINT requests a graceful shutdown; a second one is logged and ignored
+/// (the drain timeout bounds the wait).
+pub fn spawn_signal_thread(sd: Arc<Shutdown>) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("trireme-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                if sd.is_requested() {
+                    tracing::info!("{name} received; already draining");
+                } else {
+                    tracing::info!("{name} received");
+                    sd.request();
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Raise the soft open-files limit toward what the config needs (each client connection can
+/// hold one upstream connection, plus pooled ones and listeners), and warn when the hard
+/// limit does not allow it.
+pub fn check_open_files(max_connections: usize, pooled: usize, workers: usize) {
+    let need = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(pooled as u64)
+        .saturating_add(workers as u64 * 4 + 64);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= need {
+        return;
+    }
+    let want = need.min(lim.rlim_max);
+    if want > lim.rlim_cur {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = want;
+        }
+    }
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            needed = need,
+            max_connections,
+            "open files limit (ulimit -n) is below what max_connections needs; \
+             connections past it will fail at accept (raise `ulimit -n` or lower server.max_connections)"
+        );
+    }
+}
+
+/// One thread per upstream with active health checks; each probe runs on a short-lived
+/// thread with blocking sockets and the probe's timeout, so a black-holed backend delays
+/// no other. Results update the upstream's shared state, which every worker reads.
+pub fn spawn_health_checks(ctx: &ProxyContext, sd: Arc<Shutdown>) -> io::Result<()> {
+    for up in &ctx.upstreams {
+        let Some(cfg) = up.cfg.active.clone() else {
+            continue;
+        };
+        let mut hc = HealthChecker::new(up.clone(), cfg, Instant::now());
+        let sd = sd.clone();
+        std::thread::Builder::new()
+            .name("trireme-health".into())
+            .spawn(move || {
+                let (tx, rx) = mpsc::channel::<(usize, Option<u16>)>();
+                while !sd.is_requested() {
+                    let now = Instant::now();
+                    while let Some(p) = hc.poll_probe(now) {
+                        let req = hc.request(p.backend).to_vec();
+                        let tx = tx.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("trireme-probe".into())
+                            .spawn(move || {
+                                let st = probe(p.addr, &req, p.timeout);
+                                let _ = tx.send((p.backend, st));
+                            });
+                        if spawned.is_err() {
+                            hc.on_result(p.backend, None, now);
+                        }
+                    }
+                    let next = hc.next_deadline().unwrap_or(now + Duration::from_secs(1));
+                    // Wake at least every 200 ms to notice shutdown.
+                    let wait = next
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(200));
+                    if let Ok((b, st)) = rx.recv_timeout(wait) {
+                        hc.on_result(b, st, Instant::now());
+                    }
+                }
+            })?;
+    }
+    Ok(())
+}
+
+/// Send one probe request; the status code, or None on any failure within `timeout`.
+fn probe(addr: SocketAddr, req: &[u8], timeout: Duration) -> Option<u16> {
+    let deadline = Instant::now() + timeout;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    s.write_all(req).ok()?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .ok()?;
+        let n = s.read(&mut chunk).ok()?;
+        buf.extend_from_slice(&chunk[..n]);
+        match probe_status(&buf) {
+            Parsed::Complete(r) => return r.ok(),
+            Parsed::Partial if n == 0 => return None,
+            Parsed::Partial => {}
+        }
+    }
+}
