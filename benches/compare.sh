@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side load benchmark: trireme-tokio against nginx and HAProxy (and the backend
+# Side-by-side load benchmark: every trireme binary against nginx and HAProxy (and the backend
 # directly), proxy pinned to one core, via the shared harness next to this repository.
 #
 #   benches/compare.sh [ROUNDS] [SECONDS]       (default 5 rounds x 6 s, ~8 minutes)
@@ -15,10 +15,14 @@ harness=../shared/bench/proxy-compare.sh
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
   apt-get update -qq && apt-get install -y -qq wrk nginx haproxy >/dev/null
 fi
-cargo build --release --bin trireme-tokio
+cargo build --release --bins
+cands=()
+for rt in ${TRIREME_RUNTIMES:-mio monoio tokio}; do
+  [ -x "./target/release/trireme-$rt" ] || continue
+  cands+=(--candidate "trireme-$rt=./target/release/trireme-$rt --listen 127.0.0.1:{listen} {backend_args}")
+done
 out=$(mktemp -d)
-"$harness" --rounds "$rounds" --duration "$secs" --out "$out/summary.tsv" \
-  --candidate 'trireme-tokio=./target/release/trireme-tokio --listen 127.0.0.1:{listen} {backend_args}' \
+"$harness" --rounds "$rounds" --duration "$secs" --out "$out/summary.tsv" "${cands[@]}" \
   | tee "$out/report.md"
 echo
 echo "## condensed ($(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ))"

@@ -142,18 +142,35 @@ fn run_proxy(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let opts = cfg.run_options(cores);
-    let listeners = process::bind_listeners(cfg.listen, (rt.listeners)(&opts))
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
+    let workers_guess = cfg.run_options(cores, u64::MAX);
     let pooled: usize = ctx
         .upstreams
         .iter()
         .filter(|u| u.cfg.pool.enabled)
         .map(|u| u.backends.len() * u.cfg.pool.max_idle)
         .sum::<usize>()
-        * (rt.pools)(&opts);
-    process::check_open_files(opts.max_connections, pooled, opts.workers);
+        * (rt.pools)(&workers_guess);
+    let want = process::fds_needed(workers_guess.max_connections, pooled);
+    let fd_limit = process::raise_open_files(want);
+    let opts = cfg.run_options(cores, fd_limit.saturating_sub(pooled as u64));
+    match cfg.file.server.max_connections {
+        Some(max) if want > fd_limit => tracing::warn!(
+            limit = fd_limit,
+            needed = want,
+            max_connections = max,
+            "open files limit (ulimit -n) is below what server.max_connections needs; \
+             accepts will fail past it (raise `ulimit -n` or lower server.max_connections)"
+        ),
+        None if want > fd_limit => tracing::info!(
+            max_connections = opts.max_connections,
+            open_files_limit = fd_limit,
+            "server.max_connections not set: limited by the open files limit"
+        ),
+        _ => {}
+    }
+    let listeners = process::bind_listeners(cfg.listen, (rt.listeners)(&opts))
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
     tracing::info!(
         runtime = rt.name,
         listen = %addr,

@@ -55,45 +55,40 @@ pub fn spawn_signal_thread(sd: Arc<Shutdown>) -> io::Result<()> {
     Ok(())
 }
 
-/// Raise the soft open-files limit toward what the config needs (each client connection can
-/// hold one upstream connection, plus pooled ones and listeners), and warn when the hard
-/// limit does not allow it.
-pub fn check_open_files(max_connections: usize, pooled: usize, workers: usize) {
-    let need = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(pooled as u64)
-        .saturating_add(workers as u64 * 4 + 64);
+/// Raise the open-files limit toward `want` (the hard limit too, where the process may),
+/// and return the soft limit now in force.
+pub fn raise_open_files(want: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
+        return u64::MAX;
     }
-    if lim.rlim_cur >= need {
-        return;
+    if lim.rlim_cur >= want {
+        return lim.rlim_cur;
     }
-    let want = need.min(lim.rlim_max);
-    if want > lim.rlim_cur {
+    for max in [lim.rlim_max.max(want), lim.rlim_max] {
         let raised = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max,
+            rlim_cur: want.min(max),
+            rlim_max: max,
         };
         // SAFETY: as above.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim.rlim_cur = want;
+            return raised.rlim_cur;
         }
     }
-    if lim.rlim_cur < need {
-        tracing::warn!(
-            limit = lim.rlim_cur,
-            needed = need,
-            max_connections,
-            "open files limit (ulimit -n) is below what max_connections needs; \
-             connections past it will fail at accept (raise `ulimit -n` or lower server.max_connections)"
-        );
-    }
+    lim.rlim_cur
+}
+
+/// Descriptors needed for `max_connections` client connections, each holding at most one
+/// upstream connection, plus pooled ones and the reserve.
+pub fn fds_needed(max_connections: usize, pooled: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(pooled as u64)
+        .saturating_add(trireme_core::config::RESERVED_FDS)
 }
 
 /// One thread per upstream with active health checks; each probe runs on a short-lived

@@ -1,6 +1,9 @@
-//! Output buffer: bytes waiting to be written to one peer. The runtime writes from
-//! [`OutBuf::pending`] and reports progress with [`OutBuf::consume`]; the allocation is kept
-//! and reused, so a keep-alive connection does not allocate per request.
+//! Buffers. [`OutBuf`]: bytes waiting to be written to one peer; the runtime writes from
+//! [`OutBuf::pending`] and reports progress with [`OutBuf::consume`]. [`BufPool`]: a worker's
+//! free buffers, lent to a session while a request is in flight and taken back when it goes
+//! idle, so an idle keep-alive connection holds no buffer and a busy one allocates none.
+
+use bytes::BytesMut;
 
 /// First allocation of an output buffer: a response head plus a small body.
 pub const INITIAL_CAPACITY: usize = 4096;
@@ -42,6 +45,24 @@ impl OutBuf {
         self.buf.clear();
         self.pos = 0;
     }
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+    /// Hand the (emptied) allocation back, leaving none.
+    pub fn take_vec(&mut self) -> Vec<u8> {
+        self.pos = 0;
+        let mut v = std::mem::take(&mut self.buf);
+        v.clear();
+        v
+    }
+    /// Use `v` (emptied) as the allocation. Pending bytes, if any, are kept.
+    pub fn set_vec(&mut self, mut v: Vec<u8>) {
+        if self.is_empty() {
+            v.clear();
+            self.buf = v;
+            self.pos = 0;
+        }
+    }
     /// Append space for writing. Compacts consumed bytes first when that avoids growth.
     #[inline]
     pub fn vec(&mut self) -> &mut Vec<u8> {
@@ -54,5 +75,80 @@ impl OutBuf {
             self.pos = 0;
         }
         &mut self.buf
+    }
+}
+
+/// One worker's free buffers: read buffers in two sizes and output buffers. Bounded: past
+/// `max_free` per kind, returned buffers are freed.
+#[derive(Debug)]
+pub struct BufPool {
+    small: Vec<BytesMut>,
+    big: Vec<BytesMut>,
+    outs: Vec<Vec<u8>>,
+    max_free: usize,
+}
+
+impl Default for BufPool {
+    fn default() -> Self {
+        Self::new(256)
+    }
+}
+
+impl BufPool {
+    pub fn new(max_free: usize) -> Self {
+        BufPool {
+            small: Vec::new(),
+            big: Vec::new(),
+            outs: Vec::new(),
+            max_free,
+        }
+    }
+
+    /// A read buffer with room for at least `min` bytes.
+    pub fn read_buf(&mut self, min: usize) -> BytesMut {
+        let list = if min > crate::proxy::READ_CHUNK {
+            &mut self.big
+        } else {
+            &mut self.small
+        };
+        match list.pop() {
+            Some(mut b) => {
+                b.reserve(min); // reclaims the whole allocation: it is empty and unique
+                b
+            }
+            None => BytesMut::with_capacity(min),
+        }
+    }
+
+    pub fn put_read(&mut self, mut b: BytesMut) {
+        if b.capacity() == 0 {
+            return;
+        }
+        b.clear();
+        let list = if b.capacity() > crate::proxy::READ_CHUNK {
+            &mut self.big
+        } else {
+            &mut self.small
+        };
+        if list.len() < self.max_free {
+            list.push(b);
+        }
+    }
+
+    pub fn out_buf(&mut self) -> Vec<u8> {
+        self.outs
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(INITIAL_CAPACITY))
+    }
+
+    pub fn put_out(&mut self, v: Vec<u8>) {
+        if v.capacity() > 0 && self.outs.len() < self.max_free {
+            self.outs.push(v);
+        }
+    }
+
+    /// Buffers held free (read buffers, output buffers).
+    pub fn free(&self) -> (usize, usize) {
+        (self.small.len() + self.big.len(), self.outs.len())
     }
 }

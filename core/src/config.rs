@@ -294,7 +294,9 @@ pub struct FileConfig {
 pub struct ServerSection {
     pub listen: String,
     pub workers: Option<usize>,
-    pub max_connections: usize,
+    /// Unset: as many as the open-files limit allows (two descriptors per connection),
+    /// at most 100,000.
+    pub max_connections: Option<usize>,
     /// Inactivity allowed while a body is in flight.
     pub timeout: Dur,
     pub keep_alive_timeout: Dur,
@@ -313,6 +315,12 @@ pub struct ServerSection {
     /// runtime per worker with its own listener (thread-per-core, like trireme-mio).
     pub tokio_flavor: TokioFlavor,
 }
+
+/// `server.max_connections` when unset and the open-files limit allows it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Descriptors kept aside from client and upstream connections: listeners, pooled
+/// connections, epoll and event fds, logs, health probes.
+pub const RESERVED_FDS: u64 = 1024;
 
 /// Process-level settings every runtime reads.
 #[derive(Clone, Debug)]
@@ -339,7 +347,7 @@ impl Default for ServerSection {
         ServerSection {
             listen: "127.0.0.1:8080".into(),
             workers: None,
-            max_connections: 100_000,
+            max_connections: None,
             timeout: Dur(Duration::from_secs(30)),
             keep_alive_timeout: Dur(Duration::from_secs(75)),
             header_timeout: Dur(Duration::from_secs(10)),
@@ -626,18 +634,28 @@ impl Config {
                 locate(file, src, "max_requests_per_connection", "")
             )));
         }
+        if fc.server.max_connections == Some(0) {
+            return Err(ConfigError(format!(
+                "{}: must be at least 1",
+                locate(file, src, "max_connections", "")
+            )));
+        }
         Ok(Config { file: fc, listen })
     }
 
     /// What a runtime needs besides the proxy context. `cores` is the machine's core count,
-    /// used when `server.workers` is unset or 0.
-    pub fn run_options(&self, cores: usize) -> RunOptions {
+    /// used when `server.workers` is unset or 0; `fd_limit` the process's open-files limit,
+    /// which bounds `max_connections` when the config leaves it unset.
+    pub fn run_options(&self, cores: usize, fd_limit: u64) -> RunOptions {
         RunOptions {
             workers: match self.file.server.workers {
                 Some(n) if n > 0 => n,
                 _ => cores.max(1),
             },
-            max_connections: self.file.server.max_connections,
+            max_connections: self.file.server.max_connections.unwrap_or_else(|| {
+                let fit = fd_limit.saturating_sub(RESERVED_FDS) / 2;
+                fit.clamp(1, DEFAULT_MAX_CONNECTIONS as u64) as usize
+            }),
             drain_timeout: self.drain_timeout(),
             tokio_flavor: self.file.server.tokio_flavor,
         }

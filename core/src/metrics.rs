@@ -1,6 +1,7 @@
 //! Process-wide counters, shared by all workers (relaxed atomics).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -19,6 +20,40 @@ pub struct Metrics {
     pub upstream_connects: AtomicU64,
     pub upstream_reuses: AtomicU64,
     pub retries: AtomicU64,
+    /// New connections closed at accept because `max_connections` were open.
+    pub connections_rejected: AtomicU64,
+}
+
+/// At most one log line per interval for a repeated event; the line carries how many
+/// were folded into it.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    folded: u64,
+}
+
+impl Throttle {
+    pub fn new(every: Duration) -> Self {
+        Throttle {
+            every,
+            last: None,
+            folded: 0,
+        }
+    }
+
+    /// `Some(n)`: log now (n more happened since the last line); `None`: stay quiet.
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|l| now.saturating_duration_since(l) < self.every)
+        {
+            self.folded += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.folded))
+    }
 }
 
 impl Metrics {
@@ -67,9 +102,29 @@ impl Metrics {
             ("trireme_upstream_connects_total", &self.upstream_connects),
             ("trireme_upstream_reuses_total", &self.upstream_reuses),
             ("trireme_retries_total", &self.retries),
+            (
+                "trireme_connections_rejected_total",
+                &self.connections_rejected,
+            ),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", g(v));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_folds_repeats_within_the_interval() {
+        let t0 = crate::test_origin();
+        let mut t = Throttle::new(Duration::from_secs(1));
+        assert_eq!(t.hit(t0), Some(0));
+        assert_eq!(t.hit(t0 + Duration::from_millis(10)), None);
+        assert_eq!(t.hit(t0 + Duration::from_millis(900)), None);
+        assert_eq!(t.hit(t0 + Duration::from_millis(1000)), Some(2));
+        assert_eq!(t.hit(t0 + Duration::from_millis(1500)), None);
     }
 }

@@ -23,7 +23,7 @@
 //! and the connection closes.
 
 use crate::balance::{Algorithm, PickInput};
-use crate::buf::OutBuf;
+use crate::buf::{BufPool, OutBuf};
 use crate::error::{HttpError, Status};
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{self, Method, Parsed, RequestHead};
@@ -180,6 +180,8 @@ pub struct Session {
     client_eof: bool,
     /// The backend did not announce a close for the response in flight.
     up_reuse_ok: bool,
+    /// The four buffers are back in the runtime's [`BufPool`] (idle connection).
+    parked: bool,
 }
 
 fn lower_eq(a: &[u8], b: &[u8]) -> bool {
@@ -215,6 +217,7 @@ impl Session {
             draining: false,
             client_eof: false,
             up_reuse_ok: false,
+            parked: false,
         }
     }
 
@@ -224,15 +227,66 @@ impl Session {
         self.actions.pop_front()
     }
 
-    /// Ensure `client_in` has room for a read of at least [`READ_CHUNK`] bytes.
-    pub fn reserve_client_in(&mut self) -> &mut BytesMut {
+    /// Ensure `client_in` has room for a read of at least [`READ_CHUNK`] bytes, taking the
+    /// session's buffers from `pool` if it had parked them.
+    pub fn reserve_client_in(&mut self, pool: &mut BufPool) -> &mut BytesMut {
+        self.unpark(pool);
         self.client_in.reserve(READ_CHUNK);
         &mut self.client_in
     }
 
-    pub fn reserve_up_in(&mut self) -> &mut BytesMut {
+    /// Ensure `up_in` has room for a read of at least [`UP_READ_CHUNK`] bytes.
+    pub fn reserve_up_in(&mut self, pool: &mut BufPool) -> &mut BytesMut {
+        self.unpark(pool);
         self.up_in.reserve(UP_READ_CHUNK);
         &mut self.up_in
+    }
+
+    fn unpark(&mut self, pool: &mut BufPool) {
+        if self.parked {
+            self.parked = false;
+            if self.client_in.capacity() == 0 {
+                self.client_in = pool.read_buf(READ_CHUNK);
+            }
+            if self.up_in.capacity() == 0 {
+                self.up_in = pool.read_buf(UP_READ_CHUNK);
+            }
+            if self.client_out.capacity() == 0 {
+                self.client_out.set_vec(pool.out_buf());
+            }
+            if self.up_out.capacity() == 0 {
+                self.up_out.set_vec(pool.out_buf());
+            }
+        }
+    }
+
+    /// Between requests, give the buffers back to `pool`: an idle keep-alive connection
+    /// then holds none. Does nothing while anything is buffered or a request is in flight.
+    /// The runtime calls this when it stops driving the session for now.
+    pub fn park_buffers(&mut self, pool: &mut BufPool) {
+        if self.state != State::Idle
+            || self.up != Up::None
+            || !self.client_in.is_empty()
+            || !self.client_out.is_empty()
+            || !self.up_in.is_empty()
+            || !self.up_out.is_empty()
+        {
+            return;
+        }
+        self.give_back(pool);
+        self.parked = true;
+    }
+
+    /// The connection is closed: return every buffer to `pool`.
+    pub fn recycle(mut self, pool: &mut BufPool) {
+        self.give_back(pool);
+    }
+
+    fn give_back(&mut self, pool: &mut BufPool) {
+        pool.put_read(std::mem::take(&mut self.client_in));
+        pool.put_read(std::mem::take(&mut self.up_in));
+        pool.put_out(self.client_out.take_vec());
+        pool.put_out(self.up_out.take_vec());
     }
 
     /// The runtime should read from the client now.

@@ -24,7 +24,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
+use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
@@ -122,6 +124,7 @@ struct Up {
 /// A worker's upstream side: sockets, pools, and the registry to add new ones to.
 struct Io {
     registry: Registry,
+    bufs: BufPool,
     ups: Slab<Up>,
     pools: Vec<Pool<usize>>,
 }
@@ -172,6 +175,7 @@ struct Worker {
     shutdown: Arc<Shutdown>,
     _waker: Arc<Waker>,
     drain_until: Option<Instant>,
+    reject_log: Throttle,
 }
 
 /// Read into the spare capacity of `b`. `Ok((n, room))`: bytes read and the room offered.
@@ -224,6 +228,7 @@ impl Worker {
             id,
             io: Io {
                 registry: poll.registry().try_clone()?,
+                bufs: BufPool::default(),
                 ups: Slab::new(),
                 pools,
             },
@@ -238,6 +243,7 @@ impl Worker {
             shutdown,
             _waker: waker,
             drain_until: None,
+            reject_log: Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -332,6 +338,12 @@ impl Worker {
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for k in keys {
+            // Read first: a request that reached the socket before the drain is served
+            // (with `Connection: close`) rather than cut off with the idle connection.
+            if let Some(c) = self.conns.get_mut(k) {
+                c.readable = true;
+            }
+            self.drive(k, now);
             if let Some(c) = self.conns.get_mut(k) {
                 c.s.begin_drain(now);
             }
@@ -356,8 +368,15 @@ impl Worker {
             };
             let max = self.sh.opts.max_connections;
             if self.sh.active.load(Ordering::Relaxed) >= max {
-                tracing::warn!(client = %peer, max, "max_connections reached; closing new connection");
                 drop(stream);
+                self.sh
+                    .ctx
+                    .metrics
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(more) = self.reject_log.hit(now) {
+                    tracing::warn!(client = %peer, max, more, "max_connections reached; closing new connections");
+                }
                 continue;
             }
             let _ = stream.set_nodelay(true);
@@ -550,7 +569,7 @@ impl Worker {
             }
             if c.readable && c.s.wants_client_read() {
                 let fd = c.stream.as_raw_fd();
-                match read_into(fd, c.s.reserve_client_in()) {
+                match read_into(fd, c.s.reserve_client_in(&mut io.bufs)) {
                     Ok((0, _)) => {
                         c.readable = false;
                         c.s.on_client_eof(now);
@@ -597,7 +616,7 @@ impl Worker {
                 let up = &mut io.ups[u];
                 if !up.connecting && up.readable && c.s.wants_upstream_read() {
                     let fd = up.stream.as_raw_fd();
-                    match read_into(fd, c.s.reserve_up_in()) {
+                    match read_into(fd, c.s.reserve_up_in(&mut io.bufs)) {
                         Ok((0, _)) => {
                             up.readable = false;
                             up.read_closed = true;
@@ -631,10 +650,11 @@ impl Worker {
             }
             let c = self.conns.remove(k);
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            drop(c);
+            c.s.recycle(&mut self.io.bufs);
             self.sh.active.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        c.s.park_buffers(&mut io.bufs);
         // Arm the timer only when the deadline moves earlier; when an entry fires early
         // (the deadline moved later meanwhile) the session's deadline is checked again.
         if let Some(d) = c.s.deadline() {

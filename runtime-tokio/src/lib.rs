@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use trireme_core::buf::BufPool;
 use trireme_core::config::{RunOptions, TokioFlavor};
+use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
@@ -170,6 +172,7 @@ async fn serve(
     let listener = TcpListener::from_std(listener)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let max = sh.opts.max_connections;
+    let mut reject_log = Throttle::new(Duration::from_secs(1));
     {
         let sh = sh.clone();
         let mut drain = drain_rx.clone();
@@ -201,8 +204,11 @@ async fn serve(
                     }
                 };
                 if sh.active.load(Ordering::Relaxed) >= max {
-                    tracing::warn!(client = %peer, max, "max_connections reached; closing new connection");
                     drop(stream);
+                    sh.ctx.metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                    if let Some(more) = reject_log.hit(Instant::now()) {
+                        tracing::warn!(client = %peer, max, more, "max_connections reached; closing new connections");
+                    }
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
@@ -384,6 +390,7 @@ async fn connection(
             }
         }
 
+        with_pool(|p| s.park_buffers(p));
         let ci = interest(s.wants_client_read(), !s.client_out.is_empty());
         let ui = match &up {
             Some(_) => interest(s.wants_upstream_read(), !s.up_out.is_empty()),
@@ -396,7 +403,7 @@ async fn connection(
                     Err(_) => s.on_client_error(now),
                     Ok(ready) => {
                         if ready.is_readable() && s.wants_client_read() {
-                            match client.try_read_buf(s.reserve_client_in()) {
+                            match with_pool(|p| client.try_read_buf(s.reserve_client_in(p))) {
                                 Ok(0) => s.on_client_eof(now),
                                 Ok(_) => s.on_client_read(now),
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -413,7 +420,7 @@ async fn connection(
                     Ok(ready) => {
                         if ready.is_readable() && s.wants_upstream_read() {
                             let Some(c) = up.as_ref() else { continue };
-                            match c.stream.try_read_buf(s.reserve_up_in()) {
+                            match with_pool(|p| c.stream.try_read_buf(s.reserve_up_in(p))) {
                                 Ok(0) => s.on_upstream_eof(false, now),
                                 Ok(_) => s.on_upstream_read(now),
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -444,13 +451,35 @@ async fn connection(
             }
             _ = drain.changed(), if !draining => {
                 draining = true;
-                s.begin_drain(Instant::now());
+                // Read first: a request that reached the socket before the drain is
+                // served (with `Connection: close`) rather than cut off.
+                let now = Instant::now();
+                if s.wants_client_read() {
+                    match with_pool(|p| client.try_read_buf(s.reserve_client_in(p))) {
+                        Ok(0) => s.on_client_eof(now),
+                        Ok(_) => s.on_client_read(now),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => s.on_client_error(now),
+                    }
+                }
+                s.begin_drain(now);
             }
         }
     }
     // Closing: flush is done (or abandoned); a graceful FIN.
+    with_pool(|p| s.recycle(p));
     let mut client = client;
     let _ = client.shutdown().await;
+}
+
+thread_local! {
+    /// Free buffers of this worker thread (tasks may move between threads; buffers are
+    /// only memory, so they simply join the pool of the thread that frees them).
+    static BUFS: std::cell::RefCell<BufPool> = std::cell::RefCell::new(BufPool::default());
+}
+
+fn with_pool<R>(f: impl FnOnce(&mut BufPool) -> R) -> R {
+    BUFS.with(|b| f(&mut b.borrow_mut()))
 }
 
 /// `select!` evaluates every branch expression, enabled or not: these never unwrap.

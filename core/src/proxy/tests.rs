@@ -1,4 +1,5 @@
 use super::*;
+use crate::buf::BufPool;
 use crate::config::{resolve_literal, Config};
 use crate::sim::{parse_responses, Behavior, Reply, Sim, SimRequest};
 use proptest::prelude::*;
@@ -580,4 +581,54 @@ fn bad_body_in_the_first_read_opens_no_backend_connection() {
         .backends
         .iter()
         .all(|b| b.active.load(Ordering::Relaxed) == 0));
+}
+
+/// One keep-alive exchange driven by hand, reading through the pool as runtimes do.
+fn exchange(s: &mut Session, pool: &mut BufPool, now: Instant) {
+    s.reserve_client_in(pool)
+        .extend_from_slice(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    s.on_client_read(now);
+    match s.poll_action() {
+        Some(Action::Connect { .. }) => s.on_upstream_connected(true, now),
+        other => panic!("{other:?}"),
+    }
+    let n = s.up_out.len();
+    assert!(n > 0);
+    s.on_upstream_written(n, now);
+    s.reserve_up_in(pool)
+        .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+    s.on_upstream_read(now);
+    assert!(s.client_out.pending().ends_with(b"\r\n\r\nhi"));
+    let n = s.client_out.len();
+    s.on_client_written(n, now);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream { reuse: true, .. })
+    ));
+}
+
+#[test]
+fn idle_connection_parks_its_buffers_and_reuses_them() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&two_backends(""), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    let mut pool = BufPool::new(16);
+    exchange(&mut s, &mut pool, now);
+    let ptr = s.client_in.as_ptr();
+    s.park_buffers(&mut pool);
+    assert_eq!(pool.free(), (2, 2), "all four buffers parked");
+    assert_eq!(s.client_in.capacity() + s.up_in.capacity(), 0);
+    assert_eq!(s.client_out.capacity() + s.up_out.capacity(), 0);
+    // The next request takes the same allocations back.
+    exchange(&mut s, &mut pool, now);
+    assert_eq!(pool.free(), (0, 0));
+    assert_eq!(s.client_in.as_ptr(), ptr);
+    // Not parked while a request is in flight.
+    s.reserve_client_in(&mut pool)
+        .extend_from_slice(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n");
+    s.on_client_read(now);
+    s.park_buffers(&mut pool);
+    assert_eq!(pool.free(), (0, 0));
+    s.recycle(&mut pool);
+    assert_eq!(pool.free(), (2, 2));
 }
