@@ -36,3 +36,10 @@ pub const MIO: Runtime = Runtime {
     listeners: |o| o.workers,
     pools: |o| o.workers,
 };
+
+pub const MONOIO: Runtime = Runtime {
+    name: "monoio",
+    run: trireme_monoio::run,
+    listeners: |o| o.workers,
+    pools: |o| o.workers,
+};

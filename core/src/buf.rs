@@ -55,6 +55,28 @@ impl OutBuf {
         v.clear();
         v
     }
+    /// For writes that must own their buffer while in flight (io_uring): hand over the
+    /// allocation with the pending bytes (they start at the returned offset) and put
+    /// `spare` in its place for bytes appended meanwhile. Give it back with
+    /// [`unlend`](Self::unlend) before reporting how much was written.
+    pub fn lend(&mut self, mut spare: Vec<u8>) -> (Vec<u8>, usize) {
+        spare.clear();
+        let pos = std::mem::replace(&mut self.pos, 0);
+        (std::mem::replace(&mut self.buf, spare), pos)
+    }
+
+    /// Take back a lent buffer: its bytes from `pos` come first again, before anything
+    /// appended while it was away. Returns the spare, emptied, for the pool.
+    pub fn unlend(&mut self, mut lent: Vec<u8>, pos: usize) -> Vec<u8> {
+        if !self.is_empty() {
+            lent.extend_from_slice(self.pending());
+        }
+        let mut spare = std::mem::replace(&mut self.buf, lent);
+        self.pos = pos.min(self.buf.len());
+        spare.clear();
+        spare
+    }
+
     /// Use `v` (emptied) as the allocation. Pending bytes, if any, are kept.
     pub fn set_vec(&mut self, mut v: Vec<u8>) {
         if self.is_empty() {
@@ -150,5 +172,35 @@ impl BufPool {
     /// Buffers held free (read buffers, output buffers).
     pub fn free(&self) -> (usize, usize) {
         (self.small.len() + self.big.len(), self.outs.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lent_bytes_come_back_before_bytes_appended_meanwhile() {
+        let mut o = OutBuf::new();
+        o.vec().extend_from_slice(b"xxhello ");
+        o.consume(2);
+        let (lent, pos) = o.lend(Vec::with_capacity(64));
+        assert_eq!(&lent[pos..], b"hello ");
+        assert!(o.is_empty());
+        o.vec().extend_from_slice(b"world");
+        let spare = o.unlend(lent, pos);
+        assert!(spare.is_empty() && spare.capacity() >= 64);
+        assert_eq!(o.pending(), b"hello world");
+        o.consume(6); // the lent write sent "hello "
+        assert_eq!(o.pending(), b"world");
+
+        // Nothing appended meanwhile: the same allocation comes back.
+        let mut o = OutBuf::new();
+        o.vec().extend_from_slice(b"abc");
+        let (lent, pos) = o.lend(Vec::new());
+        let ptr = lent.as_ptr();
+        o.unlend(lent, pos);
+        assert_eq!(o.pending().as_ptr(), ptr);
+        assert_eq!(o.pending(), b"abc");
     }
 }

@@ -184,6 +184,15 @@ pub struct Session {
     parked: bool,
 }
 
+fn put_bytes(into: &mut BytesMut, buf: BytesMut, pool: &mut BufPool) {
+    if into.is_empty() {
+        pool.put_read(std::mem::replace(into, buf));
+    } else {
+        into.extend_from_slice(&buf);
+        pool.put_read(buf);
+    }
+}
+
 fn lower_eq(a: &[u8], b: &[u8]) -> bool {
     a.eq_ignore_ascii_case(b)
 }
@@ -240,6 +249,20 @@ impl Session {
         self.unpark(pool);
         self.up_in.reserve(UP_READ_CHUNK);
         &mut self.up_in
+    }
+
+    /// For runtimes whose reads own their buffer (io_uring): hand over bytes read from the
+    /// client, then call [`on_client_read`](Self::on_client_read). `buf` becomes the input
+    /// buffer when nothing was buffered (no copy), else it is appended and pooled.
+    pub fn put_client_bytes(&mut self, buf: BytesMut, pool: &mut BufPool) {
+        self.unpark(pool);
+        put_bytes(&mut self.client_in, buf, pool);
+    }
+
+    /// As [`put_client_bytes`](Self::put_client_bytes), from the upstream connection.
+    pub fn put_upstream_bytes(&mut self, buf: BytesMut, pool: &mut BufPool) {
+        self.unpark(pool);
+        put_bytes(&mut self.up_in, buf, pool);
     }
 
     fn unpark(&mut self, pool: &mut BufPool) {
@@ -306,6 +329,13 @@ impl Session {
             }
             State::Closing | State::Closed => false,
         }
+    }
+
+    /// Between requests with nothing buffered: the next client bytes start a new request.
+    /// Completion-based runtimes wait for readiness first here, so an idle connection does
+    /// not tie up a read buffer.
+    pub fn awaiting_request(&self) -> bool {
+        self.state == State::Idle && self.client_in.is_empty() && !self.client_eof
     }
 
     /// The runtime should read from the upstream connection now.

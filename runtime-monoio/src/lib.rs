@@ -1,3 +1,624 @@
-//! trireme on monoio (io_uring), thread per core. Not built yet: the runtimes issue adds it on the
-//! same `trireme_core::proxy::Session` contract that `trireme-tokio` drives.
-pub use trireme_core as core;
+//! trireme on monoio (io_uring), thread per core.
+//!
+//! Each worker thread runs its own monoio runtime with its own `SO_REUSEPORT` listener, its
+//! own upstream pools and buffer pool; nothing is shared between workers but the proxy
+//! context (atomics) and the connection count. io_uring operations own their buffers, so
+//! reads go into pooled `BytesMut` buffers that are handed to the session when they
+//! complete (swapped in, not copied, when the session had nothing buffered), and writes
+//! borrow the session's output allocation with [`OutBuf::lend`] for as long as they fly.
+//!
+//! When io_uring is unavailable (old kernel, seccomp, memlock limits) the workers run on
+//! monoio's epoll ("legacy") driver instead, and say so at start.
+//!
+//! Every decision is the session's ([`trireme_core::proxy::Session`]); a connection task
+//! keeps at most one read and one write in flight per socket and waits on whichever of
+//! them, the connect, the timer or the drain signal completes first.
+//!
+//! [`OutBuf::lend`]: trireme_core::buf::OutBuf::lend
+
+use bytes::BytesMut;
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::{TcpListener, TcpStream};
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+use trireme_core::buf::BufPool;
+use trireme_core::config::RunOptions;
+use trireme_core::metrics::Throttle;
+use trireme_core::proxy::{Action, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
+use trireme_core::shutdown::Shutdown;
+use trireme_core::upstream::{ConnMeta, Pool};
+
+/// How often an idle worker looks at the shutdown flag (set from the signal thread).
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+const EVICT_EVERY: Duration = Duration::from_secs(1);
+/// Submission queue entries per worker ring.
+const RING_ENTRIES: u32 = 4096;
+
+/// `TRIREME_MONOIO_DRIVER=legacy` forces the epoll driver (for tests and comparisons).
+pub const DRIVER_ENV: &str = "TRIREME_MONOIO_DRIVER";
+
+struct Shared {
+    ctx: Arc<ProxyContext>,
+    opts: RunOptions,
+    active: AtomicUsize,
+}
+
+/// Which driver the workers will use.
+fn use_uring() -> bool {
+    let forced_legacy = std::env::var(DRIVER_ENV).is_ok_and(|v| v == "legacy");
+    !forced_legacy && monoio::utils::detect_uring()
+}
+
+/// Run the proxy, one worker thread per listener, until `shutdown` is requested; then
+/// drain (bounded by `opts.drain_timeout`). Blocks the calling thread.
+pub fn run(
+    ctx: Arc<ProxyContext>,
+    opts: RunOptions,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: Arc<Shutdown>,
+) -> io::Result<()> {
+    let uring = use_uring();
+    if uring {
+        tracing::info!(driver = "io_uring", "monoio driver: io_uring");
+    } else {
+        tracing::warn!(
+            driver = "epoll",
+            "io_uring unavailable (or {DRIVER_ENV}=legacy): monoio falls back to its epoll driver"
+        );
+    }
+    let sh = Arc::new(Shared {
+        ctx,
+        opts,
+        active: AtomicUsize::new(0),
+    });
+    let mut threads = Vec::new();
+    for (id, l) in listeners.into_iter().enumerate() {
+        let (sh, shutdown) = (sh.clone(), shutdown.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("trireme-worker-{id}"))
+                .spawn(move || -> io::Result<usize> {
+                    if uring {
+                        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                            .with_entries(RING_ENTRIES)
+                            .enable_timer()
+                            .build()?;
+                        rt.block_on(worker(uring, id, sh, l, shutdown))
+                    } else {
+                        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                            .enable_timer()
+                            .build()?;
+                        rt.block_on(worker(uring, id, sh, l, shutdown))
+                    }
+                })?,
+        );
+    }
+    let mut res = Ok(());
+    let mut left = 0;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(n)) => left += n,
+            Ok(Err(e)) => res = Err(e),
+            Err(_) => res = Err(io::Error::other("worker thread panicked")),
+        }
+    }
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain timeout reached; closed remaining connections"
+        );
+    } else if res.is_ok() {
+        tracing::info!("drained; exiting");
+    }
+    res
+}
+
+/// A pooled upstream connection: both halves home, no operation in flight.
+struct UpConn {
+    rd: OwnedReadHalf<TcpStream>,
+    wr: OwnedWriteHalf<TcpStream>,
+    fd: RawFd,
+}
+
+/// One worker's state, shared by its tasks (single thread: `Rc`, `RefCell`).
+struct Local {
+    sh: Arc<Shared>,
+    pools: RefCell<Vec<Pool<UpConn>>>,
+    bufs: RefCell<BufPool>,
+    drain: Drain,
+    /// Connections open on this worker.
+    open: Cell<usize>,
+}
+
+impl Local {
+    /// An idle pooled connection the backend has not closed meanwhile: one non-blocking
+    /// peek (no in-flight read watches idle connections under io_uring).
+    fn take_pooled(&self, upstream: u16, backend: u16, now: Instant) -> Option<UpConn> {
+        let mut pools = self.pools.borrow_mut();
+        loop {
+            let (c, _) = pools[upstream as usize].take(backend as usize, now, drop)?;
+            let mut b = 0u8;
+            // SAFETY: a one-byte peek into a local.
+            let n = unsafe {
+                libc::recv(
+                    c.fd,
+                    (&mut b as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                return Some(c);
+            }
+        }
+    }
+}
+
+/// The drain signal: a flag and the wakers of the connections waiting on it.
+#[derive(Default)]
+struct Drain {
+    on: Cell<bool>,
+    wakers: RefCell<Slab<Option<Waker>>>,
+}
+
+impl Drain {
+    fn start(&self) {
+        self.on.set(true);
+        for (_, w) in self.wakers.borrow_mut().iter_mut() {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Ready once draining; `slot` is this waiter's entry.
+    fn poll(&self, slot: usize, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.on.get() {
+            return Poll::Ready(());
+        }
+        let mut ws = self.wakers.borrow_mut();
+        match &mut ws[slot] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+async fn worker(
+    uring: bool,
+    id: usize,
+    sh: Arc<Shared>,
+    listener: std::net::TcpListener,
+    shutdown: Arc<Shutdown>,
+) -> io::Result<usize> {
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
+    let local = Rc::new(Local {
+        pools: RefCell::new(
+            sh.ctx
+                .upstreams
+                .iter()
+                .map(|u| Pool::new(u.backends.len(), u.cfg.pool.clone()))
+                .collect(),
+        ),
+        sh: sh.clone(),
+        bufs: RefCell::new(BufPool::default()),
+        drain: Drain::default(),
+        open: Cell::new(0),
+    });
+    {
+        let local = local.clone();
+        monoio::spawn(async move {
+            while !local.drain.on.get() {
+                monoio::time::sleep(EVICT_EVERY).await;
+                let now = Instant::now();
+                for p in local.pools.borrow_mut().iter_mut() {
+                    p.evict_expired(now, drop);
+                }
+            }
+        });
+    }
+
+    let mut reject_log = Throttle::new(Duration::from_secs(1));
+    {
+        // One accept in flight for the worker's lifetime (never cancelled mid-way, so a
+        // connection the kernel already handed over is never lost), and a tick that looks
+        // at the shutdown flag.
+        let mut accept = pin!(None);
+        let mut tick = pin!(monoio::time::sleep(SHUTDOWN_POLL));
+        while !shutdown.is_requested() {
+            if accept.is_none() {
+                accept.set(Some(listener.accept()));
+            }
+            let got = poll_fn(|cx| {
+                if let Some(f) = accept.as_mut().as_pin_mut() {
+                    if let Poll::Ready(r) = f.poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                }
+                if tick.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            let Some(r) = got else {
+                tick.as_mut()
+                    .reset(monoio::time::Instant::now() + SHUTDOWN_POLL);
+                continue;
+            };
+            accept.set(None);
+            let (stream, peer) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let max = sh.opts.max_connections;
+            if sh.active.load(Ordering::Relaxed) >= max {
+                drop(stream);
+                sh.ctx
+                    .metrics
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(more) = reject_log.hit(Instant::now()) {
+                    tracing::warn!(client = %peer, max, more, "max_connections reached; closing new connections");
+                }
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            sh.active.fetch_add(1, Ordering::Relaxed);
+            local.open.set(local.open.get() + 1);
+            let local = local.clone();
+            monoio::spawn(async move {
+                connection(stream, peer, &local, uring).await;
+                local.open.set(local.open.get() - 1);
+                local.sh.active.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+    drop(listener);
+    if id == 0 {
+        tracing::info!(
+            connections = sh.active.load(Ordering::Relaxed),
+            timeout_secs = sh.opts.drain_timeout.as_secs_f64(),
+            "shutting down: stopped accepting, draining"
+        );
+    }
+    local.drain.start();
+    let deadline = Instant::now() + sh.opts.drain_timeout;
+    while local.open.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(local.open.get())
+}
+
+/// A read that owns its half and buffer and hands both back (no borrow to outlive).
+async fn read_owned<R: AsyncReadRent>(
+    mut half: R,
+    buf: BytesMut,
+) -> (R, io::Result<usize>, BytesMut) {
+    let (r, buf) = half.read(buf).await;
+    (half, r, buf)
+}
+
+/// A write of `buf[pos..]` that owns its half and buffer and hands both back.
+async fn write_owned<W: AsyncWriteRent>(
+    mut half: W,
+    buf: Vec<u8>,
+    pos: usize,
+) -> (W, io::Result<usize>, Vec<u8>, usize) {
+    let (r, slice) = half.write(buf.slice(pos..)).await;
+    (half, r, slice.into_inner(), pos)
+}
+
+/// Wait until the socket is readable, without a buffer (io_uring: a PollAdd).
+async fn readable_owned(
+    half: OwnedReadHalf<TcpStream>,
+) -> (OwnedReadHalf<TcpStream>, io::Result<()>) {
+    // SAFETY: `readable` takes `&self` and only submits a poll on the shared fd; the write
+    // half's operations do not touch the read side (the premise of monoio's `Split`).
+    let stream = unsafe { &*half.0.get() };
+    let r = stream.readable(true).await;
+    (half, r)
+}
+
+enum Ev {
+    ClientReadable(OwnedReadHalf<TcpStream>, io::Result<()>),
+    ClientRead(OwnedReadHalf<TcpStream>, io::Result<usize>, BytesMut),
+    ClientWritten(OwnedWriteHalf<TcpStream>, io::Result<usize>, Vec<u8>, usize),
+    UpRead(OwnedReadHalf<TcpStream>, io::Result<usize>, BytesMut),
+    UpWritten(OwnedWriteHalf<TcpStream>, io::Result<usize>, Vec<u8>, usize),
+    Connected(io::Result<TcpStream>),
+    Timer,
+    Drain,
+}
+
+/// Poll an optional in-flight operation; a completed one is taken out of its slot.
+fn poll_slot<F: Future>(
+    slot: &mut std::pin::Pin<&mut Option<F>>,
+    cx: &mut std::task::Context<'_>,
+) -> Option<F::Output> {
+    let f = slot.as_mut().as_pin_mut()?;
+    match f.poll(cx) {
+        Poll::Ready(v) => {
+            slot.set(None);
+            Some(v)
+        }
+        Poll::Pending => None,
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: bool) {
+    let mut s = Session::new(local.sh.ctx.clone(), peer, Instant::now());
+    let (crd, cwr) = stream.into_split();
+    // A half is `None` while an operation in flight owns it.
+    let (mut crd, mut cwr) = (Some(crd), Some(cwr));
+    let mut urd: Option<OwnedReadHalf<TcpStream>> = None;
+    let mut uwr: Option<OwnedWriteHalf<TcpStream>> = None;
+    let mut ufd: RawFd = -1;
+    let mut umeta = ConnMeta {
+        created: Instant::now(),
+        requests: 0,
+    };
+
+    let mut cread = pin!(None);
+    let mut cwait = pin!(None);
+    // Readiness seen while idle: the next read takes a buffer.
+    let mut client_ready = false;
+    let mut cwrite = pin!(None);
+    let mut uread = pin!(None);
+    let mut uwrite = pin!(None);
+    let mut connecting = pin!(None);
+    let far = monoio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    let mut sleep = pin!(monoio::time::sleep_until(far));
+    let mut armed: Option<Instant> = None;
+    let drain_slot = local.drain.wakers.borrow_mut().insert(None);
+    let mut draining = false;
+
+    loop {
+        let now = Instant::now();
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Connect {
+                    upstream,
+                    backend,
+                    addr,
+                    fresh,
+                } => {
+                    // Any previous connection was released; make sure nothing of it flies.
+                    uread.set(None);
+                    uwrite.set(None);
+                    connecting.set(None);
+                    (urd, uwr) = (None, None);
+                    let pooled = if fresh {
+                        None
+                    } else {
+                        local.take_pooled(upstream, backend, now)
+                    };
+                    match pooled {
+                        Some(c) => {
+                            (urd, uwr, ufd) = (Some(c.rd), Some(c.wr), c.fd);
+                            s.on_upstream_connected(true, now);
+                        }
+                        // Boxed: connects are rare on pooled connections, and the
+                        // future is large to carry inline in every idle connection.
+                        None => connecting.set(Some(Box::pin(TcpStream::connect_addr(addr)))),
+                    }
+                }
+                Action::ReleaseUpstream {
+                    upstream,
+                    backend,
+                    reuse,
+                } => {
+                    connecting.set(None);
+                    let home = uread.is_none() && uwrite.is_none();
+                    match (urd.take(), uwr.take()) {
+                        (Some(rd), Some(wr)) if reuse && home => {
+                            umeta.requests += 1;
+                            let c = UpConn { rd, wr, fd: ufd };
+                            let _ = local.pools.borrow_mut()[upstream as usize].put(
+                                backend as usize,
+                                c,
+                                umeta,
+                                now,
+                            );
+                        }
+                        _ => {
+                            uread.set(None);
+                            uwrite.set(None);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Start writes.
+        if cwrite.is_none() && !s.client_out.is_empty() {
+            if let Some(h) = cwr.take() {
+                let spare = local.bufs.borrow_mut().out_buf();
+                let (v, pos) = s.client_out.lend(spare);
+                cwrite.set(Some(write_owned(h, v, pos)));
+            }
+        }
+        if uwrite.is_none() && !s.up_out.is_empty() {
+            if let Some(h) = uwr.take() {
+                let spare = local.bufs.borrow_mut().out_buf();
+                let (v, pos) = s.up_out.lend(spare);
+                uwrite.set(Some(write_owned(h, v, pos)));
+            }
+        }
+        if s.wants_close() && cwrite.is_none() {
+            break;
+        }
+        // Start reads.
+        if cread.is_none() && cwait.is_none() && s.wants_client_read() {
+            if let Some(h) = crd.take() {
+                if uring && !client_ready && s.awaiting_request() {
+                    // Idle keep-alive connection: no buffer until bytes arrive.
+                    cwait.set(Some(readable_owned(h)));
+                } else {
+                    client_ready = false;
+                    let b = local.bufs.borrow_mut().read_buf(READ_CHUNK);
+                    cread.set(Some(read_owned(h, b)));
+                }
+            }
+        }
+        if uread.is_none() && s.wants_upstream_read() {
+            if let Some(h) = urd.take() {
+                let b = local.bufs.borrow_mut().read_buf(UP_READ_CHUNK);
+                uread.set(Some(read_owned(h, b)));
+            }
+        }
+        s.park_buffers(&mut local.bufs.borrow_mut());
+        if let Some(d) = s.deadline() {
+            if armed.is_none_or(|a| d < a) {
+                sleep.as_mut().reset(monoio::time::Instant::from_std(d));
+                armed = Some(d);
+            }
+        }
+
+        let ev = poll_fn(|cx| {
+            if let Some((h, r, v, pos)) = poll_slot(&mut cwrite, cx) {
+                return Poll::Ready(Ev::ClientWritten(h, r, v, pos));
+            }
+            if let Some((h, r, v, pos)) = poll_slot(&mut uwrite, cx) {
+                return Poll::Ready(Ev::UpWritten(h, r, v, pos));
+            }
+            if let Some((h, r, b)) = poll_slot(&mut uread, cx) {
+                return Poll::Ready(Ev::UpRead(h, r, b));
+            }
+            if let Some((h, r, b)) = poll_slot(&mut cread, cx) {
+                return Poll::Ready(Ev::ClientRead(h, r, b));
+            }
+            if let Some((h, r)) = poll_slot(&mut cwait, cx) {
+                return Poll::Ready(Ev::ClientReadable(h, r));
+            }
+            if let Some(r) = poll_slot(&mut connecting, cx) {
+                return Poll::Ready(Ev::Connected(r));
+            }
+            if armed.is_some() && sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Timer);
+            }
+            if !draining && local.drain.poll(drain_slot, cx).is_ready() {
+                return Poll::Ready(Ev::Drain);
+            }
+            Poll::Pending
+        })
+        .await;
+
+        let now = Instant::now();
+        match ev {
+            Ev::ClientWritten(h, r, v, pos) => {
+                cwr = Some(h);
+                let spare = s.client_out.unlend(v, pos);
+                local.bufs.borrow_mut().put_out(spare);
+                match r {
+                    Ok(n) if n > 0 => s.on_client_written(n, now),
+                    _ => s.on_client_error(now),
+                }
+            }
+            Ev::UpWritten(h, r, v, pos) => {
+                uwr = Some(h);
+                let spare = s.up_out.unlend(v, pos);
+                local.bufs.borrow_mut().put_out(spare);
+                match r {
+                    Ok(n) if n > 0 => s.on_upstream_written(n, now),
+                    _ => s.on_upstream_eof(true, now),
+                }
+            }
+            Ev::UpRead(h, r, b) => {
+                urd = Some(h);
+                match r {
+                    Ok(0) => {
+                        local.bufs.borrow_mut().put_read(b);
+                        s.on_upstream_eof(false, now);
+                    }
+                    Ok(_) => {
+                        s.put_upstream_bytes(b, &mut local.bufs.borrow_mut());
+                        s.on_upstream_read(now);
+                    }
+                    Err(_) => {
+                        local.bufs.borrow_mut().put_read(b);
+                        s.on_upstream_eof(true, now);
+                    }
+                }
+            }
+            Ev::ClientReadable(h, r) => {
+                crd = Some(h);
+                match r {
+                    Ok(()) => client_ready = true,
+                    Err(_) => s.on_client_error(now),
+                }
+            }
+            Ev::ClientRead(h, r, b) => {
+                crd = Some(h);
+                match r {
+                    Ok(0) => {
+                        local.bufs.borrow_mut().put_read(b);
+                        s.on_client_eof(now);
+                    }
+                    Ok(_) => {
+                        s.put_client_bytes(b, &mut local.bufs.borrow_mut());
+                        s.on_client_read(now);
+                    }
+                    Err(_) => {
+                        local.bufs.borrow_mut().put_read(b);
+                        s.on_client_error(now);
+                    }
+                }
+            }
+            Ev::Connected(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                ufd = stream.as_raw_fd();
+                let (rd, wr) = stream.into_split();
+                (urd, uwr) = (Some(rd), Some(wr));
+                umeta = ConnMeta {
+                    created: now,
+                    requests: 0,
+                };
+                s.on_upstream_connected(false, now);
+            }
+            Ev::Connected(Err(e)) => {
+                tracing::debug!(error = %e, "upstream connect failed");
+                s.on_upstream_connect_failed(now);
+            }
+            Ev::Timer => {
+                armed = None;
+                sleep.as_mut().reset(far);
+                if s.deadline().is_some_and(|d| d <= now) {
+                    s.on_timeout(now);
+                }
+            }
+            Ev::Drain => {
+                draining = true;
+                s.begin_drain(now);
+            }
+        }
+    }
+
+    local.drain.wakers.borrow_mut().remove(drain_slot);
+    // Close: the client gets a FIN; reads still in flight are cancelled with their futures.
+    cread.set(None);
+    cwait.set(None);
+    uread.set(None);
+    uwrite.set(None);
+    if let Some(mut h) = cwr.take() {
+        let _ = h.shutdown().await;
+    }
+    s.recycle(&mut local.bufs.borrow_mut());
+}

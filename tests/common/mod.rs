@@ -16,6 +16,7 @@ pub fn bin(name: &str) -> PathBuf {
     match name {
         "trireme-tokio" => PathBuf::from(env!("CARGO_BIN_EXE_trireme-tokio")),
         "trireme-mio" => PathBuf::from(env!("CARGO_BIN_EXE_trireme-mio")),
+        "trireme-monoio" => PathBuf::from(env!("CARGO_BIN_EXE_trireme-monoio")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -42,6 +43,15 @@ impl Proxy {
     }
 
     fn start_on(bin: &PathBuf, args: &[String], port: u16) -> Proxy {
+        Self::start_env(bin, args, port, &[])
+    }
+
+    /// As [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(bin: &PathBuf, args: &[String], env: &[(&str, &str)]) -> Proxy {
+        Self::start_env(bin, args, free_port(), env)
+    }
+
+    fn start_env(bin: &PathBuf, args: &[String], port: u16, env: &[(&str, &str)]) -> Proxy {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let args: Vec<String> = args
             .iter()
@@ -51,6 +61,7 @@ impl Proxy {
             std::env::temp_dir().join(format!("trireme-test-{}-{port}.log", std::process::id()));
         let child = Command::new(bin)
             .args(&args)
+            .envs(env.iter().copied())
             .env("TRIREME_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -193,11 +204,16 @@ impl Client {
         })
     }
 
-    /// True when the proxy closed the connection (EOF within the timeout).
+    /// True when the proxy closed the connection within the timeout: EOF, or a reset (a
+    /// connection still in the accept queue when a listener closes is reset by the kernel).
     pub fn closed_within(&mut self, t: Duration) -> bool {
         self.w.set_read_timeout(Some(t)).unwrap();
         let mut b = [0u8; 1];
-        matches!(self.rd.read(&mut b), Ok(0))
+        match self.rd.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
     }
 }
 
