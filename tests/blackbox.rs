@@ -833,17 +833,21 @@ fn monoio_epoll_fallback_serves_and_says_so() {
         assert_eq!(c.get("/").status, 200);
     }
     let body = pattern(1 << 20);
-    c.send(
-        format!(
+    // Write from another thread: the echo streams back while the body goes out.
+    let mut w = c.w.try_clone().unwrap();
+    let sent = body.clone();
+    let writer = std::thread::spawn(move || {
+        let head = format!(
             "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    );
-    c.send(&body);
+            sent.len()
+        );
+        w.write_all(head.as_bytes()).unwrap();
+        w.write_all(&sent).unwrap();
+    });
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 200);
     assert!(r.body == body, "1 MiB echoed intact");
+    writer.join().unwrap();
     assert!(
         p.logs().contains("falls back to its epoll driver"),
         "{}",
