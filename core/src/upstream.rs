@@ -333,12 +333,27 @@ impl<C> Pool<C> {
         &mut self,
         backend: usize,
         now: Instant,
-        mut discard: impl FnMut(C),
+        discard: impl FnMut(C),
     ) -> Option<(C, ConnMeta)> {
+        self.take_idle(backend, now, discard)
+            .map(|(c, m, _)| (c, m))
+    }
+
+    /// As [`take`](Self::take), also saying how long the connection sat idle.
+    pub fn take_idle(
+        &mut self,
+        backend: usize,
+        now: Instant,
+        mut discard: impl FnMut(C),
+    ) -> Option<(C, ConnMeta, Duration)> {
         let q = self.per_backend.get_mut(backend)?;
         while let Some(idle) = q.pop_back() {
             if Self::usable(&self.cfg, &idle.meta, idle.since, now) {
-                return Some((idle.conn, idle.meta));
+                return Some((
+                    idle.conn,
+                    idle.meta,
+                    now.saturating_duration_since(idle.since),
+                ));
             }
             discard(idle.conn);
         }

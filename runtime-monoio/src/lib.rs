@@ -42,6 +42,8 @@ use trireme_core::upstream::{ConnMeta, Pool};
 /// How often an idle worker looks at the shutdown flag (set from the signal thread).
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 const EVICT_EVERY: Duration = Duration::from_secs(1);
+/// Pooled connections idle longer than this are checked before reuse.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 4096;
 
@@ -52,6 +54,22 @@ struct Shared {
     ctx: Arc<ProxyContext>,
     opts: RunOptions,
     active: AtomicUsize,
+}
+
+/// Ring set-up: one thread submits to each ring, and completions run as task work when
+/// the worker next enters the kernel instead of interrupting it (no IPI per completion).
+fn ring_setup() -> io_uring::Builder {
+    let mut b = io_uring::IoUring::builder();
+    match std::env::var("TRIREME_URING_SETUP").as_deref() {
+        Ok("plain") => {}
+        Ok("defer") => {
+            b.setup_single_issuer().setup_defer_taskrun();
+        }
+        _ => {
+            b.setup_coop_taskrun().setup_single_issuer();
+        }
+    }
+    b
 }
 
 /// Which driver the workers will use.
@@ -92,6 +110,7 @@ pub fn run(
                     if uring {
                         let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                             .with_entries(RING_ENTRIES)
+                            .uring_builder(ring_setup())
                             .enable_timer()
                             .build()?;
                         rt.block_on(worker(uring, id, sh, l, shutdown))
@@ -142,12 +161,17 @@ struct Local {
 }
 
 impl Local {
-    /// An idle pooled connection the backend has not closed meanwhile: one non-blocking
-    /// peek (no in-flight read watches idle connections under io_uring).
+    /// An idle pooled connection the backend has not closed meanwhile. No read watches
+    /// idle connections under io_uring, so one that sat idle a while is checked with a
+    /// non-blocking peek; a recently used one is taken as is (under load: no syscall), and
+    /// should the backend have closed it after all, the session retries on a fresh one.
     fn take_pooled(&self, upstream: u16, backend: u16, now: Instant) -> Option<UpConn> {
         let mut pools = self.pools.borrow_mut();
         loop {
-            let (c, _) = pools[upstream as usize].take(backend as usize, now, drop)?;
+            let (c, _, idle) = pools[upstream as usize].take_idle(backend as usize, now, drop)?;
+            if idle < PEEK_AFTER_IDLE {
+                return Some(c);
+            }
             let mut b = 0u8;
             // SAFETY: a one-byte peek into a local.
             let n = unsafe {
