@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Syscalls per proxied keep-alive request, counted with `strace -c -f` on a short wrk run,
+# and peak resident memory (VmHWM, all of the proxy's processes) after a 50-connection run,
 # for every trireme binary and (when installed) nginx and HAProxy configured the same way:
 # one worker, upstream keep-alive, a 100-byte response from a local nginx backend.
 # For trireme-monoio it also reports io_uring_enter calls (ring submissions) per request.
@@ -58,8 +59,8 @@ candidates=(mio monoio tokio)
 command -v nginx >/dev/null && candidates+=(nginx)
 command -v haproxy >/dev/null && candidates+=(haproxy)
 
-echo "| candidate | requests | syscalls / request | io_uring_enter / request | top syscalls (calls / request) |"
-echo "|---|---:|---:|---:|---|"
+echo "| candidate | requests | syscalls / request | io_uring_enter / request | top syscalls (calls / request) | peak RSS KiB |"
+echo "|---|---:|---:|---:|---|---:|"
 port=$((base + 10))
 for c in "${candidates[@]}"; do
   port=$((port + 1))
@@ -82,6 +83,11 @@ for c in "${candidates[@]}"; do
   out=$(taskset -c 1 wrk -t1 -c50 -d${secs}s "http://127.0.0.1:$port/")
   sleep 0.3
   kill -INT $spid 2>/dev/null || true; wait $spid 2>/dev/null || true
+  hwm=0
+  for p in $pid $(pgrep -P "$pid" || true); do
+    h=$(awk '/^VmHWM:/ {print $2}' /proc/$p/status 2>/dev/null || echo 0)
+    hwm=$((hwm + ${h:-0}))
+  done
   kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   name=$c; case $c in nginx|haproxy) ;; *) name=trireme-$c;; esac
@@ -90,8 +96,8 @@ for c in "${candidates[@]}"; do
   tot=$(echo "$rows" | awk '{t += $1} END {print t + 0}')
   ur=$(echo "$rows" | awk -v n="$reqs" '$2 == "io_uring_enter" {printf "%.3f", $1 / n; f = 1} END {if (!f) printf "-"}')
   top=$(echo "$rows" | head -4 | awk -v n="$reqs" '{printf "%s%s %.2f", (NR > 1 ? ", " : ""), $2, $1 / n}')
-  awk -v n="$reqs" -v t="$tot" -v name="$name" -v ur="$ur" -v top="$top" \
-    'BEGIN {printf "| %s | %d | %.2f | %s | %s |\n", name, n, t / n, ur, top}'
+  awk -v n="$reqs" -v t="$tot" -v name="$name" -v ur="$ur" -v top="$top" -v hwm="$hwm" \
+    'BEGIN {printf "| %s | %d | %.2f | %s | %s | %d |\n", name, n, t / n, ur, top, hwm}'
 done
 echo
 echo "(strace -c -f on the proxy, wrk -t1 -c50 -d${secs}s keep-alive GETs of 100 B; $(nproc) CPUs, $(uname -r))"

@@ -403,7 +403,8 @@ async fn connection(
                     Err(_) => s.on_client_error(now),
                     Ok(ready) => {
                         if ready.is_readable() && s.wants_client_read() {
-                            match with_pool(|p| client.try_read_buf(s.reserve_client_in(p))) {
+                            let closed = ready.is_read_closed();
+                            match with_pool(|p| read_once(&client, s.reserve_client_in(p), closed)) {
                                 Ok(0) => s.on_client_eof(now),
                                 Ok(_) => s.on_client_read(now),
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -420,7 +421,8 @@ async fn connection(
                     Ok(ready) => {
                         if ready.is_readable() && s.wants_upstream_read() {
                             let Some(c) = up.as_ref() else { continue };
-                            match with_pool(|p| c.stream.try_read_buf(s.reserve_up_in(p))) {
+                            let closed = ready.is_read_closed();
+                            match with_pool(|p| read_once(&c.stream, s.reserve_up_in(p), closed)) {
                                 Ok(0) => s.on_upstream_eof(false, now),
                                 Ok(_) => s.on_upstream_read(now),
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -470,6 +472,39 @@ async fn connection(
     with_pool(|p| s.recycle(p));
     let mut client = client;
     let _ = client.shutdown().await;
+}
+
+/// Read once into the spare capacity of `buf`. A short read means the socket's receive
+/// queue is drained (TCP), so tokio's cached read readiness is cleared right away (by
+/// answering `WouldBlock` to `try_io`): that saves the EAGAIN read tokio would otherwise
+/// need to learn it. Not when the peer has already closed (`read_closed`): the next read
+/// must see the EOF, and no new readiness event would announce it.
+fn read_once(s: &TcpStream, buf: &mut bytes::BytesMut, read_closed: bool) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let mut short = None;
+    let r = s.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        // SAFETY: the kernel writes at most `room` bytes into the spare capacity, and
+        // exactly the `n` it reports are marked initialized below.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), room) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // SAFETY: see above.
+        unsafe { buf.set_len(buf.len() + n) };
+        if n > 0 && n < room && !read_closed {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
 }
 
 thread_local! {
