@@ -30,6 +30,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_rt_support::read_spare;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -74,24 +75,7 @@ pub fn run(
                 .spawn(move || w.run())?,
         );
     }
-    let mut res = Ok(());
-    let mut left = 0;
-    for t in threads {
-        match t.join() {
-            Ok(Ok(n)) => left += n,
-            Ok(Err(e)) => res = Err(e),
-            Err(_) => res = Err(io::Error::other("worker thread panicked")),
-        }
-    }
-    if left > 0 {
-        tracing::warn!(
-            connections = left,
-            "drain timeout reached; closed remaining connections"
-        );
-    } else if res.is_ok() {
-        tracing::info!("drained; exiting");
-    }
-    res
+    trireme_rt_support::join_workers(threads)
 }
 
 struct Conn {
@@ -176,22 +160,6 @@ struct Worker {
     _waker: Arc<Waker>,
     drain_until: Option<Instant>,
     reject_log: Throttle,
-}
-
-/// Read into the spare capacity of `b`. `Ok((n, room))`: bytes read and the room offered.
-fn read_into(fd: i32, b: &mut bytes::BytesMut) -> io::Result<(usize, usize)> {
-    let spare = b.spare_capacity_mut();
-    let room = spare.len();
-    // SAFETY: the kernel writes at most `room` bytes into the spare capacity, and exactly
-    // the `n` it reports are marked initialized.
-    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), room) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: see above.
-    unsafe { b.set_len(b.len() + n) };
-    Ok((n, room))
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -569,7 +537,7 @@ impl Worker {
             }
             if c.readable && c.s.wants_client_read() {
                 let fd = c.stream.as_raw_fd();
-                match read_into(fd, c.s.reserve_client_in(&mut io.bufs)) {
+                match read_spare(fd, c.s.reserve_client_in(&mut io.bufs)) {
                     Ok((0, _)) => {
                         c.readable = false;
                         c.s.on_client_eof(now);
@@ -616,7 +584,7 @@ impl Worker {
                 let up = &mut io.ups[u];
                 if !up.connecting && up.readable && c.s.wants_upstream_read() {
                     let fd = up.stream.as_raw_fd();
-                    match read_into(fd, c.s.reserve_up_in(&mut io.bufs)) {
+                    match read_spare(fd, c.s.reserve_up_in(&mut io.bufs)) {
                         Ok((0, _)) => {
                             up.readable = false;
                             up.read_closed = true;

@@ -123,24 +123,7 @@ pub fn run(
                 })?,
         );
     }
-    let mut res = Ok(());
-    let mut left = 0;
-    for t in threads {
-        match t.join() {
-            Ok(Ok(n)) => left += n,
-            Ok(Err(e)) => res = Err(e),
-            Err(_) => res = Err(io::Error::other("worker thread panicked")),
-        }
-    }
-    if left > 0 {
-        tracing::warn!(
-            connections = left,
-            "drain timeout reached; closed remaining connections"
-        );
-    } else if res.is_ok() {
-        tracing::info!("drained; exiting");
-    }
-    res
+    trireme_rt_support::join_workers(threads)
 }
 
 /// A pooled upstream connection: both halves home, no operation in flight.

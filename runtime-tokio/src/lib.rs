@@ -484,17 +484,7 @@ fn read_once(s: &TcpStream, buf: &mut bytes::BytesMut, read_closed: bool) -> io:
     let fd = s.as_raw_fd();
     let mut short = None;
     let r = s.try_io(Interest::READABLE, || {
-        let spare = buf.spare_capacity_mut();
-        let room = spare.len();
-        // SAFETY: the kernel writes at most `room` bytes into the spare capacity, and
-        // exactly the `n` it reports are marked initialized below.
-        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), room) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        // SAFETY: see above.
-        unsafe { buf.set_len(buf.len() + n) };
+        let (n, room) = trireme_rt_support::read_spare(fd, buf)?;
         if n > 0 && n < room && !read_closed {
             short = Some(n);
             return Err(io::ErrorKind::WouldBlock.into());

@@ -1,0 +1,67 @@
+//! What trireme's runtime crates share below the session: a read into a buffer's spare
+//! capacity, and worker threads joined with one drain report. (Decisions live in
+//! trireme-core; this crate only touches the OS.)
+
+use bytes::BytesMut;
+use std::io;
+use std::os::fd::RawFd;
+use std::thread::JoinHandle;
+
+/// One `read(2)` from `fd` into the spare capacity of `b`. `Ok((n, room))`: the bytes read
+/// and the room that was offered (`n < room` on a stream socket: its queue is drained).
+pub fn read_spare(fd: RawFd, b: &mut BytesMut) -> io::Result<(usize, usize)> {
+    let spare = b.spare_capacity_mut();
+    let room = spare.len();
+    // SAFETY: the kernel writes at most `room` bytes into the spare capacity, and exactly
+    // the `n` it reports are marked initialized below.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), room) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: see above.
+    unsafe { b.set_len(b.len() + n) };
+    Ok((n, room))
+}
+
+/// Join the worker threads; each returns how many connections its drain timeout cut off.
+/// Logs the outcome of the drain once for the process.
+pub fn join_workers(threads: Vec<JoinHandle<io::Result<usize>>>) -> io::Result<()> {
+    let mut res = Ok(());
+    let mut left = 0;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(n)) => left += n,
+            Ok(Err(e)) => res = Err(e),
+            Err(_) => res = Err(io::Error::other("worker thread panicked")),
+        }
+    }
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain timeout reached; closed remaining connections"
+        );
+    } else if res.is_ok() {
+        tracing::info!("drained; exiting");
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn short_read_reports_room() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.write_all(b"hello").unwrap();
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(b">");
+        let (n, room) = read_spare(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(n, 5);
+        assert!(room >= 63);
+        assert_eq!(&buf[..], b">hello");
+    }
+}
