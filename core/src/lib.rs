@@ -6,6 +6,7 @@
 
 pub mod balance;
 pub mod buf;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod http1;

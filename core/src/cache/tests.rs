@@ -1,0 +1,428 @@
+use super::*;
+use proptest::prelude::*;
+use std::time::UNIX_EPOCH;
+
+fn t(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn cc(s: &str) -> Directives {
+    Directives::parse([s.as_bytes()])
+}
+
+/// A 200 fetched at t(0), arriving at t(0), with these directives.
+fn resp(directives: &str) -> ResponseFacts {
+    ResponseFacts {
+        status: 200,
+        cc: cc(directives),
+        date: Some(t(0)),
+        expires: None,
+        last_modified: None,
+        age: 0,
+        has_etag: true,
+        vary_star: false,
+        request_time: t(0),
+        response_time: t(0),
+    }
+}
+
+fn get() -> RequestFacts {
+    RequestFacts {
+        cacheable_method: true,
+        ..Default::default()
+    }
+}
+
+fn get_cc(directives: &str) -> RequestFacts {
+    RequestFacts {
+        cacheable_method: true,
+        cc: cc(directives),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn directives_parse_like_the_rfc_says() {
+    let d = Directives::parse([
+        &b"Public, MAX-AGE=60, s-maxage=\"120\""[..],
+        b"stale-while-revalidate=30,stale-if-error=600, no-cache=\"Set-Cookie, X\"",
+    ]);
+    assert!(d.public && d.no_cache);
+    assert_eq!(d.max_age, Some(60));
+    assert_eq!(d.s_maxage, Some(120));
+    assert_eq!(d.stale_while_revalidate, Some(30));
+    assert_eq!(d.stale_if_error, Some(600));
+    // Malformed max-age: stale. First occurrence wins. Huge values saturate.
+    assert_eq!(cc("max-age=abc").max_age, Some(0));
+    assert_eq!(cc("max-age=5, max-age=500").max_age, Some(5));
+    assert_eq!(cc("max-age=99999999999999999999").max_age, Some(DELTA_MAX));
+    assert_eq!(cc("max-stale").max_stale, Some(None));
+    assert_eq!(cc("max-stale=10").max_stale, Some(Some(10)));
+    assert!(cc("private=\"a, b\", no-store").no_store);
+    assert_eq!(cc(""), Directives::default());
+}
+
+#[test]
+fn storable_follows_section_3() {
+    let p = Policy::default();
+    assert_eq!(storable(&get(), &resp("max-age=60"), &p), Ok(()));
+    let post = RequestFacts::default();
+    assert_eq!(
+        storable(&post, &resp("max-age=60"), &p),
+        Err(NotStored::Method)
+    );
+    assert_eq!(
+        storable(&get(), &resp("no-store, max-age=60"), &p),
+        Err(NotStored::NoStore)
+    );
+    assert_eq!(
+        storable(&get_cc("no-store"), &resp("max-age=60"), &p),
+        Err(NotStored::NoStore)
+    );
+    assert_eq!(
+        storable(&get(), &resp("private, max-age=60"), &p),
+        Err(NotStored::Private)
+    );
+    // Authorization: only with public, must-revalidate or s-maxage.
+    let auth = RequestFacts {
+        authorization: true,
+        ..get()
+    };
+    assert_eq!(
+        storable(&auth, &resp("max-age=60"), &p),
+        Err(NotStored::Authorization)
+    );
+    for ok in [
+        "public, max-age=60",
+        "must-revalidate, max-age=60",
+        "s-maxage=60",
+    ] {
+        assert_eq!(storable(&auth, &resp(ok), &p), Ok(()), "{ok}");
+    }
+    let mut star = resp("max-age=60");
+    star.vary_star = true;
+    assert_eq!(storable(&get(), &star, &p), Err(NotStored::VaryStar));
+    // A 500 without explicit freshness is not stored; with max-age it is.
+    let mut e = resp("");
+    e.status = 500;
+    assert_eq!(storable(&get(), &e, &p), Err(NotStored::NoFreshness));
+    e.cc = cc("max-age=5");
+    assert_eq!(storable(&get(), &e, &p), Ok(()));
+    // Zero freshness and no validator: nothing to reuse.
+    let mut z = resp("max-age=0");
+    z.has_etag = false;
+    assert_eq!(storable(&get(), &z, &p), Err(NotStored::Useless));
+    let mut partial = resp("max-age=60");
+    partial.status = 206;
+    assert_eq!(storable(&get(), &partial, &p), Err(NotStored::Status));
+}
+
+#[test]
+fn freshness_lifetime_precedence_and_heuristics() {
+    let p = Policy::default();
+    assert_eq!(
+        freshness_lifetime(&resp("max-age=60, s-maxage=10"), &p),
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        freshness_lifetime(&resp("max-age=60"), &p),
+        Duration::from_secs(60)
+    );
+    let mut r = resp("");
+    r.expires = Some(Some(t(300)));
+    assert_eq!(freshness_lifetime(&r, &p), Duration::from_secs(300));
+    r.expires = Some(None); // invalid Expires: already expired
+    assert_eq!(freshness_lifetime(&r, &p), Duration::ZERO);
+    // Heuristic: 10% of Date - Last-Modified, capped at a day.
+    let mut h = resp("");
+    h.last_modified = Some(t(0) - Duration::from_secs(1000));
+    assert_eq!(freshness_lifetime(&h, &p), Duration::from_secs(100));
+    h.last_modified = Some(t(0) - Duration::from_secs(100 * 24 * 3600));
+    assert_eq!(freshness_lifetime(&h, &p), Duration::from_secs(24 * 3600));
+    // Not heuristically cacheable: no heuristic freshness.
+    h.status = 500;
+    assert_eq!(freshness_lifetime(&h, &p), Duration::ZERO);
+    // The TTL cap.
+    let capped = Policy {
+        max_ttl: Duration::from_secs(30),
+        ..Policy::default()
+    };
+    assert_eq!(
+        freshness_lifetime(&resp("max-age=600"), &capped),
+        Duration::from_secs(30)
+    );
+}
+
+#[test]
+fn current_age_per_section_4_2_3() {
+    // Sent at 0, Date 2, arrived at 4 carrying Age: 10; now 20.
+    let mut r = resp("max-age=60");
+    r.request_time = t(0);
+    r.date = Some(t(2));
+    r.response_time = t(4);
+    r.age = 10;
+    // apparent = 4-2 = 2; corrected age = 10 + (4-0) = 14; initial = 14; resident = 16.
+    assert_eq!(current_age(&r, t(20)), Duration::from_secs(30));
+    // A Date in the future (clock skew) counts as zero apparent age.
+    r.date = Some(t(100));
+    r.age = 0;
+    assert_eq!(current_age(&r, t(4)), Duration::from_secs(4));
+}
+
+#[test]
+fn reuse_decisions() {
+    let p = Policy::default();
+    let r = resp("max-age=60");
+    assert_eq!(reuse(&get(), &r, &p, t(59)), Reuse::Fresh);
+    assert_eq!(reuse(&get(), &r, &p, t(60)), Reuse::Validate);
+    // Request limits.
+    assert_eq!(reuse(&get_cc("max-age=10"), &r, &p, t(20)), Reuse::Validate);
+    assert_eq!(
+        reuse(&get_cc("min-fresh=30"), &r, &p, t(40)),
+        Reuse::Validate
+    );
+    assert_eq!(reuse(&get_cc("max-stale=30"), &r, &p, t(80)), Reuse::Fresh);
+    assert_eq!(
+        reuse(&get_cc("max-stale=30"), &r, &p, t(95)),
+        Reuse::Validate
+    );
+    assert_eq!(reuse(&get_cc("max-stale"), &r, &p, t(9999)), Reuse::Fresh);
+    assert_eq!(reuse(&get_cc("no-cache"), &r, &p, t(1)), Reuse::Validate);
+    let pragma = RequestFacts {
+        pragma_no_cache: true,
+        ..get()
+    };
+    assert_eq!(reuse(&pragma, &r, &p, t(1)), Reuse::Validate);
+    // stale-while-revalidate window.
+    let swr = resp("max-age=60, stale-while-revalidate=30");
+    assert_eq!(reuse(&get(), &swr, &p, t(70)), Reuse::StaleWhileRevalidate);
+    assert_eq!(reuse(&get(), &swr, &p, t(91)), Reuse::Validate);
+    // must-revalidate / proxy-revalidate / s-maxage forbid serving stale, even if asked.
+    for d in [
+        "max-age=60, must-revalidate, stale-while-revalidate=30",
+        "max-age=60, proxy-revalidate",
+        "s-maxage=60, stale-while-revalidate=30",
+    ] {
+        assert_eq!(
+            reuse(&get_cc("max-stale"), &resp(d), &p, t(70)),
+            Reuse::Validate,
+            "{d}"
+        );
+    }
+    // Response no-cache: always validated.
+    assert_eq!(
+        reuse(&get(), &resp("no-cache, max-age=60"), &p, t(1)),
+        Reuse::Validate
+    );
+}
+
+#[test]
+fn stale_if_error_window() {
+    let p = Policy::default();
+    let r = resp("max-age=60, stale-if-error=300");
+    assert!(stale_on_error(&get(), &r, &p, t(200)));
+    assert!(!stale_on_error(&get(), &r, &p, t(400)));
+    assert!(!stale_on_error(&get(), &resp("max-age=60"), &p, t(61)));
+    // The request may ask for it too.
+    assert!(stale_on_error(
+        &get_cc("stale-if-error=100"),
+        &resp("max-age=60"),
+        &p,
+        t(100)
+    ));
+    assert!(!stale_on_error(
+        &get(),
+        &resp("max-age=60, must-revalidate, stale-if-error=300"),
+        &p,
+        t(100)
+    ));
+}
+
+#[test]
+fn keys_and_vary() {
+    assert_eq!(
+        primary_key("http", b"Example.COM:80", b"/a?b=1", b""),
+        primary_key("http", b"example.com", b"/a?b=1", b"")
+    );
+    assert_ne!(
+        primary_key("http", b"example.com", b"/a", b""),
+        primary_key("http", b"example.com", b"/A", b"")
+    );
+    assert_ne!(
+        primary_key("http", b"example.com", b"/a", b""),
+        primary_key("https", b"example.com", b"/a", b"")
+    );
+    assert_ne!(
+        primary_key("http", b"example.com", b"/a", b"mobile"),
+        primary_key("http", b"example.com", b"/a", b"")
+    );
+    let fields = |enc: &'static [u8]| {
+        move |name: &[u8]| -> Vec<&'static [u8]> {
+            match name {
+                b"accept-encoding" => vec![enc],
+                b"accept-language" => vec![b"en"],
+                _ => vec![],
+            }
+        }
+    };
+    let k1 = vary_key(
+        [&b"Accept-Encoding, accept-language"[..]],
+        fields(b"gzip, br"),
+    );
+    let k2 = vary_key(
+        [&b"ACCEPT-LANGUAGE"[..], b"accept-encoding"],
+        fields(b"gzip,br"),
+    );
+    assert_eq!(
+        k1, k2,
+        "name case and order, and whitespace after commas, do not matter"
+    );
+    let k3 = vary_key([&b"accept-encoding"[..]], fields(b"identity"));
+    assert_ne!(vary_key([&b"accept-encoding"[..]], fields(b"gzip")), k3);
+    assert_eq!(
+        vary_key([&b"accept-encoding, *"[..]], fields(b"gzip")),
+        None
+    );
+}
+
+#[test]
+fn conditional_requests_answered_by_the_cache() {
+    let lm = t(0);
+    assert!(not_modified(
+        Some(b"\"a\", W/\"b\""),
+        None,
+        Some(b"\"b\""),
+        None
+    ));
+    assert!(not_modified(Some(b"*"), None, Some(b"\"x\""), None));
+    assert!(!not_modified(
+        Some(b"\"a\""),
+        None,
+        Some(b"\"b\""),
+        Some(lm)
+    ));
+    // If-None-Match takes precedence over If-Modified-Since.
+    let later = format_date(t(10));
+    assert!(!not_modified(
+        Some(b"\"a\""),
+        Some(later.as_bytes()),
+        Some(b"\"b\""),
+        Some(lm)
+    ));
+    assert!(not_modified(None, Some(later.as_bytes()), None, Some(lm)));
+    let earlier = format_date(t(0) - Duration::from_secs(10));
+    assert!(!not_modified(
+        None,
+        Some(earlier.as_bytes()),
+        None,
+        Some(lm)
+    ));
+    assert!(!not_modified(None, Some(b"garbage"), None, Some(lm)));
+}
+
+#[test]
+fn unsafe_methods_invalidate() {
+    assert!(invalidates(b"POST", 200));
+    assert!(invalidates(b"DELETE", 204));
+    assert!(invalidates(b"PUT", 302));
+    assert!(!invalidates(b"POST", 500));
+    assert!(!invalidates(b"GET", 200));
+    assert_eq!(
+        same_origin_target(b"/x?y", "http", b"a.com"),
+        Some(&b"/x?y"[..])
+    );
+    assert_eq!(
+        same_origin_target(b"http://A.com/x", "http", b"a.com"),
+        Some(&b"/x"[..])
+    );
+    assert_eq!(
+        same_origin_target(b"http://b.com/x", "http", b"a.com"),
+        None
+    );
+    assert_eq!(same_origin_target(b"//b.com/x", "http", b"a.com"), None);
+    assert_eq!(
+        same_origin_target(b"https://a.com/x", "http", b"a.com"),
+        None
+    );
+}
+
+#[test]
+fn dates_in_all_three_formats() {
+    let want = parse_date(b"Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+    assert_eq!(parse_date(b"Sunday, 06-Nov-94 08:49:37 GMT"), Some(want));
+    assert_eq!(parse_date(b"Sun Nov  6 08:49:37 1994"), Some(want));
+    assert_eq!(parse_date(b"yesterday"), None);
+    assert_eq!(format_date(want), "Sun, 06 Nov 1994 08:49:37 GMT");
+}
+
+proptest! {
+    #[test]
+    fn age_grows_with_time_and_covers_the_age_header(
+        sent in 0u64..1000, delay in 0u64..100, skew in 0u64..200, age in 0u64..10_000,
+        a in 0u64..100_000, b in 0u64..100_000,
+    ) {
+        let mut r = resp("max-age=60");
+        r.request_time = t(sent);
+        r.response_time = t(sent + delay);
+        r.date = Some(t(sent + skew));
+        r.age = age;
+        let (lo, hi) = (a.min(b), a.max(b));
+        let now_lo = t(sent + delay + lo);
+        let now_hi = t(sent + delay + hi);
+        prop_assert!(current_age(&r, now_lo) <= current_age(&r, now_hi));
+        prop_assert!(current_age(&r, now_lo) >= Duration::from_secs(age + lo));
+    }
+
+    #[test]
+    fn fresh_means_younger_than_the_lifetime(
+        max_age in 0u64..10_000, s_maxage in proptest::option::of(0u64..10_000),
+        now in 0u64..20_000, cap in 1u64..20_000,
+    ) {
+        let d = match s_maxage {
+            Some(s) => format!("max-age={max_age}, s-maxage={s}"),
+            None => format!("max-age={max_age}"),
+        };
+        let r = resp(&d);
+        let p = Policy { max_ttl: Duration::from_secs(cap), ..Policy::default() };
+        let life = freshness_lifetime(&r, &p);
+        prop_assert!(life <= Duration::from_secs(cap));
+        prop_assert_eq!(life, Duration::from_secs(s_maxage.unwrap_or(max_age).min(cap)));
+        let fresh = reuse(&get(), &r, &p, t(now)) == Reuse::Fresh;
+        prop_assert_eq!(fresh, Duration::from_secs(now) < life);
+    }
+
+    #[test]
+    fn vary_key_ignores_name_order_and_case(
+        names in proptest::collection::vec(prop_oneof![
+            Just("accept-encoding"), Just("Accept-Language"), Just("USER-AGENT"), Just("x-tenant")
+        ], 1..4),
+        rotate in 0usize..4,
+    ) {
+        let fields = |n: &[u8]| -> Vec<&'static [u8]> {
+            match n {
+                b"accept-encoding" => vec![b"gzip"],
+                b"accept-language" => vec![b"fr"],
+                b"user-agent" => vec![b"curl/8"],
+                _ => vec![],
+            }
+        };
+        let a = names.join(", ");
+        let mut other = names.clone();
+        let len = other.len();
+        other.rotate_left(rotate % len);
+        let b = other.iter().map(|n| n.to_ascii_uppercase()).collect::<Vec<_>>().join(",");
+        prop_assert_eq!(vary_key([a.as_bytes()], fields), vary_key([b.as_bytes()], fields));
+    }
+
+    #[test]
+    fn primary_key_separates_targets_and_hosts(
+        h1 in "[a-z]{1,8}\\.com", h2 in "[a-z]{1,8}\\.com",
+        p1 in "/[a-z0-9]{0,8}", p2 in "/[a-z0-9]{0,8}",
+    ) {
+        let k1 = primary_key("http", h1.as_bytes(), p1.as_bytes(), b"");
+        let k2 = primary_key("http", h2.as_bytes(), p2.as_bytes(), b"");
+        prop_assert_eq!(k1 == k2, h1 == h2 && p1 == p2);
+        let upper = primary_key("http", h1.to_uppercase().as_bytes(), p1.as_bytes(), b"");
+        prop_assert_eq!(primary_key("http", h1.as_bytes(), p1.as_bytes(), b""), upper);
+    }
+}
