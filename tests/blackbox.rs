@@ -585,7 +585,7 @@ fn ten_thousand_keep_alive_connections(bin: &PathBuf) {
         "open files limit {limit} too low for {MANY} connections (run as root or raise ulimit -n)"
     );
     let b = Backend::start("b1").unwrap();
-    let yaml = "server:\n  listen: \"{listen}\"\n  workers: 2\n  max_connections: 15000\n  keep_alive_timeout: 60s\n  header_timeout: 60s\nbackends:\n  - url: http://{b0}\n";
+    let yaml = "server:\n  listen: \"{listen}\"\n  workers: 2\n  max_connections: 15000\n  keep_alive_timeout: 60s\n  header_timeout: 60s\n  connection_pool:\n    max_idle: 256\nbackends:\n  - url: http://{b0}\n";
     let p = Proxy::with_config(bin, yaml, &[&b]);
     // Warm up: one request per worker so buffers, pools and runtime structures exist.
     for _ in 0..20 {
@@ -605,8 +605,8 @@ fn ten_thousand_keep_alive_connections(bin: &PathBuf) {
         "{}: {MANY} idle connections: RSS {before} KiB -> {idle} KiB, {per_conn:.0} bytes each",
         bin.display()
     );
-    // Then use them all, 200 at a time, each with two requests (keep-alive held).
-    for (w, wave) in conns.chunks(200).enumerate() {
+    // Then use them all, 100 at a time, each with two requests (keep-alive held).
+    for (w, wave) in conns.chunks(100).enumerate() {
         let mut clients: Vec<Client> = wave
             .iter()
             .map(|s| {

@@ -35,7 +35,8 @@ pub struct Backend {
     pub received: Arc<Mutex<Vec<Received>>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Open connections (a handle each, for `kill`); removed when they end.
+    conns: Arc<Mutex<std::collections::HashMap<usize, TcpStream>>>,
 }
 
 /// How the backend answers. `/status/NNN` answers NNN; `/bytes/N` answers N bytes;
@@ -211,10 +212,24 @@ impl Backend {
                 let _ = s.set_nodelay(true);
                 let id = connections.fetch_add(1, Ordering::SeqCst);
                 if let Ok(c) = s.try_clone() {
-                    conns.lock().expect("lock").push(c);
+                    conns.lock().expect("lock").insert(id, c);
                 }
                 let (name, received, stop) = (name.clone(), received.clone(), stop.clone());
+                let conns = conns.clone();
                 std::thread::spawn(move || {
+                    // Forget this connection's handle when it ends (no descriptor leak).
+                    struct Forget(
+                        Arc<Mutex<std::collections::HashMap<usize, TcpStream>>>,
+                        usize,
+                    );
+                    impl Drop for Forget {
+                        fn drop(&mut self) {
+                            if let Ok(mut m) = self.0.lock() {
+                                m.remove(&self.1);
+                            }
+                        }
+                    }
+                    let _forget = Forget(conns, id);
                     let mut w = match s.try_clone() {
                         Ok(w) => w,
                         Err(_) => return,
@@ -248,7 +263,7 @@ impl Backend {
     /// Stop accepting and reset every open connection (like a crashed process).
     pub fn kill(&self) {
         self.stop.store(true, Ordering::Relaxed);
-        for c in self.conns.lock().expect("lock").drain(..) {
+        for (_, c) in self.conns.lock().expect("lock").drain() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         // Unblock the accept loop's listener by connecting once; it exits on `stop`.

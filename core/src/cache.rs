@@ -10,6 +10,8 @@
 //! `max-age`, `proxy-revalidate` counts like `must-revalidate`, and responses to requests
 //! with `Authorization` are stored only when the response explicitly allows it (§3.5).
 
+pub mod store;
+
 use std::time::{Duration, SystemTime};
 
 /// `delta-seconds` beyond this are taken as this (RFC 9111 §1.2.2).

@@ -426,3 +426,102 @@ proptest! {
         prop_assert_eq!(primary_key("http", h1.as_bytes(), p1.as_bytes(), b""), upper);
     }
 }
+
+mod store_tests {
+    use super::*;
+    use crate::cache::store::{Store, Stored};
+    use bytes::Bytes;
+
+    fn entry(body: usize, vary: &str, secondary: &[u8]) -> Stored {
+        Stored {
+            head: Bytes::from_static(b"HTTP/1.1 200 OK\r\n"),
+            body: Bytes::from(vec![b'x'; body]),
+            facts: resp("max-age=60"),
+            etag: None,
+            vary: Bytes::from(vary.to_string()),
+            secondary: secondary.to_vec(),
+        }
+    }
+
+    fn none(_: &[u8]) -> Vec<&'static [u8]> {
+        vec![]
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_under_the_byte_bound() {
+        // One shard of 10,000 bytes; entries of ~2,300 bytes: four fit.
+        let s = Store::new(10_000, 1, 5_000);
+        for k in [b"a", b"b", b"c", b"d"] {
+            assert!(s.insert(k, entry(2_000, "", b"")));
+        }
+        assert!(s.get(b"a", none).is_some()); // a is now the most recent
+        assert!(s.insert(b"e", entry(2_000, "", b"")));
+        assert!(s.get(b"b", none).is_none(), "b was least recently used");
+        for k in [b"a", b"c", b"d", b"e"] {
+            assert!(s.get(k, none).is_some());
+        }
+        assert!(s.bytes() <= 10_000);
+        assert_eq!(
+            s.stats.evictions.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Too large for max_object: refused, nothing evicted.
+        assert!(!s.insert(b"big", entry(6_000, "", b"")));
+        assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn variants_live_side_by_side_and_invalidate_together() {
+        let s = Store::new(1 << 20, 4, 1 << 16);
+        let gz = |n: &[u8]| -> Vec<&'static [u8]> {
+            if n == b"accept-encoding" {
+                vec![b"gzip"]
+            } else {
+                vec![]
+            }
+        };
+        let br = |n: &[u8]| -> Vec<&'static [u8]> {
+            if n == b"accept-encoding" {
+                vec![b"br"]
+            } else {
+                vec![]
+            }
+        };
+        let k_gz = vary_key([&b"Accept-Encoding"[..]], gz).unwrap();
+        let k_br = vary_key([&b"Accept-Encoding"[..]], br).unwrap();
+        s.insert(b"/x", entry(10, "Accept-Encoding", &k_gz));
+        s.insert(b"/x", entry(20, "Accept-Encoding", &k_br));
+        assert_eq!(s.get(b"/x", gz).unwrap().body.len(), 10);
+        assert_eq!(s.get(b"/x", br).unwrap().body.len(), 20);
+        assert!(
+            s.get(b"/x", none).is_none(),
+            "no variant for a request without the field"
+        );
+        // Same variant again: replaced, not duplicated.
+        s.insert(b"/x", entry(30, "Accept-Encoding", &k_gz));
+        assert_eq!(s.get(b"/x", gz).unwrap().body.len(), 30);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.invalidate(b"/x"), 2);
+        assert!(s.is_empty() && s.bytes() == 0);
+    }
+
+    proptest! {
+        #[test]
+        fn bytes_never_exceed_the_bound(
+            ops in proptest::collection::vec((0u8..40, 0usize..3_000, any::<bool>()), 1..300),
+            shards in 1usize..5,
+        ) {
+            let cap = 20_000;
+            let s = Store::new(cap, shards, 4_000);
+            for (k, size, get) in ops {
+                let key = [b'k', k];
+                if get {
+                    let _ = s.get(&key, none);
+                } else {
+                    s.insert(&key, entry(size, "", b""));
+                }
+                prop_assert!(s.bytes() <= cap);
+            }
+        }
+    }
+}
