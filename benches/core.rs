@@ -39,7 +39,9 @@ fn ctx(t0: Instant) -> Arc<ProxyContext> {
         "bench",
     )
     .unwrap();
-    cfg.build(t0, &resolve_literal).unwrap()
+    // A fixed wall clock: nothing here depends on the date.
+    let wall = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    cfg.build(t0, wall, &resolve_literal).unwrap()
 }
 
 /// One keep-alive request and its response through a session, buffers reused.

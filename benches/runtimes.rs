@@ -116,7 +116,13 @@ fn allocs_per_request(rt: &Runtime) -> (f64, f64) {
         "server:\n  listen: 127.0.0.1:0\n  workers: 1\n  max_connections: 1000\nbackends:\n  - url: http://{be}\n"
     );
     let cfg = Config::from_yaml(&yaml, "bench").unwrap();
-    let ctx = cfg.build(Instant::now(), &resolve_literal).unwrap();
+    let ctx = cfg
+        .build(
+            Instant::now(),
+            std::time::SystemTime::now(),
+            &resolve_literal,
+        )
+        .unwrap();
     let opts = cfg.run_options(1, 1 << 16);
     let listeners = trireme::process::bind_listeners(cfg.listen, (rt.listeners)(&opts)).unwrap();
     let addr = listeners[0].local_addr().unwrap();

@@ -50,6 +50,7 @@ matrix!(
     ten_thousand_keep_alive_connections,
     graceful_shutdown_under_load_loses_nothing,
     max_connections_enforced_at_accept,
+    cache_hits_misses_and_invalidation,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -854,4 +855,53 @@ fn monoio_epoll_fallback_serves_and_says_so() {
         p.logs()
     );
     assert_eq!(b.connections.load(Ordering::SeqCst), 1);
+}
+
+fn cache_hits_misses_and_invalidation(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "16MB"]);
+    let mut c = p.client();
+    let path = "/bytes/20000?cc=max-age=60&etag=v1";
+    let first = c.get(path);
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(first.body, pattern(20000));
+    // Hits, on this connection and on new ones, with an Age header; the backend saw one.
+    for i in 0..5 {
+        let r = if i % 2 == 0 {
+            c.get(path)
+        } else {
+            get(p.addr, path)
+        };
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some("HIT"), "{:?}", r.headers);
+        assert!(r.header("age").is_some());
+        assert_eq!(r.header("etag"), Some("\"v1\""));
+        assert_eq!(r.body, first.body);
+    }
+    assert_eq!(b.requests().len(), 1);
+    // A conditional request is answered by the cache: 304, no body.
+    c.send(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nIf-None-Match: \"v1\"\r\n\r\n").as_bytes(),
+    );
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    // HEAD is answered from the GET entry.
+    c.send(format!("HEAD {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+    let r = c.read_response(true).unwrap();
+    assert_eq!((r.status, r.header("content-length")), (200, Some("20000")));
+    assert_eq!(b.requests().len(), 1);
+    // private and no-store are never served from the cache.
+    for uncached in ["/x?cc=private,max-age=60", "/y?cc=no-store"] {
+        for _ in 0..2 {
+            assert_eq!(c.get(uncached).header("x-cache"), Some("MISS"));
+        }
+    }
+    assert_eq!(b.requests().len(), 5);
+    // A POST to the target invalidates it.
+    c.send(format!("POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nhi").as_bytes());
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    assert_eq!(c.get(path).header("x-cache"), Some("MISS"));
+    assert_eq!(b.requests().len(), 7);
 }

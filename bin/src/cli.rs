@@ -30,6 +30,9 @@ pub struct Cli {
     /// Balancing algorithm: round_robin, least_conn, ip_hash, consistent_hash, p2c.
     #[arg(long)]
     algorithm: Option<String>,
+    /// Enable the in-memory HTTP cache with this many bytes (overrides cache.size), e.g. 64MB.
+    #[arg(long, value_name = "SIZE")]
+    cache: Option<String>,
     /// Worker threads (overrides server.workers; NUM_ACCEPTORS in the environment too).
     #[arg(long, env = "NUM_ACCEPTORS")]
     workers: Option<usize>,
@@ -115,6 +118,11 @@ fn load(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(w) = cli.workers {
         fc.server.workers = Some(w);
+    }
+    if let Some(size) = &cli.cache {
+        let bytes = trireme_core::config::parse_size(size).map_err(|e| format!("--cache: {e}"))?;
+        fc.cache.get_or_insert_with(Default::default).size =
+            Some(trireme_core::config::Size(bytes));
     }
     if cli.config.is_none() && fc.backends.is_empty() {
         return Err(
@@ -206,7 +214,7 @@ pub fn main(rt: &Runtime) -> i32 {
                 .map_err(|e| format!("{name}: cannot read: {e}"))
                 .and_then(|src| Config::from_yaml(&src, &name).map_err(|e| e.to_string()))
                 .and_then(|cfg| {
-                    cfg.build(Instant::now(), &resolve)
+                    cfg.build(Instant::now(), std::time::SystemTime::now(), &resolve)
                         .map(|_| ())
                         .map_err(|e| e.to_string())
                 });
@@ -240,7 +248,7 @@ pub fn main(rt: &Runtime) -> i32 {
                     return 2;
                 }
             };
-            let ctx = match cfg.build(Instant::now(), &resolve) {
+            let ctx = match cfg.build(Instant::now(), std::time::SystemTime::now(), &resolve) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -283,7 +291,7 @@ pub(crate) fn run_demo_proxy(
     fc.load_balancing.algorithm = AlgorithmName(alg);
     let cfg = Config::validate(fc, "", "demo").map_err(|e| e.to_string())?;
     let ctx = cfg
-        .build(Instant::now(), &resolve)
+        .build(Instant::now(), std::time::SystemTime::now(), &resolve)
         .map_err(|e| e.to_string())?;
     run_proxy(rt, &cfg, ctx, |addr| {
         println!();

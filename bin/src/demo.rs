@@ -41,7 +41,8 @@ pub struct Backend {
 
 /// How the backend answers. `/status/NNN` answers NNN; `/bytes/N` answers N bytes;
 /// `/chunked/N` answers N bytes chunked; `/slow/MS` waits MS ms; `/health` answers 200.
-/// Anything else: 200 with `hello from NAME`.
+/// Anything else: 200 with `hello from NAME`. Query parameters add caching fields:
+/// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`.
 fn respond(name: &str, r: &Received, out: &mut Vec<u8>) {
     let path = r.target.split('?').next().unwrap_or("");
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
@@ -68,6 +69,16 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) {
         format!("HTTP/1.1 {status} {reason}\r\nX-Backend: {name}\r\nContent-Type: text/plain\r\n")
             .as_bytes(),
     );
+    let query = r.target.split_once('?').map_or("", |(_, q)| q);
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        let v = v.replace("%20", " ");
+        match k {
+            "cc" => out.extend_from_slice(format!("Cache-Control: {v}\r\n").as_bytes()),
+            "etag" => out.extend_from_slice(format!("ETag: \"{v}\"\r\n").as_bytes()),
+            "vary" => out.extend_from_slice(format!("Vary: {v}\r\n").as_bytes()),
+            _ => {}
+        }
+    }
     if r.method == "HEAD" || status == 204 || status == 304 {
         out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
         if status == 204 || status == 304 {

@@ -10,7 +10,10 @@
 //! `max-age`, `proxy-revalidate` counts like `must-revalidate`, and responses to requests
 //! with `Authorization` are stored only when the response explicitly allows it (§3.5).
 
+pub mod http;
 pub mod store;
+
+pub use http::{HttpCache, WallClock};
 
 use std::time::{Duration, SystemTime};
 
@@ -492,7 +495,12 @@ fn weak_eq(a: &[u8], b: &[u8]) -> bool {
 /// Unsafe methods with a non-error response do.
 pub fn invalidates(method: &[u8], status: u16) -> bool {
     let safe = matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE");
-    !safe && (200..400).contains(&status)
+    !safe && invalidating_status(status)
+}
+
+/// A response status after which an unsafe request invalidates: success or redirect.
+pub fn invalidating_status(status: u16) -> bool {
+    (200..400).contains(&status)
 }
 
 /// The targets a `Location` or `Content-Location` value invalidates besides the request

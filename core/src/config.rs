@@ -7,6 +7,8 @@
 //! runtime passes to [`Config::build`].
 
 use crate::balance::{Algorithm, HashMethod};
+use crate::cache::store::Store;
+use crate::cache::{HttpCache, Policy, WallClock};
 use crate::http1::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::ProxyContext;
@@ -20,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A configuration error, already formatted with file, line and key where known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +289,61 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    /// Shared HTTP cache (RFC 9111). Absent or `size: 0`: no cache.
+    #[serde(default)]
+    pub cache: Option<CacheSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Bytes of memory for the in-process (L1) store; `l1.size` says the same.
+    pub size: Option<Size>,
+    /// Only `lru` (least recently used) is implemented.
+    pub eviction_policy: String,
+    /// Responses with larger bodies are passed through, not stored.
+    pub max_object_size: Size,
+    /// No entry stays fresh longer than this, whatever the origin says.
+    pub max_ttl: Dur,
+    /// Freshness for storable responses that state none (0: RFC 9111 heuristics only).
+    pub default_ttl: Dur,
+    /// Request header fields added to every cache key (the key extension), e.g. a tenant.
+    pub key_headers: Vec<String>,
+    /// Store shards (each its own lock and LRU); default: 16.
+    pub shards: usize,
+    pub l1: Option<L1Section>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L1Section {
+    pub size: Option<Size>,
+    /// Same as `cache.default_ttl` (the seed configs' `l1.ttl: 300`).
+    pub ttl: Option<Dur>,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            size: None,
+            eviction_policy: "lru".into(),
+            max_object_size: Size(8 * 1024 * 1024),
+            max_ttl: Dur(Duration::from_secs(365 * 86400)),
+            default_ttl: Dur(Duration::ZERO),
+            key_headers: Vec::new(),
+            shards: 16,
+            l1: None,
+        }
+    }
+}
+
+impl CacheSection {
+    /// L1 bytes: `size`, else `l1.size`, else 0 (off).
+    pub fn l1_size(&self) -> u64 {
+        self.size
+            .or(self.l1.as_ref().and_then(|l| l.size))
+            .map_or(0, |s| s.0)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -634,6 +691,20 @@ impl Config {
                 locate(file, src, "max_requests_per_connection", "")
             )));
         }
+        if let Some(c) = &fc.cache {
+            if !c.eviction_policy.eq_ignore_ascii_case("lru") {
+                return Err(ConfigError(format!(
+                    "{}: only `lru` is supported",
+                    locate(file, src, "eviction_policy", "")
+                )));
+            }
+            if c.l1_size() > 0 && c.max_object_size.0 == 0 {
+                return Err(ConfigError(format!(
+                    "{}: must be above 0",
+                    locate(file, src, "max_object_size", "")
+                )));
+            }
+        }
         if fc.server.max_connections == Some(0) {
             return Err(ConfigError(format!(
                 "{}: must be at least 1",
@@ -730,9 +801,12 @@ impl Config {
 
     /// Build the shared context: upstreams (resolving host names with `resolve`), routes,
     /// limits and timeouts. `base` is the runtime's clock origin.
+    /// Build the shared context. `base` and `wall` are the same moment on the monotonic
+    /// and the wall clock (the cache converts between them for HTTP dates).
     pub fn build(
         &self,
         base: Instant,
+        wall: SystemTime,
         resolve: &dyn Fn(&str, u16) -> Result<SocketAddr, String>,
     ) -> Result<Arc<ProxyContext>, ConfigError> {
         let fc = &self.file;
@@ -789,6 +863,25 @@ impl Config {
             router: Router { routes, default },
             metrics: Arc::new(Metrics::default()),
             via_name: "trireme".into(),
+            clock: WallClock { base, wall },
+            cache: fc.cache.as_ref().and_then(|c| {
+                let size = c.l1_size() as usize;
+                (size > 0).then(|| {
+                    Arc::new(HttpCache::new(
+                        Store::new(size, c.shards.max(1), c.max_object_size.0 as usize),
+                        Policy {
+                            max_ttl: c.max_ttl.0,
+                            default_ttl: c
+                                .l1
+                                .as_ref()
+                                .and_then(|l| l.ttl)
+                                .map_or(c.default_ttl.0, |t| t.0),
+                            ..Policy::default()
+                        },
+                        c.key_headers.clone(),
+                    ))
+                })
+            }),
         }))
     }
 }

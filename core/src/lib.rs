@@ -27,3 +27,9 @@ pub use proxy::{Action, ProxyContext, Session};
 pub(crate) fn test_origin() -> std::time::Instant {
     std::time::Instant::now()
 }
+
+/// Test support: a fixed wall-clock origin (HTTP dates in tests are relative to it).
+#[cfg(test)]
+pub(crate) fn test_wall() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+}

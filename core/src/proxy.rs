@@ -24,6 +24,8 @@
 
 use crate::balance::{Algorithm, PickInput};
 use crate::buf::{BufPool, OutBuf};
+use crate::cache::http::{write_hit, Capture, HitReply, Lookup, Pending, Served};
+use crate::cache::store::Stored;
 use crate::error::{HttpError, Status};
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{self, Method, Parsed, RequestHead};
@@ -63,6 +65,10 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// Name in the `Via` header.
     pub via_name: String,
+    /// Converts `now` to wall-clock time for HTTP dates.
+    pub clock: crate::cache::WallClock,
+    /// The shared HTTP cache, when configured.
+    pub cache: Option<Arc<crate::cache::HttpCache>>,
 }
 
 /// What the session asks of the runtime.
@@ -130,9 +136,18 @@ enum Up {
     Connected { reused: bool },
 }
 
+/// The cache's part in the request in flight.
+#[derive(Debug)]
+enum CacheReq {
+    None,
+    Miss(Box<Pending>),
+    Invalidate { key: Vec<u8>, host: Vec<u8> },
+}
+
 /// The request in flight.
 #[derive(Debug)]
 struct Req {
+    cache: CacheReq,
     method: Method,
     version: Version,
     has_body: bool,
@@ -182,6 +197,8 @@ pub struct Session {
     up_reuse_ok: bool,
     /// The four buffers are back in the runtime's [`BufPool`] (idle connection).
     parked: bool,
+    /// The response in flight is being copied into the cache.
+    capture: Option<Box<Capture>>,
 }
 
 fn put_bytes(into: &mut BytesMut, buf: BytesMut, pool: &mut BufPool) {
@@ -227,6 +244,7 @@ impl Session {
             client_eof: false,
             up_reuse_ok: false,
             parked: false,
+            capture: None,
         }
     }
 
@@ -657,6 +675,57 @@ impl Session {
         }
     }
 
+    /// Answer a request from the cache: no backend involved.
+    fn serve_hit(
+        &mut self,
+        h: &RequestHead,
+        stored: &Stored,
+        age: u64,
+        stale: bool,
+        not_modified: bool,
+        now: Instant,
+    ) {
+        let ctx = self.ctx.clone();
+        let close = !h.keep_alive
+            || self.draining
+            || self.client_eof
+            || self.requests_done + 1 >= ctx.max_requests_per_connection;
+        self.client_in.advance(h.len);
+        let status = if not_modified {
+            304
+        } else {
+            stored.facts.status
+        };
+        ctx.metrics.count_status(status);
+        if let Some(cache) = &ctx.cache {
+            let st = &cache.stats;
+            st.hits.fetch_add(1, Ordering::Relaxed);
+            if stale {
+                st.stale_served.fetch_add(1, Ordering::Relaxed);
+            }
+            if not_modified {
+                st.not_modified.fetch_add(1, Ordering::Relaxed);
+            }
+            st.bytes_served
+                .fetch_add(stored.body.len() as u64, Ordering::Relaxed);
+        }
+        write_hit(
+            self.client_out.vec(),
+            stored,
+            HitReply {
+                age,
+                how: if stale { Served::Stale } else { Served::Hit },
+                head_only: h.method == Method::Head,
+                not_modified,
+                close,
+                http10_keep_alive: h.version == Version::Http10 && !close,
+            },
+        );
+        self.requests_done += 1;
+        self.last_client_io = now;
+        self.state = if close { State::Closing } else { State::Idle };
+    }
+
     fn forward_request_body(&mut self) -> Result<(), HttpError> {
         match &mut self.req_body {
             ReqBody::Done => {}
@@ -726,6 +795,34 @@ impl Session {
             self.reply_error(Status::NotFound, body || !h.keep_alive);
             return;
         };
+        let mut cache_req = CacheReq::None;
+        if let Some(cache) = &ctx.cache {
+            match cache.lookup(&h, buf, ctx.clock.at(now)) {
+                Lookup::Bypass => {}
+                Lookup::Invalidate { key, scheme_host } => {
+                    cache_req = CacheReq::Invalidate {
+                        key,
+                        host: scheme_host,
+                    }
+                }
+                Lookup::Miss(p) => cache_req = CacheReq::Miss(p),
+                Lookup::Hit {
+                    stored,
+                    age,
+                    stale,
+                    not_modified,
+                } => {
+                    self.serve_hit(&h, &stored, age, stale, not_modified, now);
+                    return;
+                }
+                Lookup::Unsatisfiable => {
+                    self.client_in.advance(h.len);
+                    self.reply_error(Status::GatewayTimeout, !h.keep_alive);
+                    return;
+                }
+            }
+        }
+        let buf: &[u8] = &self.client_in;
         let upstream = &ctx.upstreams[up_id];
 
         // Hash key for consistent_hash (copied: the head bytes are consumed below).
@@ -747,6 +844,7 @@ impl Session {
         }
 
         let mut req = Req {
+            cache: cache_req,
             method: h.method,
             version: h.version,
             has_body: h.body != BodyKind::None,
@@ -1053,6 +1151,32 @@ impl Session {
                         }
                         _ => {}
                     }
+                    self.capture = None;
+                    if let Some(cache) = &self.ctx.cache {
+                        match &req.cache {
+                            CacheReq::Miss(p) => {
+                                // Bodies delimited by the backend's close are not stored.
+                                if req.method == Method::Get
+                                    && !matches!(body, Some(RespBody::UntilClose))
+                                {
+                                    let wall = self.ctx.clock.at(now);
+                                    self.capture = cache.begin_capture(p, &h, ub, wall);
+                                }
+                                cache.stats.misses.fetch_add(1, Ordering::Relaxed);
+                                out.extend_from_slice(if self.capture.is_some() {
+                                    b"X-Cache: MISS\r\nCache-Status: trireme; fwd=miss; stored\r\n"
+                                } else {
+                                    b"X-Cache: MISS\r\nCache-Status: trireme; fwd=miss\r\n"
+                                });
+                            }
+                            CacheReq::Invalidate { key, host } => {
+                                if crate::cache::invalidating_status(h.status) {
+                                    cache.invalidate(key, host, &h, ub);
+                                }
+                            }
+                            CacheReq::None => {}
+                        }
+                    }
                     if req.close_after {
                         out.extend_from_slice(b"Connection: close\r\n");
                     } else if req.version == Version::Http10 {
@@ -1065,6 +1189,7 @@ impl Session {
                     match body {
                         None => {
                             self.resp = Resp::Done;
+                            self.finish_capture();
                             self.finish_exchange(!up_close, now);
                             return;
                         }
@@ -1088,6 +1213,9 @@ impl Session {
                         RespBody::Length(rem) => {
                             let n = (*rem).min(self.up_in.len() as u64) as usize;
                             out.extend_from_slice(&self.up_in[..n]);
+                            if let Some(c) = self.capture.as_mut() {
+                                c.push(&self.up_in[..n]);
+                            }
                             self.up_in.advance(n);
                             *rem -= n as u64;
                             complete = *rem == 0;
@@ -1117,6 +1245,9 @@ impl Session {
                                 match chunk {
                                     Some(Chunk::Data(r)) => {
                                         let d = &self.up_in[pos + r.start..pos + r.end];
+                                        if let Some(c) = self.capture.as_mut() {
+                                            c.push(d);
+                                        }
                                         if chunked_out {
                                             push_chunk(out, d);
                                         } else {
@@ -1141,6 +1272,7 @@ impl Session {
                     }
                     if complete {
                         self.resp = Resp::Done;
+                        self.finish_capture();
                         let reuse = self.up_reuse_ok;
                         self.finish_exchange(reuse, now);
                     }
@@ -1151,8 +1283,16 @@ impl Session {
         }
     }
 
+    /// The response arrived whole: the copy being made goes into the cache.
+    fn finish_capture(&mut self) {
+        if let (Some(c), Some(cache)) = (self.capture.take(), &self.ctx.cache) {
+            cache.finish(c);
+        }
+    }
+
     /// The response is complete (request body may or may not be).
     fn finish_exchange(&mut self, up_reusable: bool, now: Instant) {
+        self.capture = None;
         let req_done = matches!(self.req_body, ReqBody::Done);
         // Extra bytes after a complete response: the backend broke framing; never reuse.
         let reuse = up_reusable && req_done && self.up_in.is_empty();
@@ -1279,7 +1419,7 @@ fn cookie_value<'a>(cookies: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     })
 }
 
-fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+pub(crate) fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_dec(out, status as u64);
     out.push(b' ');

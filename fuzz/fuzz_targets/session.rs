@@ -15,11 +15,15 @@ fuzz_target!(|data: &[u8]| {
         #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let cfg = Config::from_yaml(
-            "server:\n  max_body_size: 64KB\n  max_header_size: 4KB\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n",
+            "server:\n  max_body_size: 64KB\n  max_header_size: 4KB\ncache:\n  size: 1MB\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n",
             "fuzz",
         )
         .unwrap();
-        (cfg.build(t0, &resolve_literal).unwrap(), t0)
+        (
+            cfg.build(t0, std::time::SystemTime::now(), &resolve_literal)
+                .unwrap(),
+            t0,
+        )
     });
     if data.len() < 3 {
         return;

@@ -42,7 +42,9 @@ backends:
     assert_eq!(cfg.file.server.workers, Some(8));
     assert_eq!(cfg.file.server.max_body_size.0, 5 * 1024 * 1024);
     assert_eq!(cfg.drain_timeout(), Duration::from_secs(30));
-    let ctx = cfg.build(crate::test_origin(), &resolve_literal).unwrap();
+    let ctx = cfg
+        .build(crate::test_origin(), crate::test_wall(), &resolve_literal)
+        .unwrap();
     let up = &ctx.upstreams[0];
     assert_eq!(up.cfg.algorithm, Algorithm::LeastConn);
     assert_eq!(

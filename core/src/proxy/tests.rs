@@ -10,7 +10,8 @@ const CLIENT: &str = "10.1.2.3:5555";
 
 fn ctx_from(yaml: &str, now: Instant) -> Arc<ProxyContext> {
     let cfg = Config::from_yaml(yaml, "test.yaml").expect("config");
-    cfg.build(now, &resolve_literal).expect("build")
+    cfg.build(now, crate::test_wall(), &resolve_literal)
+        .expect("build")
 }
 
 fn two_backends(extra: &str) -> String {
@@ -631,4 +632,162 @@ fn idle_connection_parks_its_buffers_and_reuses_them() {
     assert_eq!(pool.free(), (0, 0));
     s.recycle(&mut pool);
     assert_eq!(pool.free(), (2, 2));
+}
+
+fn cached(extra: &str) -> String {
+    two_backends(extra).replace("backends:\n", "cache:\n  size: 1MB\nbackends:\n")
+}
+
+fn get_h(path: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: example.com\r\n{extra}\r\n").into_bytes()
+}
+
+/// A backend that counts requests and answers with these headers and a body naming it.
+fn origin(
+    name: &'static str,
+    headers: &'static str,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) -> Behavior {
+    Behavior::Serve(Box::new(move |r: &SimRequest| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let mut reply = Reply::ok(format!("{name} {}", r.target()).as_bytes());
+        for line in headers.split("\r\n").filter(|l| !l.is_empty()) {
+            let (n, v) = line.split_once(": ").unwrap();
+            reply.headers.push((n.to_string(), v.to_string()));
+        }
+        reply
+    }))
+}
+
+fn responses_text(received: &[u8]) -> String {
+    String::from_utf8_lossy(received).into_owned()
+}
+
+#[test]
+fn cache_serves_a_fresh_hit_without_the_backend() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sim = sim_with(
+        &cached("  algorithm: round_robin\n"),
+        origin("b1", "Cache-Control: max-age=60", n.clone()),
+        origin("b2", "Cache-Control: max-age=60", n.clone()),
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    for _ in 0..3 {
+        sim.send(c, &get_h("/page", ""));
+        sim.run_for(Duration::from_millis(10));
+    }
+    let text = responses_text(&sim.clients[c].received);
+    let resp = parse_responses(&sim.clients[c].received, &[false; 3]);
+    assert_eq!(resp.len(), 3, "{text}");
+    assert!(resp.iter().all(|r| r.0 == 200));
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        1,
+        "one backend request for three GETs"
+    );
+    assert_eq!(text.matches("X-Cache: MISS").count(), 1, "{text}");
+    assert_eq!(text.matches("X-Cache: HIT").count(), 2, "{text}");
+    assert_eq!(
+        text.matches("b1 /page").count() + text.matches("b2 /page").count(),
+        3
+    );
+    // After max-age the entry is stale: the next GET goes to a backend again (on a new
+    // connection: the first one's keep-alive timeout has passed).
+    sim.run_for(Duration::from_secs(61));
+    let c2 = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c2, &get_h("/page", ""));
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    assert!(responses_text(&sim.clients[c2].received).contains("X-Cache: MISS"));
+}
+
+#[test]
+fn cache_never_stores_private_or_no_store_or_authorized_answers() {
+    for (resp_headers, req_extra) in [
+        ("Cache-Control: private, max-age=60", ""),
+        ("Cache-Control: no-store", ""),
+        ("Cache-Control: max-age=60", "Authorization: Bearer x\r\n"),
+        ("Cache-Control: max-age=60", "Cache-Control: no-store\r\n"),
+    ] {
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h: &'static str = resp_headers;
+        let mut sim = sim_with(
+            &cached(""),
+            origin("b1", h, n.clone()),
+            origin("b2", h, n.clone()),
+            1,
+        );
+        let c = sim.connect_client(CLIENT.parse().unwrap());
+        for _ in 0..2 {
+            sim.send(c, &get_h("/me", req_extra));
+            sim.run_for(Duration::from_millis(10));
+        }
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            2,
+            "{resp_headers} / {req_extra}: stored"
+        );
+        assert!(!responses_text(&sim.clients[c].received).contains("X-Cache: HIT"));
+    }
+}
+
+#[test]
+fn cache_answers_conditional_requests_and_vary_variants() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hd = "Cache-Control: max-age=60\r\nETag: \"v1\"\r\nVary: Accept-Language";
+    let mut sim = sim_with(
+        &cached(""),
+        origin("b1", hd, n.clone()),
+        origin("b2", hd, n.clone()),
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/doc", "Accept-Language: en\r\n"));
+    sim.run_for(Duration::from_millis(10));
+    // Same variant, conditional: 304 from the cache.
+    sim.send(
+        c,
+        &get_h("/doc", "Accept-Language: en\r\nIf-None-Match: \"v1\"\r\n"),
+    );
+    sim.run_for(Duration::from_millis(10));
+    // Another variant: a miss.
+    sim.send(c, &get_h("/doc", "Accept-Language: fr\r\n"));
+    sim.run_for(Duration::from_millis(10));
+    let resp = parse_responses(&sim.clients[c].received, &[false; 3]);
+    assert_eq!(
+        resp.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![200, 304, 200]
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn unsafe_methods_invalidate_the_cached_target() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hd = "Cache-Control: max-age=60";
+    let mut sim = sim_with(
+        &cached(""),
+        origin("b1", hd, n.clone()),
+        origin("b2", hd, n.clone()),
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/item", ""));
+    sim.run_for(Duration::from_millis(10));
+    sim.send(c, &get_h("/item", ""));
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    sim.send(
+        c,
+        b"POST /item HTTP/1.1\r\nHost: example.com\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    sim.run_for(Duration::from_millis(10));
+    sim.send(c, &get_h("/item", ""));
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        3,
+        "POST went through and the GET after it missed"
+    );
 }

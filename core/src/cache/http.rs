@@ -1,0 +1,439 @@
+//! The cache as the proxy session uses it: look a request up, capture a storable response
+//! while it streams to the client, answer hits (and conditional requests) from the store,
+//! invalidate on unsafe methods.
+
+use super::store::{Store, Stored};
+use super::{
+    current_age, not_modified, primary_key, reuse, same_origin_target, storable, vary_key,
+    Directives, Policy, RequestFacts, ResponseFacts, Reuse,
+};
+use crate::http1::head::{Method, RequestHead, ResponseHead};
+use crate::http1::write::push_dec;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// The same moment on the monotonic and the wall clock: `now` converts to an HTTP date.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    pub base: Instant,
+    pub wall: SystemTime,
+}
+
+impl WallClock {
+    pub fn at(&self, now: Instant) -> SystemTime {
+        self.wall + now.saturating_duration_since(self.base)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub stale_served: AtomicU64,
+    pub not_modified: AtomicU64,
+    pub stored: AtomicU64,
+    pub bytes_served: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct HttpCache {
+    pub store: Store,
+    pub policy: Policy,
+    /// Request fields whose values extend every key.
+    pub key_headers: Vec<String>,
+    pub stats: CacheStats,
+}
+
+/// What the session keeps of a cacheable request until its response arrives.
+#[derive(Debug)]
+pub struct Pending {
+    pub key: Vec<u8>,
+    /// The request head's bytes and spans into them (for `Vary`).
+    head_bytes: Vec<u8>,
+    head: RequestHead,
+    facts: RequestFacts,
+    request_time: SystemTime,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Not the cache's business (no cache, unsafe method, a request body).
+    Bypass,
+    /// An unsafe method: a non-error response invalidates this key (and same-origin
+    /// `Location` / `Content-Location`).
+    Invalidate { key: Vec<u8>, scheme_host: Vec<u8> },
+    /// Answer from the store. `stale`: within `stale-while-revalidate`.
+    Hit {
+        stored: Arc<Stored>,
+        age: u64,
+        stale: bool,
+        not_modified: bool,
+    },
+    /// Forward; store the response if it may be stored.
+    Miss(Box<Pending>),
+    /// `only-if-cached` and nothing usable stored: 504 (RFC 9111 §5.2.1.7).
+    Unsatisfiable,
+}
+
+/// A response being copied into the cache as it streams to the client.
+#[derive(Debug)]
+pub struct Capture {
+    key: Vec<u8>,
+    head: Vec<u8>,
+    body: Vec<u8>,
+    facts: ResponseFacts,
+    etag: Option<Bytes>,
+    vary: Bytes,
+    secondary: Vec<u8>,
+    limit: usize,
+    /// Too large: abandoned.
+    dropped: bool,
+}
+
+impl Capture {
+    /// Body bytes as they go to the client (decoded, without chunk framing).
+    pub fn push(&mut self, data: &[u8]) {
+        if self.dropped {
+            return;
+        }
+        if self.body.len() + data.len() > self.limit {
+            self.dropped = true;
+            self.body = Vec::new();
+            return;
+        }
+        self.body.extend_from_slice(data);
+    }
+}
+
+fn field_values<'a>(h: &RequestHead, buf: &'a [u8], name: &[u8]) -> Vec<&'a [u8]> {
+    h.headers
+        .iter()
+        .filter(|f| f.name.get(buf).eq_ignore_ascii_case(name))
+        .map(|f| f.value.get(buf))
+        .collect()
+}
+
+fn request_facts(h: &RequestHead, buf: &[u8]) -> RequestFacts {
+    let cc_lines = field_values(h, buf, b"cache-control");
+    let pragma_no_cache = cc_lines.is_empty()
+        && field_values(h, buf, b"pragma")
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case(b"no-cache"));
+    RequestFacts {
+        cacheable_method: matches!(h.method, Method::Get | Method::Head),
+        cc: Directives::parse(cc_lines),
+        authorization: !field_values(h, buf, b"authorization").is_empty(),
+        pragma_no_cache,
+    }
+}
+
+impl HttpCache {
+    pub fn new(store: Store, policy: Policy, key_headers: Vec<String>) -> Self {
+        HttpCache {
+            store,
+            policy,
+            key_headers,
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn key(&self, h: &RequestHead, buf: &[u8]) -> Vec<u8> {
+        let mut ext = Vec::new();
+        for name in &self.key_headers {
+            ext.extend_from_slice(name.as_bytes());
+            ext.push(b'=');
+            for v in field_values(h, buf, name.as_bytes()) {
+                ext.extend_from_slice(v);
+                ext.push(b',');
+            }
+            ext.push(b'\n');
+        }
+        primary_key("http", h.effective_host(buf), h.path.get(buf), &ext)
+    }
+
+    pub fn lookup(&self, h: &RequestHead, buf: &[u8], now: SystemTime) -> Lookup {
+        let safe = matches!(
+            h.method,
+            Method::Get | Method::Head | Method::Options | Method::Trace
+        );
+        if !safe {
+            return Lookup::Invalidate {
+                key: self.key(h, buf),
+                scheme_host: h.effective_host(buf).to_vec(),
+            };
+        }
+        let facts = request_facts(h, buf);
+        if !facts.cacheable_method || h.body != crate::http1::BodyKind::None {
+            return Lookup::Bypass;
+        }
+        let key = self.key(h, buf);
+        let stored = self.store.get(&key, |name| field_values(h, buf, name));
+        if let Some(stored) = stored {
+            let decision = reuse(&facts, &stored.facts, &self.policy, now);
+            if decision != Reuse::Validate {
+                let age = current_age(&stored.facts, now).as_secs();
+                let nm = not_modified(
+                    field_values(h, buf, b"if-none-match").first().copied(),
+                    field_values(h, buf, b"if-modified-since").first().copied(),
+                    stored.etag.as_deref(),
+                    stored.facts.last_modified,
+                );
+                return Lookup::Hit {
+                    stored,
+                    age,
+                    stale: decision == Reuse::StaleWhileRevalidate,
+                    not_modified: nm,
+                };
+            }
+        }
+        if facts.cc.only_if_cached {
+            return Lookup::Unsatisfiable;
+        }
+        Lookup::Miss(Box::new(Pending {
+            key,
+            head_bytes: buf[..h.len].to_vec(),
+            head: h.clone(),
+            facts,
+            request_time: now,
+        }))
+    }
+
+    /// On the response head of a miss: start copying it into the cache if it may be
+    /// stored.
+    pub fn begin_capture(
+        &self,
+        p: &Pending,
+        h: &ResponseHead,
+        buf: &[u8],
+        now: SystemTime,
+    ) -> Option<Box<Capture>> {
+        let facts = response_facts(h, buf, p.request_time, now);
+        if let Err(why) = storable(&p.facts, &facts, &self.policy) {
+            tracing::trace!(?why, "response not stored");
+            return None;
+        }
+        let vary_lines: Vec<&[u8]> = h
+            .headers
+            .iter()
+            .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"vary"))
+            .map(|f| f.value.get(buf))
+            .collect();
+        let vary = vary_lines.join(&b", "[..]);
+        let secondary = if vary.is_empty() {
+            Vec::new()
+        } else {
+            vary_key([&vary[..]], |n| field_values(&p.head, &p.head_bytes, n))?
+        };
+        let etag = h
+            .headers
+            .iter()
+            .find(|f| f.name.get(buf).eq_ignore_ascii_case(b"etag"))
+            .map(|f| Bytes::copy_from_slice(f.value.get(buf)));
+        Some(Box::new(Capture {
+            key: p.key.clone(),
+            head: stored_head(h, buf),
+            body: Vec::new(),
+            facts,
+            etag,
+            vary: Bytes::from(vary),
+            secondary,
+            limit: self.store.max_object(),
+            dropped: false,
+        }))
+    }
+
+    /// The response streamed completely: store it.
+    pub fn finish(&self, c: Box<Capture>) {
+        if c.dropped {
+            return;
+        }
+        let c = *c;
+        let stored = Stored {
+            head: Bytes::from(c.head),
+            body: Bytes::from(c.body),
+            facts: c.facts,
+            etag: c.etag,
+            vary: c.vary,
+            secondary: c.secondary,
+        };
+        if self.store.insert(&c.key, stored) {
+            self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A non-error response to an unsafe request: drop what is stored for its target and
+    /// for same-origin `Location` / `Content-Location` (RFC 9111 §4.4).
+    pub fn invalidate(&self, key: &[u8], host: &[u8], h: &ResponseHead, buf: &[u8]) {
+        self.store.invalidate(key);
+        for f in &h.headers {
+            let name = f.name.get(buf);
+            if name.eq_ignore_ascii_case(b"location")
+                || name.eq_ignore_ascii_case(b"content-location")
+            {
+                if let Some(target) = same_origin_target(f.value.get(buf), "http", host) {
+                    // The key extension is the request's; other variants of the target
+                    // under other extensions expire on their own.
+                    self.store
+                        .invalidate(&primary_key("http", host, target, b""));
+                }
+            }
+        }
+    }
+}
+
+fn header<'a>(h: &ResponseHead, buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    h.headers
+        .iter()
+        .find(|f| f.name.get(buf).eq_ignore_ascii_case(name))
+        .map(|f| f.value.get(buf))
+}
+
+/// What the cache needs to know of a response, from its head.
+pub fn response_facts(
+    h: &ResponseHead,
+    buf: &[u8],
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> ResponseFacts {
+    let cc = Directives::parse(
+        h.headers
+            .iter()
+            .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"cache-control"))
+            .map(|f| f.value.get(buf)),
+    );
+    let age = header(h, buf, b"age")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    ResponseFacts {
+        status: h.status,
+        date: header(h, buf, b"date").and_then(super::parse_date),
+        expires: header(h, buf, b"expires").map(super::parse_date),
+        last_modified: header(h, buf, b"last-modified").and_then(super::parse_date),
+        age,
+        has_etag: header(h, buf, b"etag").is_some(),
+        vary_star: h
+            .headers
+            .iter()
+            .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"vary"))
+            .any(|f| {
+                f.value
+                    .get(buf)
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii() == b"*")
+            }),
+        cc,
+        request_time,
+        response_time,
+    }
+}
+
+/// Fields never stored with a response: hop-by-hop ones, framing (the cache re-frames),
+/// and `Age` (computed when served).
+fn not_stored_field(h: &ResponseHead, buf: &[u8], f: &crate::http1::head::HeaderSpan) -> bool {
+    let n = f.name.get(buf);
+    h.is_hop(buf, f)
+        || n.eq_ignore_ascii_case(b"content-length")
+        || n.eq_ignore_ascii_case(b"transfer-encoding")
+        || n.eq_ignore_ascii_case(b"age")
+        || n.eq_ignore_ascii_case(b"x-cache")
+        || n.eq_ignore_ascii_case(b"cache-status")
+}
+
+/// Status line and the header fields to store, each line with its CRLF.
+pub fn stored_head(h: &ResponseHead, buf: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(h.len);
+    crate::proxy::write_status_line(&mut out, h.status, h.reason.get(buf));
+    for f in &h.headers {
+        if !not_stored_field(h, buf, f) {
+            out.extend_from_slice(f.name.get(buf));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(f.value.get(buf));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+/// How a hit is labelled in `X-Cache` and `Cache-Status` (RFC 9211).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    Hit,
+    Stale,
+}
+
+/// How to answer from the store.
+#[derive(Clone, Copy, Debug)]
+pub struct HitReply {
+    /// Seconds, for the `Age` field.
+    pub age: u64,
+    pub how: Served,
+    /// A HEAD request: no body.
+    pub head_only: bool,
+    /// The client's conditional matched: 304.
+    pub not_modified: bool,
+    /// `Connection: close` (the connection ends after this response).
+    pub close: bool,
+    /// An HTTP/1.0 client keeping the connection: `Connection: keep-alive`.
+    pub http10_keep_alive: bool,
+}
+
+/// Write a response from the store: the stored head, `Age`, framing, what happened,
+/// the connection's fate, then the body (not for HEAD, not for a 304).
+pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
+    let HitReply {
+        age,
+        how,
+        head_only,
+        not_modified,
+        close,
+        http10_keep_alive,
+    } = r;
+    if not_modified {
+        // 304: the validators and caching fields of the stored response, no body.
+        out.extend_from_slice(b"HTTP/1.1 304 Not Modified\r\n");
+        for line in stored.head.split(|&b| b == b'\n').skip(1) {
+            let l = line.strip_suffix(b"\r").unwrap_or(line);
+            let name = l.split(|&b| b == b':').next().unwrap_or(b"");
+            let keep = [
+                &b"etag"[..],
+                b"cache-control",
+                b"expires",
+                b"date",
+                b"vary",
+                b"content-location",
+                b"last-modified",
+            ];
+            if keep.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+                out.extend_from_slice(l);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    } else {
+        out.extend_from_slice(&stored.head);
+        out.extend_from_slice(b"Content-Length: ");
+        push_dec(out, stored.body.len() as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Age: ");
+    push_dec(out, age);
+    out.extend_from_slice(b"\r\n");
+    match how {
+        Served::Hit => out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; hit\r\n"),
+        Served::Stale => out.extend_from_slice(
+            b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-while-revalidate\r\n",
+        ),
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if http10_keep_alive {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only && !not_modified {
+        out.extend_from_slice(&stored.body);
+    }
+}
