@@ -51,6 +51,7 @@ matrix!(
     graceful_shutdown_under_load_loses_nothing,
     max_connections_enforced_at_accept,
     cache_hits_misses_and_invalidation,
+    cache_serves_stale_when_the_backend_dies,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -904,4 +905,22 @@ fn cache_hits_misses_and_invalidation(bin: &PathBuf) {
     assert_eq!(c.read_response(false).unwrap().status, 200);
     assert_eq!(c.get(path).header("x-cache"), Some("MISS"));
     assert_eq!(b.requests().len(), 7);
+}
+
+fn cache_serves_stale_when_the_backend_dies(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "1MB"]);
+    let path = "/bytes/3000?cc=max-age=1,stale-if-error=600";
+    let first = get(p.addr, path);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    std::thread::sleep(Duration::from_millis(1600));
+    b.kill();
+    for _ in 0..3 {
+        let r = get(p.addr, path);
+        assert_eq!(r.status, 200, "stale-if-error answers: {:?}", r.headers);
+        assert_eq!(r.header("x-cache"), Some("STALE"));
+        assert_eq!(r.body, first.body);
+    }
+    // Not stored with stale-if-error: the client sees the failure.
+    assert!(get(p.addr, "/other?cc=max-age=60").status >= 500);
 }

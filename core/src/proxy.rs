@@ -526,7 +526,7 @@ impl Session {
                     self.ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     self.release_upstream(false);
                     if !self.connect_again(now, true, false) {
-                        self.reply_upstream_error(Status::BadGateway);
+                        self.reply_upstream_error(Status::BadGateway, now);
                     }
                     return;
                 }
@@ -868,6 +868,9 @@ impl Session {
             tracing::warn!(client = %self.client_ip, upstream = %upstream.cfg.name, "503: no healthy backend");
             let close = req.has_body || req.close_after;
             self.req = Some(req);
+            if self.serve_stale_on_error(close, now) {
+                return;
+            }
             self.reply_error(Status::ServiceUnavailable, close);
             return;
         };
@@ -882,6 +885,13 @@ impl Session {
             &upstream.backends[backend].host,
             &ctx.via_name,
         );
+        // Validating a stale stored response: the conditional goes before the blank line.
+        if let CacheReq::Miss(p) = &mut req.cache {
+            if let Some(lines) = p.validator_lines() {
+                let end = self.up_head.len() - 2;
+                self.up_head.splice(end..end, lines);
+            }
+        }
         self.client_in.advance(h.len);
 
         self.req_body = match h.body {
@@ -955,7 +965,7 @@ impl Session {
                 return;
             }
             tracing::warn!(client = %self.client_ip, "{}: {why}; no other backend to retry on", status.code());
-            self.reply_upstream_error(status);
+            self.reply_upstream_error(status, now);
             return;
         }
         self.upstream_error(status, why, now);
@@ -1096,6 +1106,38 @@ impl Session {
                             upstream.report_success(b as usize);
                         }
                     }
+                    // The cache validated a stale response: a 304 refreshes and serves it; an
+                    // origin error may be answered with it (stale-if-error).
+                    let cache_turn = match (&self.ctx.cache, &req.cache) {
+                        (Some(cache), CacheReq::Miss(p)) => {
+                            let wall = self.ctx.clock.at(now);
+                            if h.status == 304 && p.validating {
+                                cache
+                                    .revalidated(p, &h, &self.up_in, wall)
+                                    .map(|s| (Some(s), wall))
+                            } else if matches!(h.status, 500 | 502 | 503 | 504) {
+                                Some((None, wall))
+                            } else {
+                                None
+                            }
+                        }
+                        _ => None,
+                    };
+                    match cache_turn {
+                        Some((Some(stored), wall)) => {
+                            self.up_in.advance(h.len);
+                            self.finish_revalidated(&stored, wall, !h.close, now);
+                            return;
+                        }
+                        Some((None, _)) => {
+                            let close = self.req.as_ref().is_none_or(|r| r.close_after);
+                            if self.serve_stale_on_error(close, now) {
+                                return;
+                            }
+                        }
+                        None => {}
+                    }
+                    let Some(req) = self.req.as_mut() else { return };
                     self.ctx.metrics.count_status(h.status);
                     let no_body = req.method == Method::Head || h.status == 204 || h.status == 304;
                     // Request body still unsent when the answer comes: close afterwards.
@@ -1283,6 +1325,36 @@ impl Session {
         }
     }
 
+    /// A 304 from the origin refreshed the stored response: answer the client from it.
+    fn finish_revalidated(
+        &mut self,
+        stored: &Stored,
+        wall: std::time::SystemTime,
+        up_reusable: bool,
+        now: Instant,
+    ) {
+        let Some(req) = self.req.as_mut() else { return };
+        req.response_started = true;
+        let close = req.close_after || self.draining || self.client_eof;
+        let head_only = req.method == Method::Head;
+        let http10 = req.version == Version::Http10;
+        self.ctx.metrics.count_status(stored.facts.status);
+        write_hit(
+            self.client_out.vec(),
+            stored,
+            HitReply {
+                age: crate::cache::current_age(&stored.facts, wall).as_secs(),
+                how: Served::Revalidated,
+                head_only,
+                not_modified: false,
+                close,
+                http10_keep_alive: http10 && !close,
+            },
+        );
+        self.resp = Resp::Done;
+        self.finish_exchange(up_reusable, now);
+    }
+
     /// The response arrived whole: the copy being made goes into the cache.
     fn finish_capture(&mut self) {
         if let (Some(c), Some(cache)) = (self.capture.take(), &self.ctx.cache) {
@@ -1367,10 +1439,10 @@ impl Session {
             self.abort(_now);
             return;
         }
-        self.reply_upstream_error(status);
+        self.reply_upstream_error(status, _now);
     }
 
-    fn reply_upstream_error(&mut self, status: Status) {
+    fn reply_upstream_error(&mut self, status: Status, now: Instant) {
         self.ctx
             .metrics
             .upstream_errors
@@ -1379,7 +1451,53 @@ impl Session {
         // Keep the client connection only if its request was read completely.
         let close = !matches!(self.req_body, ReqBody::Done)
             || self.req.as_ref().is_none_or(|r| r.close_after);
+        if self.serve_stale_on_error(close, now) {
+            return;
+        }
         self.reply_error(status, close);
+    }
+
+    /// The origin failed or none is available: answer with a stored response if it may
+    /// be served stale on error (`stale-if-error`). True when it did.
+    fn serve_stale_on_error(&mut self, close: bool, now: Instant) -> bool {
+        let Some(cache) = self.ctx.cache.clone() else {
+            return false;
+        };
+        let Some(req) = self.req.as_ref() else {
+            return false;
+        };
+        let CacheReq::Miss(p) = &req.cache else {
+            return false;
+        };
+        if req.response_started {
+            return false;
+        }
+        let Some((stored, age)) = cache.stale_for_error(p, self.ctx.clock.at(now)) else {
+            return false;
+        };
+        let (head_only, http10) = (req.method == Method::Head, req.version == Version::Http10);
+        self.release_upstream(false);
+        let close = close || self.draining || self.client_eof;
+        self.ctx.metrics.count_status(stored.facts.status);
+        write_hit(
+            self.client_out.vec(),
+            &stored,
+            HitReply {
+                age,
+                how: Served::StaleIfError,
+                head_only,
+                not_modified: false,
+                close,
+                http10_keep_alive: http10 && !close,
+            },
+        );
+        tracing::info!(client = %self.client_ip, "origin failed; served a stale response (stale-if-error)");
+        self.requests_done += 1;
+        self.req = None;
+        self.resp = Resp::Done;
+        self.req_body = ReqBody::Done;
+        self.state = if close { State::Closing } else { State::Idle };
+        true
     }
 
     /// Tear down: no more output, close the client and the upstream connection.

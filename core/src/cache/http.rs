@@ -33,6 +33,8 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     pub stale_served: AtomicU64,
     pub not_modified: AtomicU64,
+    /// Stale entries refreshed by a 304 from the origin.
+    pub revalidated: AtomicU64,
     pub stored: AtomicU64,
     pub bytes_served: AtomicU64,
 }
@@ -55,6 +57,48 @@ pub struct Pending {
     head: RequestHead,
     facts: RequestFacts,
     request_time: SystemTime,
+    /// A stored response that needs validation (or may answer if the origin fails).
+    stale: Option<Arc<Stored>>,
+    /// The proxy added `If-None-Match` / `If-Modified-Since` for `stale` (the client sent
+    /// no conditional of its own), so a 304 refreshes the stored response.
+    pub validating: bool,
+}
+
+impl Pending {
+    /// Conditional header lines to validate the stored response, unless the client sent
+    /// conditionals of its own (then its request goes through as is).
+    pub fn validator_lines(&mut self) -> Option<Vec<u8>> {
+        let stored = self.stale.as_ref()?;
+        let own = [
+            &b"if-none-match"[..],
+            b"if-modified-since",
+            b"if-match",
+            b"if-unmodified-since",
+            b"if-range",
+        ];
+        if own
+            .iter()
+            .any(|n| !field_values(&self.head, &self.head_bytes, n).is_empty())
+        {
+            return None;
+        }
+        let mut lines = Vec::new();
+        if let Some(etag) = &stored.etag {
+            lines.extend_from_slice(b"If-None-Match: ");
+            lines.extend_from_slice(etag);
+            lines.extend_from_slice(b"\r\n");
+        }
+        if let Some(lm) = stored.facts.last_modified {
+            lines.extend_from_slice(b"If-Modified-Since: ");
+            lines.extend_from_slice(super::format_date(lm).as_bytes());
+            lines.extend_from_slice(b"\r\n");
+        }
+        if lines.is_empty() {
+            return None;
+        }
+        self.validating = true;
+        Some(lines)
+    }
 }
 
 /// What to do with a request.
@@ -171,7 +215,7 @@ impl HttpCache {
         }
         let key = self.key(h, buf);
         let stored = self.store.get(&key, |name| field_values(h, buf, name));
-        if let Some(stored) = stored {
+        if let Some(stored) = &stored {
             let decision = reuse(&facts, &stored.facts, &self.policy, now);
             if decision != Reuse::Validate {
                 let age = current_age(&stored.facts, now).as_secs();
@@ -182,14 +226,14 @@ impl HttpCache {
                     stored.facts.last_modified,
                 );
                 return Lookup::Hit {
-                    stored,
+                    stored: stored.clone(),
                     age,
                     stale: decision == Reuse::StaleWhileRevalidate,
                     not_modified: nm,
                 };
             }
         }
-        if facts.cc.only_if_cached {
+        if facts.cc.only_if_cached && stored.is_none() {
             return Lookup::Unsatisfiable;
         }
         Lookup::Miss(Box::new(Pending {
@@ -198,7 +242,84 @@ impl HttpCache {
             head: h.clone(),
             facts,
             request_time: now,
+            stale: stored,
+            validating: false,
         }))
+    }
+
+    /// The origin answered 304 to the proxy's validation: refresh the stored response's
+    /// header fields and freshness from it (RFC 9111 §4.3.4) and return the refreshed
+    /// entry, which answers the client.
+    pub fn revalidated(
+        &self,
+        p: &Pending,
+        h: &ResponseHead,
+        buf: &[u8],
+        now: SystemTime,
+    ) -> Option<Arc<Stored>> {
+        let old = p.stale.as_ref().filter(|_| p.validating)?;
+        // Stored fields, minus those the 304 replaces, plus the 304's.
+        let mut head = Vec::with_capacity(old.head.len() + h.len);
+        let mut lines = old.head.split(|&b| b == b'\n');
+        if let Some(status) = lines.next() {
+            head.extend_from_slice(status);
+            head.push(b'\n');
+        }
+        for line in lines.filter(|l| !l.is_empty()) {
+            let name = line.split(|&b| b == b':').next().unwrap_or(b"");
+            let replaced = h.headers.iter().any(|f| {
+                !not_stored_field(h, buf, f) && f.name.get(buf).eq_ignore_ascii_case(name)
+            });
+            if !replaced {
+                head.extend_from_slice(line);
+                head.push(b'\n');
+            }
+        }
+        for f in &h.headers {
+            if !not_stored_field(h, buf, f) {
+                head.extend_from_slice(f.name.get(buf));
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(f.value.get(buf));
+                head.extend_from_slice(b"\r\n");
+            }
+        }
+        // Facts from the merged fields, as if the full response had just arrived.
+        let mut whole = head.clone();
+        whole.extend_from_slice(b"\r\n");
+        let parsed = match crate::http1::head::parse_response(&whole, whole.len()) {
+            Ok(crate::http1::head::Parsed::Complete(r)) => r,
+            _ => return None,
+        };
+        let mut facts = response_facts(&parsed, &whole, p.request_time, now);
+        facts.status = old.facts.status;
+        let etag = header(&parsed, &whole, b"etag").map(Bytes::copy_from_slice);
+        let entry = Stored {
+            head: Bytes::from(head),
+            body: old.body.clone(),
+            facts,
+            etag,
+            vary: old.vary.clone(),
+            secondary: old.secondary.clone(),
+        };
+        if storable(&p.facts, &entry.facts, &self.policy).is_err() {
+            self.store.invalidate(&p.key);
+            return Some(Arc::new(entry));
+        }
+        let entry = Arc::new(entry);
+        self.store.insert(&p.key, Stored::clone_of(&entry));
+        self.stats.revalidated.fetch_add(1, Ordering::Relaxed);
+        Some(entry)
+    }
+
+    /// The origin failed (or none is available): a stored response that may be served
+    /// stale on error (`stale-if-error`), and its age.
+    pub fn stale_for_error(&self, p: &Pending, now: SystemTime) -> Option<(Arc<Stored>, u64)> {
+        let stored = p.stale.as_ref()?;
+        if !super::stale_on_error(&p.facts, &stored.facts, &self.policy, now) {
+            return None;
+        }
+        self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+        Some((stored.clone(), current_age(&stored.facts, now).as_secs()))
     }
 
     /// On the response head of a miss: start copying it into the cache if it may be
@@ -362,7 +483,12 @@ pub fn stored_head(h: &ResponseHead, buf: &[u8]) -> Vec<u8> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
     Hit,
+    /// Within `stale-while-revalidate`.
     Stale,
+    /// Validated with the origin (304) and served from the store.
+    Revalidated,
+    /// The origin failed; served within `stale-if-error`.
+    StaleIfError,
 }
 
 /// How to answer from the store.
@@ -425,6 +551,12 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
         Served::Hit => out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; hit\r\n"),
         Served::Stale => out.extend_from_slice(
             b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-while-revalidate\r\n",
+        ),
+        Served::Revalidated => out.extend_from_slice(
+            b"X-Cache: REVALIDATED\r\nCache-Status: trireme; fwd=stale; fwd-status=304\r\n",
+        ),
+        Served::StaleIfError => out.extend_from_slice(
+            b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-if-error\r\n",
         ),
     }
     if close {

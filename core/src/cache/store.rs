@@ -25,6 +25,18 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// A copy sharing the body and head bytes (reference-counted).
+    pub fn clone_of(s: &Stored) -> Stored {
+        Stored {
+            head: s.head.clone(),
+            body: s.body.clone(),
+            facts: s.facts.clone(),
+            etag: s.etag.clone(),
+            vary: s.vary.clone(),
+            secondary: s.secondary.clone(),
+        }
+    }
+
     /// Bytes charged against the store's bound.
     pub fn charge(&self, key_len: usize) -> usize {
         key_len + self.head.len() + self.body.len() + self.secondary.len() + self.vary.len() + 256

@@ -791,3 +791,101 @@ fn unsafe_methods_invalidate_the_cached_target() {
         "POST went through and the GET after it missed"
     );
 }
+
+#[test]
+fn stale_entries_are_validated_and_a_304_refreshes_them() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let conditional = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let behave = |n: Arc<std::sync::atomic::AtomicUsize>,
+                  cond: Arc<std::sync::atomic::AtomicUsize>| {
+        Behavior::Serve(Box::new(move |r: &SimRequest| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if r.header("if-none-match") == Some("\"v1\"") {
+                cond.fetch_add(1, Ordering::SeqCst);
+                let mut rep = Reply::ok(b"");
+                rep.status = 304;
+                rep.headers
+                    .push(("Cache-Control".into(), "max-age=100".into()));
+                rep.headers.push(("ETag".into(), "\"v1\"".into()));
+                return rep;
+            }
+            let mut rep = Reply::ok(b"the body");
+            rep.headers
+                .push(("Cache-Control".into(), "max-age=10".into()));
+            rep.headers.push(("ETag".into(), "\"v1\"".into()));
+            rep
+        }))
+    };
+    let mut sim = sim_with(
+        &cached(""),
+        behave(n.clone(), conditional.clone()),
+        behave(n.clone(), conditional.clone()),
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/r", ""));
+    sim.run_for(Duration::from_secs(15)); // stale after 10 s
+    let c2 = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c2, &get_h("/r", ""));
+    sim.run_for(Duration::from_millis(10));
+    let text = responses_text(&sim.clients[c2].received);
+    assert!(text.contains("X-Cache: REVALIDATED"), "{text}");
+    assert!(
+        text.ends_with("the body"),
+        "the stored body answers: {text}"
+    );
+    assert!(text.contains("max-age=100"), "refreshed fields: {text}");
+    assert_eq!(conditional.load(Ordering::SeqCst), 1);
+    // Fresh again for 100 s: a hit, no backend.
+    sim.send(c2, &get_h("/r", ""));
+    sim.run_for(Duration::from_millis(10));
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        responses_text(&sim.clients[c2].received)
+            .matches("X-Cache: HIT")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn stale_if_error_serves_the_stored_response_when_backends_are_down() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hd = "Cache-Control: max-age=5, stale-if-error=600";
+    let mut sim = sim_with(
+        &cached("  retries: 0\n"),
+        origin("b1", hd, n.clone()),
+        origin("b2", hd, n.clone()),
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/s", ""));
+    sim.run_for(Duration::from_secs(10));
+    sim.kill_backend(B1.parse().unwrap());
+    sim.kill_backend(B2.parse().unwrap());
+    for i in 0..3 {
+        let c = sim.connect_client(CLIENT.parse().unwrap());
+        sim.send(c, &get_h("/s", ""));
+        sim.run_for(Duration::from_secs(2));
+        let text = responses_text(&sim.clients[c].received);
+        assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text}");
+        assert!(text.contains("stale-if-error"), "{text}");
+    }
+    // Without stale-if-error the client sees the error.
+    let mut sim = sim_with(
+        &cached("  retries: 0\n"),
+        origin("b1", "Cache-Control: max-age=5", n.clone()),
+        origin("b2", "Cache-Control: max-age=5", n.clone()),
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/s", ""));
+    sim.run_for(Duration::from_secs(10));
+    sim.kill_backend(B1.parse().unwrap());
+    sim.kill_backend(B2.parse().unwrap());
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/s", ""));
+    sim.run_for(Duration::from_secs(2));
+    let text = responses_text(&sim.clients[c].received);
+    assert!(text.starts_with("HTTP/1.1 50"), "{text}");
+}
