@@ -52,6 +52,7 @@ matrix!(
     max_connections_enforced_at_accept,
     cache_hits_misses_and_invalidation,
     cache_serves_stale_when_the_backend_dies,
+    cache_purge_and_metrics_on_the_admin_listener,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -923,4 +924,57 @@ fn cache_serves_stale_when_the_backend_dies(bin: &PathBuf) {
     }
     // Not stored with stale-if-error: the client sees the failure.
     assert!(get(p.addr, "/other?cc=max-age=60").status >= 500);
+}
+
+fn cache_purge_and_metrics_on_the_admin_listener(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "1MB", "--admin", &admin]);
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    let call = |req: &str| -> Response {
+        let mut c = Client::connect(admin);
+        c.send(req.as_bytes());
+        c.read_response(false).expect("admin answers")
+    };
+    let a = "/a?cc=max-age=60";
+    let b2 = "/b?cc=max-age=60";
+    for path in [a, a, b2, b2] {
+        assert_eq!(get(p.addr, path).status, 200);
+    }
+    assert_eq!(get(p.addr, a).header("x-cache"), Some("HIT"));
+    let host = "test"; // the Host the test client sends
+                       // Purge one URL: it misses next time; the other still hits.
+    let r = call(&format!(
+        "POST /cache/purge?url=http://{host}/a%3Fcc%3Dmax-age%3D60 HTTP/1.1\r\nHost: x\r\n\r\n"
+    ));
+    assert_eq!((r.status, r.text()), (200, "{\"purged\":1}\n".to_string()));
+    assert_eq!(get(p.addr, a).header("x-cache"), Some("MISS"));
+    assert_eq!(get(p.addr, b2).header("x-cache"), Some("HIT"));
+    // Purge by prefix: both go.
+    let r = call(&format!(
+        "POST /cache/purge?prefix=http://{host}/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    ));
+    assert_eq!((r.status, r.text()), (200, "{\"purged\":2}\n".to_string()));
+    assert_eq!(get(p.addr, b2).header("x-cache"), Some("MISS"));
+    // Bad requests are refused clearly.
+    assert_eq!(
+        call("POST /cache/purge?url=nope HTTP/1.1\r\nHost: x\r\n\r\n").status,
+        400
+    );
+    assert_eq!(
+        call("GET /cache/purge HTTP/1.1\r\nHost: x\r\n\r\n").status,
+        405
+    );
+    // Metrics count what happened.
+    let m = call("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").text();
+    let value = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in {m}"))
+    };
+    assert_eq!(value("trireme_cache_hits_total"), 4);
+    assert_eq!(value("trireme_cache_misses_total"), 4);
+    assert_eq!(value("trireme_cache_invalidations_total"), 3);
+    assert_eq!(b.requests().len(), 4);
 }

@@ -33,6 +33,9 @@ pub struct Cli {
     /// Enable the in-memory HTTP cache with this many bytes (overrides cache.size), e.g. 64MB.
     #[arg(long, value_name = "SIZE")]
     cache: Option<String>,
+    /// Admin listener for /metrics and cache purge (overrides admin.listen), e.g. 127.0.0.1:9901.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
     /// Worker threads (overrides server.workers; NUM_ACCEPTORS in the environment too).
     #[arg(long, env = "NUM_ACCEPTORS")]
     workers: Option<usize>,
@@ -119,6 +122,9 @@ fn load(cli: &Cli) -> Result<Config, String> {
     if let Some(w) = cli.workers {
         fc.server.workers = Some(w);
     }
+    if let Some(a) = &cli.admin {
+        fc.admin.get_or_insert_with(Default::default).listen = a.clone();
+    }
     if let Some(size) = &cli.cache {
         let bytes = trireme_core::config::parse_size(size).map_err(|e| format!("--cache: {e}"))?;
         fc.cache.get_or_insert_with(Default::default).size =
@@ -198,6 +204,15 @@ fn run_proxy(
     let sd = Arc::new(Shutdown::new());
     process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
     process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
+    if let Some(a) = &cfg.file.admin {
+        let want: SocketAddr = a
+            .listen
+            .parse()
+            .map_err(|_| format!("admin.listen: `{}` is not an address (IP:PORT)", a.listen))?;
+        let bound = crate::admin::spawn(want, ctx.clone(), sd.clone())
+            .map_err(|e| format!("cannot listen on {want} (admin): {e}"))?;
+        tracing::info!(admin = %bound, "admin listening: GET /metrics, POST /cache/purge?url=|prefix=");
+    }
     on_ready(addr);
     let res = (rt.run)(ctx, opts, listeners, sd.clone()).map_err(|e| e.to_string());
     sd.request(); // stop the health threads

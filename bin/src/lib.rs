@@ -1,5 +1,6 @@
 //! The trireme binaries: one CLI and one config format over several event models.
 
+pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod process;

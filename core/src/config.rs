@@ -292,6 +292,24 @@ pub struct FileConfig {
     /// Shared HTTP cache (RFC 9111). Absent or `size: 0`: no cache.
     #[serde(default)]
     pub cache: Option<CacheSection>,
+    /// Admin listener (metrics, cache purge). Absent: none.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Loopback by default: purge and metrics are for operators, not clients.
+    pub listen: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:9901".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -690,6 +708,15 @@ impl Config {
                 "{}: must be at least 1",
                 locate(file, src, "max_requests_per_connection", "")
             )));
+        }
+        if let Some(a) = &fc.admin {
+            if a.listen.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError(format!(
+                    "{}: `{}` is not an address (IP:PORT)",
+                    locate(file, src, "listen", &a.listen),
+                    a.listen
+                )));
+            }
         }
         if let Some(c) = &fc.cache {
             if !c.eviction_policy.eq_ignore_ascii_case("lru") {

@@ -366,6 +366,60 @@ impl HttpCache {
         }))
     }
 
+    /// Purge one URL (`http://host/path?query`, every variant and key extension) or, with
+    /// `prefix`, every URL starting with it. Returns how many entries went.
+    pub fn purge(&self, url: &str, prefix: bool) -> Result<usize, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .ok_or_else(|| format!("`{url}`: expected an absolute http:// URL"))?;
+        let (host, target) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, "/"),
+        };
+        if host.is_empty() {
+            return Err(format!("`{url}`: no host"));
+        }
+        let key = primary_key("http", host.as_bytes(), target.as_bytes(), b"");
+        if prefix {
+            return Ok(self.store.invalidate_prefix(&key));
+        }
+        // The URL itself and its key-extended forms (`key \0 extension`).
+        let mut n = self.store.invalidate(&key);
+        let mut ext = key.clone();
+        ext.push(0);
+        n += self.store.invalidate_prefix(&ext);
+        Ok(n)
+    }
+
+    /// Prometheus text for the cache's counters.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let st = &self.stats;
+        let ss = &self.store.stats;
+        for (name, v) in [
+            ("trireme_cache_hits_total", g(&st.hits)),
+            ("trireme_cache_misses_total", g(&st.misses)),
+            ("trireme_cache_stale_served_total", g(&st.stale_served)),
+            ("trireme_cache_not_modified_total", g(&st.not_modified)),
+            ("trireme_cache_revalidated_total", g(&st.revalidated)),
+            ("trireme_cache_stored_total", g(&st.stored)),
+            ("trireme_cache_bytes_served_total", g(&st.bytes_served)),
+            ("trireme_cache_evictions_total", g(&ss.evictions)),
+            ("trireme_cache_invalidations_total", g(&ss.invalidations)),
+            ("trireme_cache_too_large_total", g(&ss.rejected_too_large)),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE trireme_cache_bytes gauge\ntrireme_cache_bytes {}\n# TYPE trireme_cache_entries gauge\ntrireme_cache_entries {}",
+            self.store.bytes(),
+            self.store.len()
+        );
+    }
+
     /// The response streamed completely: store it.
     pub fn finish(&self, c: Box<Capture>) {
         if c.dropped {

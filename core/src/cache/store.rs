@@ -267,6 +267,32 @@ impl Store {
         ids.len()
     }
 
+    /// Drop every entry whose primary key starts with `prefix` (all shards). Returns how
+    /// many. A purge, not a hot path: it walks the keys of each shard under its lock.
+    pub fn invalidate_prefix(&self, prefix: &[u8]) -> usize {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            let mut s = shard.lock();
+            let keys: Vec<Arc<[u8]>> = s
+                .map
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .cloned()
+                .collect();
+            for k in keys {
+                let ids = s.map.get(&k).cloned().unwrap_or_default();
+                for i in ids {
+                    s.remove(i);
+                    n += 1;
+                }
+            }
+        }
+        self.stats
+            .invalidations
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
     /// Replace a stored entry's metadata after a 304 (same body).
     pub fn refresh(&self, key: &[u8], old: &Arc<Stored>, head: Bytes, facts: ResponseFacts) {
         let updated = Stored {
