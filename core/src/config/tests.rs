@@ -119,3 +119,15 @@ fn units() {
     assert!(BackendUrl::parse("https://a:1").is_err());
     assert!(BackendUrl::parse("http://a:1/path").is_err());
 }
+
+#[test]
+fn shipped_example_configs_are_valid() {
+    for (name, src) in [
+        ("examples/full.yaml", include_str!("../../../examples/full.yaml")),
+        ("examples/quickstart.yaml", include_str!("../../../examples/quickstart.yaml")),
+    ] {
+        let cfg = Config::from_yaml(src, name).unwrap_or_else(|e| panic!("{e}"));
+        cfg.build(crate::test_origin(), crate::test_wall(), &resolve_literal)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
