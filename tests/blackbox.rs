@@ -53,6 +53,7 @@ matrix!(
     cache_hits_misses_and_invalidation,
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
+    cache_coalesces_concurrent_misses,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -977,4 +978,29 @@ fn cache_purge_and_metrics_on_the_admin_listener(bin: &PathBuf) {
     assert_eq!(value("trireme_cache_misses_total"), 4);
     assert_eq!(value("trireme_cache_invalidations_total"), 3);
     assert_eq!(b.requests().len(), 4);
+}
+
+fn cache_coalesces_concurrent_misses(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "1MB"]);
+    let addr = p.addr;
+    let go = Arc::new(std::sync::Barrier::new(40));
+    let threads: Vec<_> = (0..40)
+        .map(|_| {
+            let go = go.clone();
+            std::thread::spawn(move || {
+                go.wait();
+                get(addr, "/slow/300?cc=max-age=60")
+            })
+        })
+        .collect();
+    let resps: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(resps
+        .iter()
+        .all(|r| r.status == 200 && r.body == resps[0].body));
+    assert_eq!(
+        b.requests().len(),
+        1,
+        "40 concurrent misses for one key reached the backend once"
+    );
 }

@@ -329,6 +329,9 @@ pub struct CacheSection {
     pub key_headers: Vec<String>,
     /// Store shards (each its own lock and LRU); default: 16.
     pub shards: usize,
+    /// Concurrent misses for one key wait this long for the first one's response before
+    /// going to the backend themselves (nginx: `proxy_cache_lock_timeout`).
+    pub lock_timeout: Dur,
     pub l1: Option<L1Section>,
 }
 
@@ -350,6 +353,7 @@ impl Default for CacheSection {
             default_ttl: Dur(Duration::ZERO),
             key_headers: Vec::new(),
             shards: 16,
+            lock_timeout: Dur(Duration::from_secs(5)),
             l1: None,
         }
     }
@@ -894,7 +898,7 @@ impl Config {
             cache: fc.cache.as_ref().and_then(|c| {
                 let size = c.l1_size() as usize;
                 (size > 0).then(|| {
-                    Arc::new(HttpCache::new(
+                    let mut hc = HttpCache::new(
                         Store::new(size, c.shards.max(1), c.max_object_size.0 as usize),
                         Policy {
                             max_ttl: c.max_ttl.0,
@@ -906,7 +910,9 @@ impl Config {
                             ..Policy::default()
                         },
                         c.key_headers.clone(),
-                    ))
+                    );
+                    hc.lock_timeout = c.lock_timeout.0;
+                    Arc::new(hc)
                 })
             }),
         }))

@@ -199,6 +199,14 @@ pub struct Session {
     parked: bool,
     /// The response in flight is being copied into the cache.
     capture: Option<Box<Capture>>,
+    /// The parsed request waits for another request's fetch of the same cache key.
+    cache_wait: Option<CacheWait>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CacheWait {
+    since: Instant,
+    next: Instant,
 }
 
 fn put_bytes(into: &mut BytesMut, buf: BytesMut, pool: &mut BufPool) {
@@ -245,6 +253,7 @@ impl Session {
             up_reuse_ok: false,
             parked: false,
             capture: None,
+            cache_wait: None,
         }
     }
 
@@ -373,6 +382,7 @@ impl Session {
     pub fn deadline(&self) -> Option<Instant> {
         let c = &self.ctx;
         match self.state {
+            State::Idle if self.cache_wait.is_some() => self.cache_wait.map(|w| w.next),
             State::Idle => Some(match self.head_started {
                 Some(t) => t + c.header_timeout,
                 None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
@@ -569,6 +579,11 @@ impl Session {
         if now < d {
             return;
         }
+        if self.state == State::Idle && self.cache_wait.is_some() {
+            // Look in the cache again.
+            self.process_client(now);
+            return;
+        }
         match self.state {
             State::Idle => {
                 if self.head_started.is_some() || !self.client_in.is_empty() {
@@ -638,6 +653,9 @@ impl Session {
             match self.state {
                 State::Idle => {
                     if self.client_in.is_empty() {
+                        return;
+                    }
+                    if self.cache_wait.is_some_and(|w| now < w.next) {
                         return;
                     }
                     let parsed = head::parse_request(&self.client_in, &self.ctx.limits);
@@ -780,7 +798,10 @@ impl Session {
 
     fn start_request(&mut self, h: RequestHead, now: Instant) {
         let ctx = self.ctx.clone();
-        ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let waited = self.cache_wait.take();
+        if waited.is_none() {
+            ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        }
         self.head_started = None;
         let buf: &[u8] = &self.client_in;
         let host = h.effective_host(buf);
@@ -797,7 +818,17 @@ impl Session {
         };
         let mut cache_req = CacheReq::None;
         if let Some(cache) = &ctx.cache {
-            match cache.lookup(&h, buf, ctx.clock.at(now)) {
+            let since = waited.map_or(now, |w| w.since);
+            let may_wait = now < since + cache.lock_timeout;
+            match cache.lookup(&h, buf, ctx.clock.at(now), may_wait) {
+                Lookup::Wait => {
+                    // The head stays in `client_in`; the timer looks again.
+                    self.cache_wait = Some(CacheWait {
+                        since,
+                        next: now + crate::cache::http::WAIT_POLL,
+                    });
+                    return;
+                }
                 Lookup::Bypass => {}
                 Lookup::Invalidate { key, scheme_host } => {
                     cache_req = CacheReq::Invalidate {
@@ -1203,6 +1234,8 @@ impl Session {
                                 {
                                     let wall = self.ctx.clock.at(now);
                                     self.capture = cache.begin_capture(p, &h, ub, wall);
+                                } else {
+                                    p.pass(self.ctx.clock.at(now));
                                 }
                                 cache.stats.misses.fetch_add(1, Ordering::Relaxed);
                                 out.extend_from_slice(if self.capture.is_some() {

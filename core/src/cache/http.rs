@@ -10,9 +10,11 @@ use super::{
 use crate::http1::head::{Method, RequestHead, ResponseHead};
 use crate::http1::write::push_dec;
 use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The same moment on the monotonic and the wall clock: `now` converts to an HTTP date.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +48,60 @@ pub struct HttpCache {
     /// Request fields whose values extend every key.
     pub key_headers: Vec<String>,
     pub stats: CacheStats,
+    /// Keys being fetched right now (request coalescing): `None` while fetching; `Some(t)`
+    /// once the fetch turned out not storable ("hit for pass"): until `t`, requests for the
+    /// key go to the backend at once instead of waiting.
+    inflight: Box<[Mutex<Inflight>]>,
+    /// How long a request waits for another one's fetch of the same key before going to
+    /// the backend itself (nginx: `proxy_cache_lock_timeout`).
+    pub lock_timeout: Duration,
 }
+
+/// Keys being fetched (`None`) or passed (`Some(until)`), one map per shard.
+type Inflight = HashMap<Vec<u8>, Option<SystemTime>>;
+
+/// How often a waiting request looks at the store again.
+pub const WAIT_POLL: Duration = Duration::from_millis(2);
+
+/// The right to fetch a key for everyone waiting on it; given up when dropped.
+pub struct Lead {
+    cache: Arc<HttpCache>,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Lead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lead")
+    }
+}
+
+impl Lead {
+    /// The response will not be stored: the waiters, and requests for the key for the next
+    /// `lock_timeout`, go to the backend themselves.
+    pub fn pass(&self, now: SystemTime) {
+        if let Some(v) = self
+            .cache
+            .inflight_shard(&self.key)
+            .lock()
+            .get_mut(&self.key)
+        {
+            *v = Some(now + self.cache.lock_timeout);
+        }
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let mut m = self.cache.inflight_shard(&self.key).lock();
+        // A pass marker outlives the fetch; a plain fetch ends here.
+        if m.get(&self.key).is_some_and(|v| v.is_none()) {
+            m.remove(&self.key);
+        }
+    }
+}
+
+/// Pass markers kept per shard before expired ones are swept.
+const PASS_SWEEP: usize = 1024;
 
 /// What the session keeps of a cacheable request until its response arrives.
 #[derive(Debug)]
@@ -62,9 +117,18 @@ pub struct Pending {
     /// The proxy added `If-None-Match` / `If-Modified-Since` for `stale` (the client sent
     /// no conditional of its own), so a 304 refreshes the stored response.
     pub validating: bool,
+    /// This request fetches the key for others waiting on it.
+    pub lead: Option<Lead>,
 }
 
 impl Pending {
+    /// This fetch will not be stored: whoever waits on it should stop.
+    pub fn pass(&self, now: SystemTime) {
+        if let Some(l) = &self.lead {
+            l.pass(now);
+        }
+    }
+
     /// Conditional header lines to validate the stored response, unless the client sent
     /// conditionals of its own (then its request goes through as is).
     pub fn validator_lines(&mut self) -> Option<Vec<u8>> {
@@ -120,6 +184,8 @@ pub enum Lookup {
     Miss(Box<Pending>),
     /// `only-if-cached` and nothing usable stored: 504 (RFC 9111 §5.2.1.7).
     Unsatisfiable,
+    /// Another request is fetching this key: look again in [`WAIT_POLL`].
+    Wait,
 }
 
 /// A response being copied into the cache as it streams to the client.
@@ -181,7 +247,35 @@ impl HttpCache {
             policy,
             key_headers,
             stats: CacheStats::default(),
+            inflight: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
+            lock_timeout: Duration::from_secs(5),
         }
+    }
+
+    fn inflight_shard(&self, key: &[u8]) -> &Mutex<Inflight> {
+        let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        &self.inflight[(h % self.inflight.len() as u64) as usize]
+    }
+
+    /// Become the one fetching `key`, or learn that another request is (`Err(pass)`:
+    /// `true` when the key's responses are not stored, so waiting is pointless).
+    fn lead(self: &Arc<Self>, key: &[u8], now: SystemTime) -> Result<Lead, bool> {
+        let mut m = self.inflight_shard(key).lock();
+        match m.get(key) {
+            Some(None) => return Err(false),
+            Some(Some(until)) if now < *until => return Err(true),
+            _ => {}
+        }
+        if m.len() >= PASS_SWEEP {
+            m.retain(|_, v| v.is_none_or(|until| now < until));
+        }
+        m.insert(key.to_vec(), None);
+        Ok(Lead {
+            cache: self.clone(),
+            key: key.to_vec(),
+        })
     }
 
     fn key(&self, h: &RequestHead, buf: &[u8]) -> Vec<u8> {
@@ -198,7 +292,15 @@ impl HttpCache {
         primary_key("http", h.effective_host(buf), h.path.get(buf), &ext)
     }
 
-    pub fn lookup(&self, h: &RequestHead, buf: &[u8], now: SystemTime) -> Lookup {
+    /// What to do with a request. `may_wait`: it has not yet waited `lock_timeout` for
+    /// another request's fetch of the same key.
+    pub fn lookup(
+        self: &Arc<Self>,
+        h: &RequestHead,
+        buf: &[u8],
+        now: SystemTime,
+        may_wait: bool,
+    ) -> Lookup {
         let safe = matches!(
             h.method,
             Method::Get | Method::Head | Method::Options | Method::Trace
@@ -236,7 +338,15 @@ impl HttpCache {
         if facts.cc.only_if_cached && stored.is_none() {
             return Lookup::Unsatisfiable;
         }
+        // Coalescing: one request fetches, concurrent ones for the same key wait for it
+        // (at most `lock_timeout`, then they go themselves, leaderless).
+        let lead = match self.lead(&key, now) {
+            Ok(l) => Some(l),
+            Err(false) if may_wait => return Lookup::Wait,
+            Err(_) => None,
+        };
         Lookup::Miss(Box::new(Pending {
+            lead,
             key,
             head_bytes: buf[..h.len].to_vec(),
             head: h.clone(),
@@ -334,6 +444,9 @@ impl HttpCache {
         let facts = response_facts(h, buf, p.request_time, now);
         if let Err(why) = storable(&p.facts, &facts, &self.policy) {
             tracing::trace!(?why, "response not stored");
+            if let Some(l) = &p.lead {
+                l.pass(now);
+            }
             return None;
         }
         let vary_lines: Vec<&[u8]> = h

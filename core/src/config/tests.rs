@@ -123,8 +123,14 @@ fn units() {
 #[test]
 fn shipped_example_configs_are_valid() {
     for (name, src) in [
-        ("examples/full.yaml", include_str!("../../../examples/full.yaml")),
-        ("examples/quickstart.yaml", include_str!("../../../examples/quickstart.yaml")),
+        (
+            "examples/full.yaml",
+            include_str!("../../../examples/full.yaml"),
+        ),
+        (
+            "examples/quickstart.yaml",
+            include_str!("../../../examples/quickstart.yaml"),
+        ),
     ] {
         let cfg = Config::from_yaml(src, name).unwrap_or_else(|e| panic!("{e}"));
         cfg.build(crate::test_origin(), crate::test_wall(), &resolve_literal)

@@ -889,3 +889,98 @@ fn stale_if_error_serves_the_stored_response_when_backends_are_down() {
     let text = responses_text(&sim.clients[c].received);
     assert!(text.starts_with("HTTP/1.1 50"), "{text}");
 }
+
+fn slow_origin(headers: &'static str, hits: Arc<std::sync::atomic::AtomicUsize>) -> Behavior {
+    Behavior::Serve(Box::new(move |r: &SimRequest| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let mut reply = Reply::ok(format!("body of {}", r.target()).as_bytes());
+        reply.delay = Duration::from_millis(50);
+        for line in headers.split("\r\n").filter(|l| !l.is_empty()) {
+            let (n, v) = line.split_once(": ").unwrap();
+            reply.headers.push((n.to_string(), v.to_string()));
+        }
+        reply
+    }))
+}
+
+#[test]
+fn concurrent_misses_for_one_key_make_one_backend_request() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hd = "Cache-Control: max-age=60";
+    let mut sim = sim_with(
+        &cached(""),
+        slow_origin(hd, n.clone()),
+        slow_origin(hd, n.clone()),
+        7,
+    );
+    let clients: Vec<usize> = (0..100)
+        .map(|i| {
+            sim.connect_client(
+                format!("10.0.{}.{}:4000", i / 200, i % 200 + 1)
+                    .parse()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    for &c in &clients {
+        sim.send(c, &get_h("/hot", ""));
+    }
+    sim.run_for(Duration::from_millis(500));
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        1,
+        "100 concurrent misses, one backend request"
+    );
+    for &c in &clients {
+        let text = responses_text(&sim.clients[c].received);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("body of /hot"), "{text}");
+    }
+    // Responses that may not be stored do not hold the others back for long: every
+    // request reaches the backend, all within a few backend round trips.
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hd = "Cache-Control: no-store";
+    let mut sim = sim_with(
+        &cached(""),
+        slow_origin(hd, n.clone()),
+        slow_origin(hd, n.clone()),
+        7,
+    );
+    let clients: Vec<usize> = (0..20)
+        .map(|i| sim.connect_client(format!("10.1.0.{}:4000", i + 1).parse().unwrap()))
+        .collect();
+    for &c in &clients {
+        sim.send(c, &get_h("/private", ""));
+    }
+    sim.run_for(Duration::from_millis(200));
+    assert_eq!(n.load(Ordering::SeqCst), 20);
+    assert!(clients
+        .iter()
+        .all(|&c| responses_text(&sim.clients[c].received).starts_with("HTTP/1.1 200")));
+}
+
+#[test]
+fn a_waiting_request_goes_itself_after_the_lock_timeout() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The leader's backend takes 50 ms; waiters give up after 10 ms.
+    let yaml = cached("").replace(
+        "cache:\n  size: 1MB\n",
+        "cache:\n  size: 1MB\n  lock_timeout: 10ms\n",
+    );
+    let hd = "Cache-Control: max-age=60";
+    let mut sim = sim_with(
+        &yaml,
+        slow_origin(hd, n.clone()),
+        slow_origin(hd, n.clone()),
+        7,
+    );
+    let a = sim.connect_client("10.2.0.1:4000".parse().unwrap());
+    let b = sim.connect_client("10.2.0.2:4000".parse().unwrap());
+    sim.send(a, &get_h("/k", ""));
+    sim.send(b, &get_h("/k", ""));
+    sim.run_for(Duration::from_millis(300));
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    for c in [a, b] {
+        assert!(responses_text(&sim.clients[c].received).starts_with("HTTP/1.1 200"));
+    }
+}
