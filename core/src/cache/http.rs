@@ -370,19 +370,17 @@ impl HttpCache {
         let old = p.stale.as_ref().filter(|_| p.validating)?;
         // Stored fields, minus those the 304 replaces, plus the 304's.
         let mut head = Vec::with_capacity(old.head.len() + h.len);
-        let mut lines = old.head.split(|&b| b == b'\n');
-        if let Some(status) = lines.next() {
+        if let Some(status) = old.head.split(|&b| b == b'\n').next() {
             head.extend_from_slice(status);
             head.push(b'\n');
         }
-        for line in lines.filter(|l| !l.is_empty()) {
-            let name = line.split(|&b| b == b':').next().unwrap_or(b"");
+        for (name, line) in stored_fields(&old.head) {
             let replaced = h.headers.iter().any(|f| {
                 !not_stored_field(h, buf, f) && f.name.get(buf).eq_ignore_ascii_case(name)
             });
             if !replaced {
                 head.extend_from_slice(line);
-                head.push(b'\n');
+                head.extend_from_slice(b"\r\n");
             }
         }
         for f in &h.headers {
@@ -449,23 +447,14 @@ impl HttpCache {
             }
             return None;
         }
-        let vary_lines: Vec<&[u8]> = h
-            .headers
-            .iter()
-            .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"vary"))
-            .map(|f| f.value.get(buf))
-            .collect();
+        let vary_lines: Vec<&[u8]> = response_values(h, buf, b"vary").collect();
         let vary = vary_lines.join(&b", "[..]);
         let secondary = if vary.is_empty() {
             Vec::new()
         } else {
             vary_key([&vary[..]], |n| field_values(&p.head, &p.head_bytes, n))?
         };
-        let etag = h
-            .headers
-            .iter()
-            .find(|f| f.name.get(buf).eq_ignore_ascii_case(b"etag"))
-            .map(|f| Bytes::copy_from_slice(f.value.get(buf)));
+        let etag = header(h, buf, b"etag").map(Bytes::copy_from_slice);
         Some(Box::new(Capture {
             key: p.key.clone(),
             head: stored_head(h, buf),
@@ -572,11 +561,20 @@ impl HttpCache {
     }
 }
 
-fn header<'a>(h: &ResponseHead, buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+/// Every value of a response field, in order.
+fn response_values<'a>(
+    h: &'a ResponseHead,
+    buf: &'a [u8],
+    name: &'a [u8],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
     h.headers
         .iter()
-        .find(|f| f.name.get(buf).eq_ignore_ascii_case(name))
-        .map(|f| f.value.get(buf))
+        .filter(move |f| f.name.get(buf).eq_ignore_ascii_case(name))
+        .map(move |f| f.value.get(buf))
+}
+
+fn header<'a>(h: &'a ResponseHead, buf: &'a [u8], name: &'a [u8]) -> Option<&'a [u8]> {
+    response_values(h, buf, name).next()
 }
 
 /// What the cache needs to know of a response, from its head.
@@ -586,12 +584,7 @@ pub fn response_facts(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> ResponseFacts {
-    let cc = Directives::parse(
-        h.headers
-            .iter()
-            .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"cache-control"))
-            .map(|f| f.value.get(buf)),
-    );
+    let cc = Directives::parse(response_values(h, buf, b"cache-control"));
     let age = header(h, buf, b"age")
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
@@ -603,16 +596,8 @@ pub fn response_facts(
         last_modified: header(h, buf, b"last-modified").and_then(super::parse_date),
         age,
         has_etag: header(h, buf, b"etag").is_some(),
-        vary_star: h
-            .headers
-            .iter()
-            .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"vary"))
-            .any(|f| {
-                f.value
-                    .get(buf)
-                    .split(|&b| b == b',')
-                    .any(|t| t.trim_ascii() == b"*")
-            }),
+        vary_star: response_values(h, buf, b"vary")
+            .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii() == b"*")),
         cc,
         request_time,
         response_time,
@@ -629,6 +614,15 @@ fn not_stored_field(h: &ResponseHead, buf: &[u8], f: &crate::http1::head::Header
         || n.eq_ignore_ascii_case(b"age")
         || n.eq_ignore_ascii_case(b"x-cache")
         || n.eq_ignore_ascii_case(b"cache-status")
+}
+
+/// The field lines of a stored head (after its status line), each with its field name,
+/// without line endings.
+fn stored_fields(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    head.split(|&b| b == b'\n').skip(1).filter_map(|line| {
+        let l = line.strip_suffix(b"\r").unwrap_or(line);
+        (!l.is_empty()).then(|| (l.split(|&b| b == b':').next().unwrap_or(b""), l))
+    })
 }
 
 /// Status line and the header fields to store, each line with its CRLF.
@@ -688,9 +682,7 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
     if not_modified {
         // 304: the validators and caching fields of the stored response, no body.
         out.extend_from_slice(b"HTTP/1.1 304 Not Modified\r\n");
-        for line in stored.head.split(|&b| b == b'\n').skip(1) {
-            let l = line.strip_suffix(b"\r").unwrap_or(line);
-            let name = l.split(|&b| b == b':').next().unwrap_or(b"");
+        for (name, l) in stored_fields(&stored.head) {
             let keep = [
                 &b"etag"[..],
                 b"cache-control",
