@@ -54,6 +54,7 @@ matrix!(
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
     cache_coalesces_concurrent_misses,
+    cache_refreshes_stale_entries_in_the_background,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -1003,4 +1004,36 @@ fn cache_coalesces_concurrent_misses(bin: &PathBuf) {
         1,
         "40 concurrent misses for one key reached the backend once"
     );
+}
+
+fn cache_refreshes_stale_entries_in_the_background(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "1MB"]);
+    let path = "/bytes/500?cc=max-age=2,stale-while-revalidate=30&etag=v1";
+    assert_eq!(get(p.addr, path).header("x-cache"), Some("MISS"));
+    std::thread::sleep(Duration::from_millis(2200));
+    // Stale: answered at once from the store, and refreshed behind the client's back.
+    let r = get(p.addr, path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("STALE")));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.requests().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no background refresh: {}",
+            p.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let refresh = &b.requests()[1];
+    assert_eq!(refresh.target, path);
+    assert_eq!(refresh.header("if-none-match"), Some("\"v1\""));
+    std::thread::sleep(Duration::from_millis(100));
+    let r = get(p.addr, path);
+    assert_eq!(
+        r.header("x-cache"),
+        Some("HIT"),
+        "fresh again after the refresh"
+    );
+    assert_eq!(r.body, pattern(500));
+    assert_eq!(b.requests().len(), 2);
 }

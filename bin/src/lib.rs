@@ -4,4 +4,5 @@ pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod process;
+pub mod refresh;
 pub mod runtimes;

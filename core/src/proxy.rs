@@ -24,7 +24,7 @@
 
 use crate::balance::{Algorithm, PickInput};
 use crate::buf::{BufPool, OutBuf};
-use crate::cache::http::{write_hit, Capture, HitReply, Lookup, Pending, Served};
+use crate::cache::http::{write_hit, Capture, HitReply, Lookup, Pending, Refresh, Served};
 use crate::cache::store::Stored;
 use crate::error::{HttpError, Status};
 use crate::http1::body::{Chunk, ChunkedDecoder};
@@ -842,7 +842,30 @@ impl Session {
                     age,
                     stale,
                     not_modified,
+                    refresh,
                 } => {
+                    if let Some(p) = refresh {
+                        // Served stale: refresh in the background (the runtime's fetcher).
+                        let (hb, hh) = p.request_head();
+                        let mut request = Vec::with_capacity(hb.len() + 160);
+                        write_upstream_head(
+                            &mut request,
+                            hb,
+                            hh,
+                            self.client_ip,
+                            &ctx.upstreams[up_id].backends[0].host,
+                            &ctx.via_name,
+                        );
+                        let mut extra = p.refresh_lines();
+                        extra.extend_from_slice(b"Connection: close\r\n");
+                        let end = request.len() - 2;
+                        request.splice(end..end, extra);
+                        cache.queue_refresh(Refresh {
+                            upstream: up_id as u16,
+                            request,
+                            pending: p,
+                        });
+                    }
                     self.serve_hit(&h, &stored, age, stale, not_modified, now);
                     return;
                 }

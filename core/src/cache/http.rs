@@ -41,7 +41,6 @@ pub struct CacheStats {
     pub bytes_served: AtomicU64,
 }
 
-#[derive(Debug)]
 pub struct HttpCache {
     pub store: Store,
     pub policy: Policy,
@@ -55,6 +54,22 @@ pub struct HttpCache {
     /// How long a request waits for another one's fetch of the same key before going to
     /// the backend itself (nginx: `proxy_cache_lock_timeout`).
     pub lock_timeout: Duration,
+    /// Background refreshes (stale-while-revalidate) waiting for the runtime's fetcher.
+    refreshes: Mutex<std::collections::VecDeque<Refresh>>,
+    /// Wakes the fetcher; `None` while no fetcher runs (then nothing is queued).
+    refresh_wake: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+/// Refreshes queued at most; past it, a stale entry is simply refreshed later.
+const REFRESH_QUEUE: usize = 1024;
+
+/// A background refresh of a stale entry: the request to send (conditional, `Connection:
+/// close`) to a backend of `upstream`, and what [`HttpCache::absorb`] needs for the answer.
+#[derive(Debug)]
+pub struct Refresh {
+    pub upstream: u16,
+    pub request: Vec<u8>,
+    pub pending: Box<Pending>,
 }
 
 /// Keys being fetched (`None`) or passed (`Some(until)`), one map per shard.
@@ -67,6 +82,15 @@ pub const WAIT_POLL: Duration = Duration::from_millis(2);
 pub struct Lead {
     cache: Arc<HttpCache>,
     key: Vec<u8>,
+}
+
+impl std::fmt::Debug for HttpCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCache")
+            .field("store", &self.store)
+            .field("policy", &self.policy)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Lead {
@@ -122,6 +146,39 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// The request head this pending fetch was made for: its bytes and spans into them.
+    pub fn request_head(&self) -> (&[u8], &RequestHead) {
+        (&self.head_bytes, &self.head)
+    }
+
+    /// A background refresh validates whenever the stored entry has a validator, whatever
+    /// conditionals the client sent (they were answered from the store).
+    fn force_validators(&mut self) {
+        self.validating = self
+            .stale
+            .as_ref()
+            .is_some_and(|s| s.etag.is_some() || s.facts.last_modified.is_some());
+    }
+
+    /// The conditional header lines of a refresh (`If-None-Match` / `If-Modified-Since`).
+    pub fn refresh_lines(&self) -> Vec<u8> {
+        let mut lines = Vec::new();
+        let Some(stored) = self.stale.as_ref().filter(|_| self.validating) else {
+            return lines;
+        };
+        if let Some(etag) = &stored.etag {
+            lines.extend_from_slice(b"If-None-Match: ");
+            lines.extend_from_slice(etag);
+            lines.extend_from_slice(b"\r\n");
+        }
+        if let Some(lm) = stored.facts.last_modified {
+            lines.extend_from_slice(b"If-Modified-Since: ");
+            lines.extend_from_slice(super::format_date(lm).as_bytes());
+            lines.extend_from_slice(b"\r\n");
+        }
+        lines
+    }
+
     /// This fetch will not be stored: whoever waits on it should stop.
     pub fn pass(&self, now: SystemTime) {
         if let Some(l) = &self.lead {
@@ -179,6 +236,9 @@ pub enum Lookup {
         age: u64,
         stale: bool,
         not_modified: bool,
+        /// Stale within `stale-while-revalidate` and nobody refreshing it yet: the caller
+        /// builds the request and queues the refresh ([`HttpCache::queue_refresh`]).
+        refresh: Option<Box<Pending>>,
     },
     /// Forward; store the response if it may be stored.
     Miss(Box<Pending>),
@@ -249,7 +309,97 @@ impl HttpCache {
             stats: CacheStats::default(),
             inflight: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
             lock_timeout: Duration::from_secs(5),
+            refreshes: Mutex::new(std::collections::VecDeque::new()),
+            refresh_wake: Mutex::new(None),
         }
+    }
+
+    /// A fetcher (a runtime service) will carry out background refreshes; `wake` is called
+    /// when one is queued.
+    pub fn set_refresher(&self, wake: impl Fn() + Send + Sync + 'static) {
+        *self.refresh_wake.lock() = Some(Box::new(wake));
+    }
+
+    /// Queue a refresh and wake the fetcher. Dropped (with its lead) when the queue is full.
+    pub fn queue_refresh(&self, r: Refresh) {
+        let mut q = self.refreshes.lock();
+        if q.len() < REFRESH_QUEUE {
+            q.push_back(r);
+            drop(q);
+            if let Some(w) = self.refresh_wake.lock().as_ref() {
+                w();
+            }
+        }
+    }
+
+    /// The next refresh for the fetcher to carry out.
+    pub fn take_refresh(&self) -> Option<Refresh> {
+        self.refreshes.lock().pop_front()
+    }
+
+    /// The whole response to a refresh arrived (`response`: head and body, the backend
+    /// closed after it): store or refresh the entry. Says what happened.
+    pub fn absorb(
+        self: &Arc<Self>,
+        r: Refresh,
+        response: &[u8],
+        now: SystemTime,
+    ) -> Result<&'static str, String> {
+        use crate::http1::body::{Chunk, ChunkedDecoder};
+        use crate::http1::head::{parse_response, Parsed};
+        use crate::http1::BodyKind;
+        let h = match parse_response(response, 64 * 1024) {
+            Ok(Parsed::Complete(h)) => h,
+            Ok(Parsed::Partial) => return Err("incomplete response head".into()),
+            Err(e) => return Err(format!("bad response head: {}", e.why)),
+        };
+        let p = &r.pending;
+        if h.status == 304 {
+            return match self.revalidated(p, &h, response, now) {
+                Some(_) => Ok("revalidated"),
+                None => Err("304 to a request that was not conditional".into()),
+            };
+        }
+        let Some(mut c) = self.begin_capture(p, &h, response, now) else {
+            if crate::cache::invalidating_status(h.status) || h.status >= 400 {
+                // The origin now says something the cache may not keep: drop the old one.
+                self.store.invalidate(&p.key);
+            }
+            return Ok("not storable");
+        };
+        let body = &response[h.len..];
+        match h.body {
+            BodyKind::None => {}
+            BodyKind::Length(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if body.len() < n {
+                    return Err("response body cut short".into());
+                }
+                c.push(&body[..n]);
+            }
+            BodyKind::UntilClose => c.push(body),
+            BodyKind::Chunked => {
+                let mut dec = ChunkedDecoder::new();
+                let mut pos = 0;
+                loop {
+                    let (used, chunk) = dec
+                        .decode(&body[pos..])
+                        .map_err(|e| format!("bad chunked body: {e}"))?;
+                    if let Some(Chunk::Data(r)) = &chunk {
+                        c.push(&body[pos + r.start..pos + r.end]);
+                    }
+                    pos += used;
+                    if matches!(chunk, Some(Chunk::End)) {
+                        break;
+                    }
+                    if used == 0 || pos >= body.len() {
+                        return Err("chunked body cut short".into());
+                    }
+                }
+            }
+        }
+        self.finish(c);
+        Ok("stored")
     }
 
     fn inflight_shard(&self, key: &[u8]) -> &Mutex<Inflight> {
@@ -327,11 +477,32 @@ impl HttpCache {
                     stored.etag.as_deref(),
                     stored.facts.last_modified,
                 );
+                let stale = decision == Reuse::StaleWhileRevalidate;
+                let refresh =
+                    if stale && h.method == Method::Get && self.refresh_wake.lock().is_some() {
+                        self.lead(&key, now).ok().map(|lead| {
+                            let mut p = Box::new(Pending {
+                                key: key.clone(),
+                                head_bytes: buf[..h.len].to_vec(),
+                                head: h.clone(),
+                                facts: facts.clone(),
+                                request_time: now,
+                                stale: Some(stored.clone()),
+                                validating: false,
+                                lead: Some(lead),
+                            });
+                            p.force_validators();
+                            p
+                        })
+                    } else {
+                        None
+                    };
                 return Lookup::Hit {
                     stored: stored.clone(),
                     age,
-                    stale: decision == Reuse::StaleWhileRevalidate,
+                    stale,
                     not_modified: nm,
+                    refresh,
                 };
             }
         }

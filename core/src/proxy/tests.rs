@@ -984,3 +984,98 @@ fn a_waiting_request_goes_itself_after_the_lock_timeout() {
         assert!(responses_text(&sim.clients[c].received).starts_with("HTTP/1.1 200"));
     }
 }
+
+#[test]
+fn stale_while_revalidate_serves_stale_and_queues_one_background_refresh() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&cached(""), now);
+    let cache = ctx.cache.clone().unwrap();
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = wakes.clone();
+    cache.set_refresher(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    });
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hd = "Cache-Control: max-age=1, stale-while-revalidate=30\r\nETag: \"v1\"";
+    let mut sim = Sim::new(
+        ctx.clone(),
+        vec![
+            (B1.parse().unwrap(), origin("b1", hd, n.clone())),
+            (B2.parse().unwrap(), origin("b2", hd, n.clone())),
+        ],
+        3,
+        now,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, &get_h("/swr", ""));
+    sim.run_for(Duration::from_secs(2));
+    // Stale within the window: served at once, twice; one refresh queued.
+    for _ in 0..2 {
+        sim.send(c, &get_h("/swr", ""));
+        sim.run_for(Duration::from_millis(5));
+    }
+    let text = responses_text(&sim.clients[c].received);
+    assert_eq!(text.matches("X-Cache: STALE").count(), 2, "{text}");
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        1,
+        "no client waited for the backend"
+    );
+    assert_eq!(wakes.load(Ordering::SeqCst), 1);
+    let job = cache.take_refresh().expect("a refresh");
+    assert!(
+        cache.take_refresh().is_none(),
+        "one refresh per key at a time"
+    );
+    let req = String::from_utf8_lossy(&job.request).into_owned();
+    assert!(req.starts_with("GET /swr HTTP/1.1\r\n"), "{req}");
+    assert!(
+        req.contains("If-None-Match: \"v1\"\r\n") && req.ends_with("Connection: close\r\n\r\n"),
+        "{req}"
+    );
+    // The fetcher's answer: a 304 makes the entry fresh again.
+    let wall = ctx.clock.at(sim.now);
+    let what = cache
+        .absorb(job, b"HTTP/1.1 304 Not Modified\r\nCache-Control: max-age=60, stale-while-revalidate=30\r\nETag: \"v1\"\r\n\r\n", wall)
+        .unwrap();
+    assert_eq!(what, "revalidated");
+    sim.send(c, &get_h("/swr", ""));
+    sim.run_for(Duration::from_millis(5));
+    let text = responses_text(&sim.clients[c].received);
+    assert_eq!(text.matches("X-Cache: HIT").count(), 1, "{text}");
+    // A new body (chunked) replaces the entry.
+    sim.run_for(Duration::from_secs(61));
+    let c2 = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c2, &get_h("/swr", ""));
+    sim.run_for(Duration::from_millis(5));
+    let job = cache.take_refresh().expect("a second refresh");
+    let wall = ctx.clock.at(sim.now);
+    let what = cache
+        .absorb(
+            job,
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60, stale-while-revalidate=30\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nnew\r\n0\r\n\r\n",
+            wall,
+        )
+        .unwrap();
+    assert_eq!(what, "stored");
+    sim.send(c2, &get_h("/swr", ""));
+    sim.run_for(Duration::from_millis(5));
+    let text = responses_text(&sim.clients[c2].received);
+    assert!(
+        text.ends_with("X-Cache: HIT\r\nCache-Status: trireme; hit\r\n\r\nnew"),
+        "{text}"
+    );
+    // Broken answers are refused, the entry stays.
+    sim.run_for(Duration::from_secs(61));
+    let c3 = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c3, &get_h("/swr", ""));
+    sim.run_for(Duration::from_millis(5));
+    let job = cache.take_refresh().expect("a third refresh");
+    let wall = ctx.clock.at(sim.now);
+    let cut = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 10\r\n\r\nabc";
+    assert!(cache.absorb(job, cut, wall).is_err());
+    sim.send(c3, &get_h("/swr", ""));
+    sim.run_for(Duration::from_millis(5));
+    let text = responses_text(&sim.clients[c3].received);
+    assert!(text.ends_with("new"), "the entry stays: {text}");
+}

@@ -1,0 +1,75 @@
+//! Background refreshes for the cache (`stale-while-revalidate`): the sessions serve the
+//! stale entry at once and queue a refresh; this service carries it out with blocking
+//! sockets on its own threads, whatever the event model, and hands the answer to the
+//! cache (a 304 refreshes the entry, a storable 200 replaces it).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use trireme_core::balance::PickInput;
+use trireme_core::cache::http::{HttpCache, Refresh};
+use trireme_core::proxy::ProxyContext;
+use trireme_core::shutdown::Shutdown;
+
+/// Start the refresher when the cache is on.
+pub fn spawn(ctx: &Arc<ProxyContext>, sd: Arc<Shutdown>) -> std::io::Result<()> {
+    let Some(cache) = ctx.cache.clone() else {
+        return Ok(());
+    };
+    let ctx = ctx.clone();
+    let c2 = cache.clone();
+    let t = std::thread::Builder::new()
+        .name("trireme-refresh".into())
+        .spawn(move || {
+            while !sd.is_requested() {
+                while let Some(job) = c2.take_refresh() {
+                    let (ctx, cache) = (ctx.clone(), c2.clone());
+                    // One thread per refresh: a slow backend holds up no other.
+                    let spawned = std::thread::Builder::new()
+                        .name("trireme-refresh-job".into())
+                        .spawn(move || refresh(&ctx, &cache, job));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start a background refresh");
+                    }
+                }
+                std::thread::park_timeout(Duration::from_millis(200));
+            }
+        })?;
+    let th = t.thread().clone();
+    cache.set_refresher(move || th.unpark());
+    Ok(())
+}
+
+fn refresh(ctx: &ProxyContext, cache: &Arc<HttpCache>, job: Refresh) {
+    let up = &ctx.upstreams[job.upstream as usize];
+    let input = PickInput {
+        client: b"",
+        key: None,
+    };
+    let Some(b) = up.pick(&input, &[], Instant::now()) else {
+        tracing::debug!(upstream = %up.cfg.name, "background refresh: no healthy backend");
+        return;
+    };
+    let addr = up.backends[b].addr;
+    let limit = cache.store.max_object() + 64 * 1024;
+    let fetched = (|| -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&addr, up.cfg.connect_timeout)?;
+        s.set_write_timeout(Some(up.cfg.response_timeout))?;
+        s.set_read_timeout(Some(up.cfg.response_timeout))?;
+        s.write_all(&job.request)?;
+        let mut buf = Vec::with_capacity(4096);
+        s.take(limit as u64 + 1).read_to_end(&mut buf)?;
+        Ok(buf)
+    })();
+    match fetched {
+        Ok(buf) if buf.len() <= limit => match cache.absorb(job, &buf, SystemTime::now()) {
+            Ok(what) => tracing::debug!(backend = %addr, what, "background refresh"),
+            Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
+        },
+        Ok(_) => {
+            tracing::debug!(backend = %addr, "background refresh: response too large to store")
+        }
+        Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
+    }
+}
