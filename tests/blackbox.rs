@@ -55,6 +55,7 @@ matrix!(
     cache_purge_and_metrics_on_the_admin_listener,
     cache_coalesces_concurrent_misses,
     cache_refreshes_stale_entries_in_the_background,
+    cache_warms_configured_paths_at_start,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -1036,4 +1037,27 @@ fn cache_refreshes_stale_entries_in_the_background(bin: &PathBuf) {
     );
     assert_eq!(r.body, pattern(500));
     assert_eq!(b.requests().len(), 2);
+}
+
+fn cache_warms_configured_paths_at_start(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let yaml = "server:\n  listen: \"{listen}\"\ncache:\n  size: 1MB\n  warming:\n    host: test\n    on_startup:\n      - path: /w1?cc=max-age=60\n  preload:\n    enabled: true\n    paths:\n      - /w2?cc=max-age=60\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.requests().len() < 2 {
+        assert!(Instant::now() < deadline, "no warming fetch: {}", p.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for path in ["/w1?cc=max-age=60", "/w2?cc=max-age=60"] {
+        let r = get(p.addr, path);
+        assert_eq!(
+            r.header("x-cache"),
+            Some("HIT"),
+            "{path} warmed: {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(b.requests().len(), 2);
+    assert!(p.logs().contains("cache warming started"));
 }

@@ -73,3 +73,27 @@ fn refresh(ctx: &ProxyContext, cache: &Arc<HttpCache>, job: Refresh) {
         Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
     }
 }
+
+/// Queue the configured start-up warming (`cache.warming.on_startup`, `cache.preload`).
+pub fn warm(ctx: &ProxyContext, cfg: &trireme_core::config::Config) {
+    let (Some(cache), Some(cs)) = (&ctx.cache, &cfg.file.cache) else {
+        return;
+    };
+    let (Some(host), paths) = cs.warm_paths() else {
+        return;
+    };
+    let mut queued = 0;
+    for path in paths {
+        let Some(up) = ctx.router.route(host.as_bytes(), path.as_bytes()) else {
+            tracing::warn!(host, path, "cache warming: no route for this path");
+            continue;
+        };
+        if let Some(job) = cache.warm(host, path, up as u16, &ctx.limits, SystemTime::now()) {
+            cache.queue_refresh(job);
+            queued += 1;
+        }
+    }
+    if queued > 0 {
+        tracing::info!(paths = queued, host, "cache warming started");
+    }
+}

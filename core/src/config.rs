@@ -333,6 +333,56 @@ pub struct CacheSection {
     /// going to the backend themselves (nginx: `proxy_cache_lock_timeout`).
     pub lock_timeout: Dur,
     pub l1: Option<L1Section>,
+    /// Paths fetched into the cache at start.
+    pub warming: Option<WarmingSection>,
+    /// The seed configs' form of start-up warming (`preload.paths`).
+    pub preload: Option<PreloadSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmingSection {
+    pub enabled: bool,
+    /// The `Host` the warmed entries are keyed under (what clients send).
+    pub host: Option<String>,
+    pub on_startup: Vec<WarmPath>,
+}
+
+impl Default for WarmingSection {
+    fn default() -> Self {
+        WarmingSection {
+            enabled: true,
+            host: None,
+            on_startup: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmPath {
+    pub path: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreloadSection {
+    pub enabled: bool,
+    pub paths: Vec<String>,
+}
+
+impl CacheSection {
+    /// Paths to fetch at start and the host to key them under.
+    pub fn warm_paths(&self) -> (Option<&str>, Vec<&str>) {
+        let mut paths = Vec::new();
+        if let Some(w) = self.warming.as_ref().filter(|w| w.enabled) {
+            paths.extend(w.on_startup.iter().map(|p| p.path.as_str()));
+        }
+        if let Some(p) = self.preload.as_ref().filter(|p| p.enabled) {
+            paths.extend(p.paths.iter().map(String::as_str));
+        }
+        (self.warming.as_ref().and_then(|w| w.host.as_deref()), paths)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +405,8 @@ impl Default for CacheSection {
             shards: 16,
             lock_timeout: Dur(Duration::from_secs(5)),
             l1: None,
+            warming: None,
+            preload: None,
         }
     }
 }
@@ -727,6 +779,19 @@ impl Config {
                 return Err(ConfigError(format!(
                     "{}: only `lru` is supported",
                     locate(file, src, "eviction_policy", "")
+                )));
+            }
+            let (host, paths) = c.warm_paths();
+            if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
+                return Err(ConfigError(format!(
+                    "{}: `{bad}` must start with /",
+                    locate(file, src, "path", bad)
+                )));
+            }
+            if !paths.is_empty() && host.is_none() {
+                return Err(ConfigError(format!(
+                    "{}: cache warming needs `cache.warming.host`, the Host clients send, to key what it fetches",
+                    locate(file, src, "warming", "")
                 )));
             }
             if c.l1_size() > 0 && c.max_object_size.0 == 0 {

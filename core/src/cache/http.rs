@@ -332,6 +332,42 @@ impl HttpCache {
         }
     }
 
+    /// A fetch of `path` under `host` into the cache (start-up warming), for a backend of
+    /// `upstream`; `None` when the path is being fetched already or is not a valid target.
+    pub fn warm(
+        self: &Arc<Self>,
+        host: &str,
+        path: &str,
+        upstream: u16,
+        limits: &crate::http1::Limits,
+        now: SystemTime,
+    ) -> Option<Refresh> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+            .into_bytes();
+        let h = match crate::http1::head::parse_request(&request, limits) {
+            Ok(crate::http1::head::Parsed::Complete(h)) => h,
+            _ => return None,
+        };
+        let key = self.key(&h, &request);
+        let lead = self.lead(&key, now).ok()?;
+        let facts = request_facts(&h, &request);
+        let pending = Box::new(Pending {
+            key,
+            head_bytes: request.clone(),
+            head: h,
+            facts,
+            request_time: now,
+            stale: None,
+            validating: false,
+            lead: Some(lead),
+        });
+        Some(Refresh {
+            upstream,
+            request,
+            pending,
+        })
+    }
+
     /// The next refresh for the fetcher to carry out.
     pub fn take_refresh(&self) -> Option<Refresh> {
         self.refreshes.lock().pop_front()

@@ -137,3 +137,26 @@ fn shipped_example_configs_are_valid() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+#[test]
+fn cache_warming_needs_a_host_and_absolute_paths() {
+    let base = "backends:\n  - url: http://127.0.0.1:9001\ncache:\n  size: 1MB\n";
+    let e = Config::from_yaml(
+        &format!("{base}  warming:\n    on_startup:\n      - path: /a\n"),
+        "w.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("w.yaml:5") && e.contains("cache.warming.host"), "{e}");
+    let e = Config::from_yaml(
+        &format!("{base}  warming:\n    host: x\n    on_startup:\n      - path: a\n"),
+        "w.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("w.yaml:8") && e.contains("must start with /"), "{e}");
+    let e = Config::from_yaml(&format!("{base}  eviction_policy: lfu\n"), "w.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("w.yaml:5") && e.contains("lru"), "{e}");
+}
