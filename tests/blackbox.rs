@@ -56,6 +56,7 @@ matrix!(
     cache_coalesces_concurrent_misses,
     cache_refreshes_stale_entries_in_the_background,
     cache_warms_configured_paths_at_start,
+    cache_warms_on_a_schedule,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -1060,4 +1061,26 @@ fn cache_warms_configured_paths_at_start(bin: &PathBuf) {
     }
     assert_eq!(b.requests().len(), 2);
     assert!(p.logs().contains("cache warming started"));
+}
+
+fn cache_warms_on_a_schedule(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    // Every second (six fields: seconds first).
+    let yaml = "server:\n  listen: \"{listen}\"\ncache:\n  size: 1MB\n  warming:\n    host: test\n    scheduled:\n      - cron: \"* * * * * *\"\n        paths:\n          - /s1?cc=max-age=60\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while b.requests().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "scheduled warming did not run: {}",
+            p.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.requests().iter().all(|r| r.target == "/s1?cc=max-age=60"));
+    assert_eq!(
+        get(p.addr, "/s1?cc=max-age=60").header("x-cache"),
+        Some("HIT")
+    );
+    assert!(p.logs().contains("scheduled cache warming"));
 }

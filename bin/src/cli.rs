@@ -204,7 +204,7 @@ fn run_proxy(
     let sd = Arc::new(Shutdown::new());
     process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
     process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
-    crate::refresh::spawn(&ctx, sd.clone()).map_err(|e| format!("cache refresher: {e}"))?;
+    crate::refresh::spawn(&ctx, cfg, sd.clone()).map_err(|e| format!("cache refresher: {e}"))?;
     crate::refresh::warm(&ctx, cfg);
     if let Some(a) = &cfg.file.admin {
         let want: SocketAddr = a

@@ -9,20 +9,52 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use trireme_core::balance::PickInput;
 use trireme_core::cache::http::{HttpCache, Refresh};
+use trireme_core::cache::CronSchedule;
 use trireme_core::proxy::ProxyContext;
 use trireme_core::shutdown::Shutdown;
 
-/// Start the refresher when the cache is on.
-pub fn spawn(ctx: &Arc<ProxyContext>, sd: Arc<Shutdown>) -> std::io::Result<()> {
+/// Start the refresher when the cache is on: background refreshes, and the scheduled
+/// warming of `cache.warming.scheduled`.
+pub fn spawn(
+    ctx: &Arc<ProxyContext>,
+    cfg: &trireme_core::config::Config,
+    sd: Arc<Shutdown>,
+) -> std::io::Result<()> {
     let Some(cache) = ctx.cache.clone() else {
         return Ok(());
     };
+    let warming = cfg.file.cache.as_ref().and_then(|c| c.warming.as_ref());
+    let host = warming.and_then(|w| w.host.clone());
+    let mut schedules: Vec<(CronSchedule, Vec<String>, Option<SystemTime>)> = warming
+        .filter(|w| w.enabled)
+        .map(|w| {
+            w.scheduled
+                .iter()
+                .filter_map(|s| {
+                    let c = CronSchedule::parse(&s.cron).ok()?;
+                    let next = c.next_after(SystemTime::now());
+                    Some((c, s.paths.clone(), next))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let ctx = ctx.clone();
     let c2 = cache.clone();
     let t = std::thread::Builder::new()
         .name("trireme-refresh".into())
         .spawn(move || {
             while !sd.is_requested() {
+                let now = SystemTime::now();
+                for (cron, paths, next) in schedules.iter_mut() {
+                    if next.is_some_and(|t| t <= now) {
+                        if let Some(host) = &host {
+                            let n =
+                                queue_warming(&ctx, &c2, host, paths.iter().map(String::as_str));
+                            tracing::info!(paths = n, host = %host, "scheduled cache warming");
+                        }
+                        *next = cron.next_after(now);
+                    }
+                }
                 while let Some(job) = c2.take_refresh() {
                     let (ctx, cache) = (ctx.clone(), c2.clone());
                     // One thread per refresh: a slow backend holds up no other.
@@ -33,12 +65,39 @@ pub fn spawn(ctx: &Arc<ProxyContext>, sd: Arc<Shutdown>) -> std::io::Result<()> 
                         tracing::warn!(error = %e, "cannot start a background refresh");
                     }
                 }
-                std::thread::park_timeout(Duration::from_millis(200));
+                let due = schedules
+                    .iter()
+                    .filter_map(|(_, _, n)| *n)
+                    .min()
+                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(Duration::from_millis(200));
+                std::thread::park_timeout(due.min(Duration::from_millis(200)));
             }
         })?;
     let th = t.thread().clone();
     cache.set_refresher(move || th.unpark());
     Ok(())
+}
+
+/// Queue warming fetches for `paths` under `host`; how many were queued.
+fn queue_warming<'a>(
+    ctx: &ProxyContext,
+    cache: &Arc<HttpCache>,
+    host: &str,
+    paths: impl Iterator<Item = &'a str>,
+) -> usize {
+    let mut queued = 0;
+    for path in paths {
+        let Some(up) = ctx.router.route(host.as_bytes(), path.as_bytes()) else {
+            tracing::warn!(host, path, "cache warming: no route for this path");
+            continue;
+        };
+        if let Some(job) = cache.warm(host, path, up as u16, &ctx.limits, SystemTime::now()) {
+            cache.queue_refresh(job);
+            queued += 1;
+        }
+    }
+    queued
 }
 
 fn refresh(ctx: &ProxyContext, cache: &Arc<HttpCache>, job: Refresh) {
@@ -74,7 +133,8 @@ fn refresh(ctx: &ProxyContext, cache: &Arc<HttpCache>, job: Refresh) {
     }
 }
 
-/// Queue the configured start-up warming (`cache.warming.on_startup`, `cache.preload`).
+/// Queue the configured start-up warming (`cache.warming.on_startup`, `cache.preload`, and
+/// the scheduled paths once).
 pub fn warm(ctx: &ProxyContext, cfg: &trireme_core::config::Config) {
     let (Some(cache), Some(cs)) = (&ctx.cache, &cfg.file.cache) else {
         return;
@@ -82,17 +142,7 @@ pub fn warm(ctx: &ProxyContext, cfg: &trireme_core::config::Config) {
     let (Some(host), paths) = cs.warm_paths() else {
         return;
     };
-    let mut queued = 0;
-    for path in paths {
-        let Some(up) = ctx.router.route(host.as_bytes(), path.as_bytes()) else {
-            tracing::warn!(host, path, "cache warming: no route for this path");
-            continue;
-        };
-        if let Some(job) = cache.warm(host, path, up as u16, &ctx.limits, SystemTime::now()) {
-            cache.queue_refresh(job);
-            queued += 1;
-        }
-    }
+    let queued = queue_warming(ctx, cache, host, paths.into_iter());
     if queued > 0 {
         tracing::info!(paths = queued, host, "cache warming started");
     }

@@ -156,6 +156,29 @@ fn unquote(v: &[u8]) -> &[u8] {
     }
 }
 
+/// A cron schedule (UTC): 5 fields, or 6 with seconds first.
+#[derive(Clone, Debug)]
+pub struct CronSchedule(croner::Cron);
+
+impl CronSchedule {
+    pub fn parse(expr: &str) -> Result<CronSchedule, String> {
+        croner::Cron::new(expr)
+            .with_seconds_optional()
+            .parse()
+            .map(CronSchedule)
+            .map_err(|e| format!("invalid cron `{expr}`: {e}"))
+    }
+
+    /// The first time strictly after `t`.
+    pub fn next_after(&self, t: SystemTime) -> Option<SystemTime> {
+        let at: chrono::DateTime<chrono::Utc> = t.into();
+        self.0
+            .find_next_occurrence(&at, false)
+            .ok()
+            .map(SystemTime::from)
+    }
+}
+
 /// An HTTP date (IMF-fixdate, or the obsolete RFC 850 and asctime forms).
 pub fn parse_date(v: &[u8]) -> Option<SystemTime> {
     httpdate::parse_http_date(std::str::from_utf8(trim(v)).ok()?).ok()

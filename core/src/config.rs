@@ -346,6 +346,15 @@ pub struct WarmingSection {
     /// The `Host` the warmed entries are keyed under (what clients send).
     pub host: Option<String>,
     pub on_startup: Vec<WarmPath>,
+    /// Paths fetched again on a cron schedule (UTC; 5 fields, or 6 with seconds first).
+    pub scheduled: Vec<ScheduledWarm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledWarm {
+    pub cron: String,
+    pub paths: Vec<String>,
 }
 
 impl Default for WarmingSection {
@@ -354,6 +363,7 @@ impl Default for WarmingSection {
             enabled: true,
             host: None,
             on_startup: Vec::new(),
+            scheduled: Vec::new(),
         }
     }
 }
@@ -377,6 +387,9 @@ impl CacheSection {
         let mut paths = Vec::new();
         if let Some(w) = self.warming.as_ref().filter(|w| w.enabled) {
             paths.extend(w.on_startup.iter().map(|p| p.path.as_str()));
+            for s in &w.scheduled {
+                paths.extend(s.paths.iter().map(String::as_str));
+            }
         }
         if let Some(p) = self.preload.as_ref().filter(|p| p.enabled) {
             paths.extend(p.paths.iter().map(String::as_str));
@@ -780,6 +793,14 @@ impl Config {
                     "{}: only `lru` is supported",
                     locate(file, src, "eviction_policy", "")
                 )));
+            }
+            for s in c.warming.iter().flat_map(|w| &w.scheduled) {
+                if let Err(e) = crate::cache::CronSchedule::parse(&s.cron) {
+                    return Err(ConfigError(format!(
+                        "{}: {e}",
+                        locate(file, src, "cron", &s.cron)
+                    )));
+                }
             }
             let (host, paths) = c.warm_paths();
             if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {

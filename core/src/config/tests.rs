@@ -147,14 +147,27 @@ fn cache_warming_needs_a_host_and_absolute_paths() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("w.yaml:5") && e.contains("cache.warming.host"), "{e}");
+    assert!(
+        e.contains("w.yaml:5") && e.contains("cache.warming.host"),
+        "{e}"
+    );
     let e = Config::from_yaml(
         &format!("{base}  warming:\n    host: x\n    on_startup:\n      - path: a\n"),
         "w.yaml",
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("w.yaml:8") && e.contains("must start with /"), "{e}");
+    assert!(
+        e.contains("w.yaml:8") && e.contains("must start with /"),
+        "{e}"
+    );
+    let e = Config::from_yaml(
+        &format!("{base}  warming:\n    host: x\n    scheduled:\n      - cron: \"61 * * * *\"\n        paths: [/a]\n"),
+        "w.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("w.yaml:8") && e.contains("invalid cron"), "{e}");
     let e = Config::from_yaml(&format!("{base}  eviction_policy: lfu\n"), "w.yaml")
         .unwrap_err()
         .to_string();
