@@ -57,6 +57,7 @@ matrix!(
     cache_refreshes_stale_entries_in_the_background,
     cache_warms_configured_paths_at_start,
     cache_warms_on_a_schedule,
+    cache_refreshes_hot_entries_before_they_expire,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -1083,4 +1084,36 @@ fn cache_warms_on_a_schedule(bin: &PathBuf) {
         Some("HIT")
     );
     assert!(p.logs().contains("scheduled cache warming"));
+}
+
+fn cache_refreshes_hot_entries_before_they_expire(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let yaml = "server:\n  listen: \"{listen}\"\ncache:\n  size: 1MB\n  warming:\n    predictive:\n      threshold: 3\n      horizon: 30s\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let hot = "/hot?cc=max-age=4&etag=h1";
+    let cold = "/cold?cc=max-age=4&etag=c1";
+    assert_eq!(get(p.addr, hot).header("x-cache"), Some("MISS"));
+    assert_eq!(get(p.addr, cold).header("x-cache"), Some("MISS"));
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, hot).header("x-cache"), Some("HIT"));
+    }
+    // Within the last half of its life the hot entry is refreshed ahead of expiry (a
+    // conditional request); the cold one is not.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while !b.requests().iter().skip(2).any(|r| r.target == hot) {
+        assert!(
+            Instant::now() < deadline,
+            "no predictive refresh: {}",
+            p.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refresh = b
+        .requests()
+        .into_iter()
+        .skip(2)
+        .find(|r| r.target == hot)
+        .unwrap();
+    assert_eq!(refresh.header("if-none-match"), Some("\"h1\""));
+    assert!(b.requests().iter().filter(|r| r.target == cold).count() == 1);
 }

@@ -38,13 +38,33 @@ pub fn spawn(
                 .collect()
         })
         .unwrap_or_default();
+    let predictive = warming
+        .filter(|w| w.enabled)
+        .and_then(|w| w.predictive.as_ref())
+        .filter(|p| p.enabled)
+        .map(|p| (p.threshold, p.horizon.0));
     let ctx = ctx.clone();
     let c2 = cache.clone();
     let t = std::thread::Builder::new()
         .name("trireme-refresh".into())
         .spawn(move || {
+            let mut next_scan = SystemTime::now();
             while !sd.is_requested() {
                 let now = SystemTime::now();
+                if let Some((threshold, horizon)) = predictive.filter(|_| now >= next_scan) {
+                    next_scan = now + PREDICTIVE_SCAN;
+                    for (host, target, entry) in c2.hot_and_expiring(threshold, horizon, now) {
+                        let Some(up) = ctx.router.route(host.as_bytes(), target.as_bytes()) else {
+                            continue;
+                        };
+                        let job =
+                            c2.refresh_job(&host, &target, up as u16, &ctx.limits, now, entry);
+                        if let Some(job) = job {
+                            tracing::debug!(host = %host, target = %target, "predictive refresh");
+                            c2.queue_refresh(job);
+                        }
+                    }
+                }
                 for (cron, paths, next) in schedules.iter_mut() {
                     if next.is_some_and(|t| t <= now) {
                         if let Some(host) = &host {
@@ -68,6 +88,7 @@ pub fn spawn(
                 let due = schedules
                     .iter()
                     .filter_map(|(_, _, n)| *n)
+                    .chain(predictive.map(|_| next_scan))
                     .min()
                     .and_then(|t| t.duration_since(SystemTime::now()).ok())
                     .unwrap_or(Duration::from_millis(200));
@@ -78,6 +99,9 @@ pub fn spawn(
     cache.set_refresher(move || th.unpark());
     Ok(())
 }
+
+/// How often predictive warming looks for hot entries about to expire.
+const PREDICTIVE_SCAN: Duration = Duration::from_millis(500);
 
 /// Queue warming fetches for `paths` under `host`; how many were queued.
 fn queue_warming<'a>(

@@ -348,6 +348,28 @@ pub struct WarmingSection {
     pub on_startup: Vec<WarmPath>,
     /// Paths fetched again on a cron schedule (UTC; 5 fields, or 6 with seconds first).
     pub scheduled: Vec<ScheduledWarm>,
+    /// Refresh entries that drew `threshold` requests this hour before they expire.
+    pub predictive: Option<PredictiveSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PredictiveSection {
+    pub enabled: bool,
+    /// Requests in the current hour that make an entry worth refreshing early.
+    pub threshold: u64,
+    /// Refresh at most this long before expiry (and at most half the lifetime before).
+    pub horizon: Dur,
+}
+
+impl Default for PredictiveSection {
+    fn default() -> Self {
+        PredictiveSection {
+            enabled: true,
+            threshold: 10,
+            horizon: Dur(Duration::from_secs(30)),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,6 +386,7 @@ impl Default for WarmingSection {
             host: None,
             on_startup: Vec::new(),
             scheduled: Vec::new(),
+            predictive: None,
         }
     }
 }

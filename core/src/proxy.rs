@@ -716,6 +716,7 @@ impl Session {
         };
         ctx.metrics.count_status(status);
         if let Some(cache) = &ctx.cache {
+            stored.demand.hit(ctx.clock.at(now));
             let st = &cache.stats;
             st.hits.fetch_add(1, Ordering::Relaxed);
             if stale {

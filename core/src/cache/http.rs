@@ -342,6 +342,57 @@ impl HttpCache {
         limits: &crate::http1::Limits,
         now: SystemTime,
     ) -> Option<Refresh> {
+        self.fetch_job(host, path, upstream, limits, now, None)
+    }
+
+    /// Entries without `Vary` or key extension that drew at least `threshold` requests
+    /// this hour and expire within `min(horizon, lifetime / 2)`: the predictive warming
+    /// candidates, as (host, target, entry).
+    pub fn hot_and_expiring(
+        &self,
+        threshold: u64,
+        horizon: Duration,
+        now: SystemTime,
+    ) -> Vec<(String, String, Arc<Stored>)> {
+        let hot = self.store.select(|key, e| {
+            if !e.vary.is_empty() || key.contains(&0) || e.demand.this_hour(now) < threshold {
+                return false;
+            }
+            let life = super::freshness_lifetime(&e.facts, &self.policy);
+            let left = life.saturating_sub(current_age(&e.facts, now));
+            !left.is_zero() && left <= horizon.min(life / 2)
+        });
+        hot.into_iter()
+            .filter_map(|(key, e)| {
+                let url = std::str::from_utf8(key.strip_prefix(b"GET http://")?).ok()?;
+                let slash = url.find('/')?;
+                Some((url[..slash].to_string(), url[slash..].to_string(), e))
+            })
+            .collect()
+    }
+
+    /// A refresh of `path` under `host` that validates `stale` (predictive warming).
+    pub fn refresh_job(
+        self: &Arc<Self>,
+        host: &str,
+        path: &str,
+        upstream: u16,
+        limits: &crate::http1::Limits,
+        now: SystemTime,
+        stale: Arc<Stored>,
+    ) -> Option<Refresh> {
+        self.fetch_job(host, path, upstream, limits, now, Some(stale))
+    }
+
+    fn fetch_job(
+        self: &Arc<Self>,
+        host: &str,
+        path: &str,
+        upstream: u16,
+        limits: &crate::http1::Limits,
+        now: SystemTime,
+        stale: Option<Arc<Stored>>,
+    ) -> Option<Refresh> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
             .into_bytes();
         let h = match crate::http1::head::parse_request(&request, limits) {
@@ -351,16 +402,20 @@ impl HttpCache {
         let key = self.key(&h, &request);
         let lead = self.lead(&key, now).ok()?;
         let facts = request_facts(&h, &request);
-        let pending = Box::new(Pending {
+        let mut pending = Box::new(Pending {
             key,
             head_bytes: request.clone(),
             head: h,
             facts,
             request_time: now,
-            stale: None,
+            stale,
             validating: false,
             lead: Some(lead),
         });
+        pending.force_validators();
+        let mut request = request;
+        let end = request.len() - 2;
+        request.splice(end..end, pending.refresh_lines());
         Some(Refresh {
             upstream,
             request,
@@ -615,6 +670,7 @@ impl HttpCache {
             etag,
             vary: old.vary.clone(),
             secondary: old.secondary.clone(),
+            demand: old.demand.carried(),
         };
         if storable(&p.facts, &entry.facts, &self.policy).is_err() {
             self.store.invalidate(&p.key);
@@ -742,6 +798,7 @@ impl HttpCache {
             etag: c.etag,
             vary: c.vary,
             secondary: c.secondary,
+            demand: Default::default(),
         };
         if self.store.insert(&c.key, stored) {
             self.stats.stored.fetch_add(1, Ordering::Relaxed);

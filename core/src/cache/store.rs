@@ -22,6 +22,48 @@ pub struct Stored {
     pub vary: Bytes,
     /// The secondary key of the request that fetched it (see [`vary_key`]).
     pub secondary: Vec<u8>,
+    /// Hits in the current hour (predictive warming).
+    pub demand: Demand,
+}
+
+/// Hits counted per wall-clock hour.
+#[derive(Debug, Default)]
+pub struct Demand {
+    hour: AtomicU64,
+    hits: AtomicU64,
+}
+
+fn hour_of(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 3600)
+}
+
+impl Demand {
+    pub fn hit(&self, now: std::time::SystemTime) {
+        let h = hour_of(now);
+        if self.hour.swap(h, Ordering::Relaxed) != h {
+            self.hits.store(1, Ordering::Relaxed);
+        } else {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hits so far in the hour of `now`.
+    pub fn this_hour(&self, now: std::time::SystemTime) -> u64 {
+        if self.hour.load(Ordering::Relaxed) == hour_of(now) {
+            self.hits.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// A copy of the counts (an entry refreshed keeps its demand).
+    pub fn carried(&self) -> Demand {
+        Demand {
+            hour: AtomicU64::new(self.hour.load(Ordering::Relaxed)),
+            hits: AtomicU64::new(self.hits.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl Stored {
@@ -34,6 +76,7 @@ impl Stored {
             etag: s.etag.clone(),
             vary: s.vary.clone(),
             secondary: s.secondary.clone(),
+            demand: s.demand.carried(),
         }
     }
 
@@ -302,8 +345,26 @@ impl Store {
             etag: old.etag.clone(),
             vary: old.vary.clone(),
             secondary: old.secondary.clone(),
+            demand: old.demand.carried(),
         };
         self.insert(key, updated);
+    }
+
+    /// Entries for which `pick` says yes, with their keys (a scan of every shard).
+    pub fn select(
+        &self,
+        mut pick: impl FnMut(&[u8], &Stored) -> bool,
+    ) -> Vec<(Vec<u8>, Arc<Stored>)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let s = shard.lock();
+            for n in s.nodes.iter().flatten() {
+                if pick(&n.key, &n.entry) {
+                    out.push((n.key.to_vec(), n.entry.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Bytes held, over all shards.

@@ -440,6 +440,7 @@ mod store_tests {
             etag: None,
             vary: Bytes::from(vary.to_string()),
             secondary: secondary.to_vec(),
+            demand: Default::default(),
         }
     }
 
