@@ -1090,8 +1090,8 @@ fn cache_refreshes_hot_entries_before_they_expire(bin: &PathBuf) {
     let b = Backend::start("b1").unwrap();
     let yaml = "server:\n  listen: \"{listen}\"\ncache:\n  size: 1MB\n  warming:\n    predictive:\n      threshold: 3\n      horizon: 30s\nbackends:\n  - url: http://{b0}\n";
     let p = Proxy::with_config(bin, yaml, &[&b]);
-    let hot = "/hot?cc=max-age=4&etag=h1";
-    let cold = "/cold?cc=max-age=4&etag=c1";
+    let hot = "/hot?cc=max-age=6&etag=h1";
+    let cold = "/cold?cc=max-age=6&etag=c1";
     assert_eq!(get(p.addr, hot).header("x-cache"), Some("MISS"));
     assert_eq!(get(p.addr, cold).header("x-cache"), Some("MISS"));
     for _ in 0..4 {
@@ -1099,7 +1099,7 @@ fn cache_refreshes_hot_entries_before_they_expire(bin: &PathBuf) {
     }
     // Within the last half of its life the hot entry is refreshed ahead of expiry (a
     // conditional request); the cold one is not.
-    let deadline = Instant::now() + Duration::from_secs(4);
+    let deadline = Instant::now() + Duration::from_secs(6);
     while !b.requests().iter().skip(2).any(|r| r.target == hot) {
         assert!(
             Instant::now() < deadline,
