@@ -189,7 +189,6 @@ impl Pending {
     /// Conditional header lines to validate the stored response, unless the client sent
     /// conditionals of its own (then its request goes through as is).
     pub fn validator_lines(&mut self) -> Option<Vec<u8>> {
-        let stored = self.stale.as_ref()?;
         let own = [
             &b"if-none-match"[..],
             b"if-modified-since",
@@ -203,22 +202,9 @@ impl Pending {
         {
             return None;
         }
-        let mut lines = Vec::new();
-        if let Some(etag) = &stored.etag {
-            lines.extend_from_slice(b"If-None-Match: ");
-            lines.extend_from_slice(etag);
-            lines.extend_from_slice(b"\r\n");
-        }
-        if let Some(lm) = stored.facts.last_modified {
-            lines.extend_from_slice(b"If-Modified-Since: ");
-            lines.extend_from_slice(super::format_date(lm).as_bytes());
-            lines.extend_from_slice(b"\r\n");
-        }
-        if lines.is_empty() {
-            return None;
-        }
-        self.validating = true;
-        Some(lines)
+        self.stale.as_ref()?;
+        self.force_validators();
+        self.validating.then(|| self.refresh_lines())
     }
 }
 
