@@ -58,7 +58,7 @@ pub fn spawn(
                             continue;
                         };
                         let job =
-                            c2.refresh_job(&host, &target, up as u16, &ctx.limits, now, entry);
+                            c2.fetch_job(&host, &target, up as u16, &ctx.limits, now, Some(entry));
                         if let Some(job) = job {
                             tracing::debug!(host = %host, target = %target, "predictive refresh");
                             c2.queue_refresh(job);
@@ -116,7 +116,9 @@ fn queue_warming<'a>(
             tracing::warn!(host, path, "cache warming: no route for this path");
             continue;
         };
-        if let Some(job) = cache.warm(host, path, up as u16, &ctx.limits, SystemTime::now()) {
+        if let Some(job) =
+            cache.fetch_job(host, path, up as u16, &ctx.limits, SystemTime::now(), None)
+        {
             cache.queue_refresh(job);
             queued += 1;
         }

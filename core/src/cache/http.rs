@@ -318,19 +318,6 @@ impl HttpCache {
         }
     }
 
-    /// A fetch of `path` under `host` into the cache (start-up warming), for a backend of
-    /// `upstream`; `None` when the path is being fetched already or is not a valid target.
-    pub fn warm(
-        self: &Arc<Self>,
-        host: &str,
-        path: &str,
-        upstream: u16,
-        limits: &crate::http1::Limits,
-        now: SystemTime,
-    ) -> Option<Refresh> {
-        self.fetch_job(host, path, upstream, limits, now, None)
-    }
-
     /// Entries without `Vary` or key extension that drew at least `threshold` requests
     /// this hour and expire within `min(horizon, lifetime / 2)`: the predictive warming
     /// candidates, as (host, target, entry).
@@ -357,20 +344,10 @@ impl HttpCache {
             .collect()
     }
 
-    /// A refresh of `path` under `host` that validates `stale` (predictive warming).
-    pub fn refresh_job(
-        self: &Arc<Self>,
-        host: &str,
-        path: &str,
-        upstream: u16,
-        limits: &crate::http1::Limits,
-        now: SystemTime,
-        stale: Arc<Stored>,
-    ) -> Option<Refresh> {
-        self.fetch_job(host, path, upstream, limits, now, Some(stale))
-    }
-
-    fn fetch_job(
+    /// A fetch of `path` under `host` into the cache for a backend of `upstream`: warming
+    /// (`stale` None), or a conditional refresh of `stale` (predictive warming). `None` when
+    /// the key is being fetched already or the path is not a valid target.
+    pub fn fetch_job(
         self: &Arc<Self>,
         host: &str,
         path: &str,
