@@ -439,9 +439,21 @@ impl Maglev {
             .find(|&&p| p >= 100 * n as u64)
             .unwrap_or(&PRIMES[7]);
         let offsets: Vec<u64> = (0..n).map(|i| hash64(seed, b.key(i)) % m).collect();
-        let skips: Vec<u64> = (0..n)
-            .map(|i| hash64(seed ^ 0x5bd1_e995, b.key(i)) % (m - 1) + 1)
-            .collect();
+        // Two backends with one skip walk the same permutation shifted, contend for the same
+        // slots, and a change of the set then moves up to twice the ideal share of keys: a
+        // skip that an earlier backend already has is hashed again (m - 1 >= 100 n choices).
+        let mut skips: Vec<u64> = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut round = 0u64;
+            let skip = loop {
+                let s = hash64(seed ^ 0x5bd1_e995 ^ round, b.key(i)) % (m - 1) + 1;
+                if !skips.contains(&s) {
+                    break s;
+                }
+                round += 1;
+            };
+            skips.push(skip);
+        }
         let wmax = (0..n).map(|i| b.weight(i).max(1) as u64).max().unwrap_or(1);
         let mut next = vec![0u64; n];
         let mut credit = vec![0u64; n];
