@@ -8,15 +8,7 @@
 #
 # Needs Debian's wrk, nginx and haproxy (installed here if missing, when run as root).
 # Prints the harness's full report, then the condensed table used in docs/benchmarks.md.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-rounds=${1:-5}
-secs=${2:-6}
-harness=../shared/bench/proxy-compare.sh
-[ -x "$harness" ] || { echo "missing $harness (the shared bench harness beside this repo)" >&2; exit 1; }
-if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq wrk nginx haproxy >/dev/null
-fi
+source "$(dirname "$0")/harness.sh"
 cargo build --release --bins
 cands=()
 for rt in ${TRIREME_RUNTIMES:-mio monoio tokio}; do
