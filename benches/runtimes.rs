@@ -3,6 +3,7 @@
 //! 1. Heap operations per proxied keep-alive request in steady state: the proxy runs
 //!    in this process (one worker) under a counting global allocator; the backend and the
 //!    load threads here are allocation-free after set-up, so every count is the proxy's.
+//!    The same with the cache on and every request a hit (answered from L1).
 //! 2. Resident memory per idle client connection: the real binary, 10,000 keep-alive
 //!    connections opened and left idle, VmRSS before and after.
 //!
@@ -50,19 +51,24 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
-const BODY: &[u8] = &[b'x'; 100];
+const SMALL: usize = 100;
+const LARGE: usize = 16 * 1024;
 const CONNS: usize = 16;
 const WARMUP: usize = 200; // requests per connection
 const MEASURED: usize = 2000; // requests per connection
 
 /// An allocation-free backend: one thread per connection, fixed buffers, a canned
 /// 100-byte response per request head.
-fn backend() -> SocketAddr {
+fn backend(cacheable: bool, body: usize) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let mut resp =
-        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", BODY.len()).into_bytes();
-    resp.extend_from_slice(BODY);
+    let cc = if cacheable {
+        "Cache-Control: max-age=3600\r\n"
+    } else {
+        ""
+    };
+    let mut resp = format!("HTTP/1.1 200 OK\r\n{cc}Content-Length: {}\r\n\r\n", body).into_bytes();
+    resp.resize(resp.len() + body, b'x');
     let resp: &'static [u8] = resp.leak();
     std::thread::spawn(move || {
         for s in l.incoming() {
@@ -92,7 +98,7 @@ fn backend() -> SocketAddr {
 }
 
 /// One keep-alive request and its response (fixed-size: known length).
-fn exchange(s: &mut TcpStream, buf: &mut [u8]) {
+fn exchange(s: &mut TcpStream, buf: &mut [u8], body: usize) {
     s.write_all(b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")
         .unwrap();
     let mut have = 0;
@@ -101,7 +107,7 @@ fn exchange(s: &mut TcpStream, buf: &mut [u8]) {
         assert!(n > 0, "proxy closed the connection");
         have += n;
         if let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-            if have >= end + 4 + BODY.len() {
+            if have >= end + 4 + body {
                 assert!(buf.starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..have]);
                 return;
             }
@@ -109,11 +115,13 @@ fn exchange(s: &mut TcpStream, buf: &mut [u8]) {
     }
 }
 
-/// Heap operations (allocations + reallocations, frees) per request in steady state.
-fn allocs_per_request(rt: &Runtime) -> (f64, f64) {
-    let be = backend();
+/// Heap operations (allocations + reallocations, frees) per request in steady state;
+/// with `cache`, every measured request is a hit.
+fn allocs_per_request(rt: &Runtime, cache: bool, body: usize) -> (f64, f64) {
+    let be = backend(cache, body);
+    let cache_cfg = if cache { "cache:\n  size: 16MB\n" } else { "" };
     let yaml = format!(
-        "server:\n  listen: 127.0.0.1:0\n  workers: 1\n  max_connections: 1000\nbackends:\n  - url: http://{be}\n"
+        "server:\n  listen: 127.0.0.1:0\n  workers: 1\n  max_connections: 1000\n{cache_cfg}backends:\n  - url: http://{be}\n"
     );
     let cfg = Config::from_yaml(&yaml, "bench").unwrap();
     let ctx = cfg
@@ -140,16 +148,16 @@ fn allocs_per_request(rt: &Runtime) -> (f64, f64) {
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_nodelay(true).unwrap();
-                let mut buf = vec![0u8; 4096];
+                let mut buf = vec![0u8; 4096 + body];
                 for _ in 0..WARMUP {
-                    exchange(&mut s, &mut buf);
+                    exchange(&mut s, &mut buf, body);
                 }
                 warm.wait();
                 while !go.load(Ordering::SeqCst) {
                     std::hint::spin_loop();
                 }
                 for _ in 0..MEASURED {
-                    exchange(&mut s, &mut buf);
+                    exchange(&mut s, &mut buf, body);
                 }
                 done.wait();
                 drop(s);
@@ -185,7 +193,7 @@ const IDLE: usize = 10_000;
 
 /// Bytes of RSS per idle keep-alive client connection, on the real binary.
 fn idle_rss_per_conn(bin: &str) -> Option<f64> {
-    let be = backend();
+    let be = backend(false, SMALL);
     let port = TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
@@ -219,7 +227,7 @@ fn idle_rss_per_conn(bin: &str) -> Option<f64> {
     };
     let mut buf = vec![0u8; 4096];
     for _ in 0..100 {
-        exchange(&mut first, &mut buf);
+        exchange(&mut first, &mut buf, SMALL);
     }
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_kib(child.id());
@@ -252,12 +260,17 @@ fn main() {
         (&MONOIO, env!("CARGO_BIN_EXE_trireme-monoio")),
         (&TOKIO, env!("CARGO_BIN_EXE_trireme-tokio")),
     ];
-    println!("| runtime | heap allocs / request | heap frees / request | RSS per idle connection (bytes, {IDLE} conns) |");
-    println!("|---|---:|---:|---:|");
+    println!("| runtime | heap allocs / request | heap frees / request | allocs / 16 KiB request | allocs / cache hit | frees / cache hit | RSS per idle connection (bytes, {IDLE} conns) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (rt, bin) in bins {
-        let (a, f) = allocs_per_request(rt);
+        let (a, f) = allocs_per_request(rt, false, SMALL);
+        let (la, _) = allocs_per_request(rt, false, LARGE);
+        let (ha, hf) = allocs_per_request(rt, true, SMALL);
         let idle = idle_rss_per_conn(bin).map_or("n/a".to_string(), |b| format!("{b:.0}"));
-        println!("| trireme-{} | {a:.3} | {f:.3} | {idle} |", rt.name);
+        println!(
+            "| trireme-{} | {a:.3} | {f:.3} | {la:.3} | {ha:.3} | {hf:.3} | {idle} |",
+            rt.name
+        );
     }
     println!();
     println!(
@@ -265,6 +278,6 @@ fn main() {
         ALLOCS.load(Ordering::SeqCst)
     );
     println!(
-        "({CONNS} keep-alive connections x {MEASURED} requests after {WARMUP} each of warm-up; one worker; 100-byte responses)"
+        "({CONNS} keep-alive connections x {MEASURED} requests after {WARMUP} each of warm-up; one worker; 100-byte responses unless said)"
     );
 }

@@ -58,6 +58,11 @@ matrix!(
     cache_warms_configured_paths_at_start,
     cache_warms_on_a_schedule,
     cache_refreshes_hot_entries_before_they_expire,
+    cache_streams_one_fetch_to_concurrent_requests,
+    cache_l2_is_shared_between_instances,
+    cache_l2_redis_killed_mid_test_fails_no_request,
+    cache_l2_unresponsive_redis_is_skipped,
+    cache_l2_logs_in_to_a_password_protected_redis,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -1116,4 +1121,269 @@ fn cache_refreshes_hot_entries_before_they_expire(bin: &PathBuf) {
         .unwrap();
     assert_eq!(refresh.header("if-none-match"), Some("\"h1\""));
     assert!(b.requests().iter().filter(|r| r.target == cold).count() == 1);
+}
+
+/// Two proxies (`--cache-l2`) sharing one Redis, each with its own admin listener.
+fn l2_proxy(
+    bin: &PathBuf,
+    b: &Backend,
+    redis: std::net::SocketAddr,
+) -> (Proxy, std::net::SocketAddr) {
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let p = Proxy::with_backends(
+        bin,
+        &[b],
+        &[
+            "--cache",
+            "4MB",
+            "--cache-l2",
+            &redis.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ],
+    );
+    (p, admin)
+}
+
+fn cache_l2_is_shared_between_instances(bin: &PathBuf) {
+    let redis = Redis::start();
+    let b = Backend::start("b1").unwrap();
+    let (a, a_admin) = l2_proxy(bin, &b, redis.addr);
+    let (other, other_admin) = l2_proxy(bin, &b, redis.addr);
+    let path = "/bytes/30000?cc=max-age=60&etag=v7";
+    let first = get(a.addr, path);
+    assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
+    // The writer puts it in Redis off the request path.
+    assert_eq!(redis.wait_keys(|n| n == 1), 1, "the entry reaches Redis");
+    // The other instance never saw it: its L1 misses, L2 hits, the backend is not asked.
+    let r = get(other.addr, path);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("HIT"), "{:?}", r.headers);
+    assert_eq!(r.header("cache-status"), Some("trireme; hit; detail=l2"));
+    assert_eq!(r.header("etag"), Some("\"v7\""));
+    assert!(r.header("age").is_some());
+    assert_eq!(r.body, first.body);
+    // Now from its own L1.
+    let r = get(other.addr, path);
+    assert_eq!(r.header("cache-status"), Some("trireme; hit"));
+    assert_eq!(b.requests().len(), 1);
+    let m = admin_metrics(other_admin);
+    assert_eq!(metric(&m, "trireme_cache_l2_hits_total"), 1);
+    assert_eq!(metric(&m, "trireme_cache_l2_errors_total"), 0);
+    assert_eq!(
+        metric(
+            &metrics_once_written_to_l2(a_admin),
+            "trireme_cache_l2_writes_total"
+        ),
+        1
+    );
+    // Purge on one instance removes the entry from Redis too: after it, the other
+    // instance's next miss on a third key does not find it there either.
+    let r = admin_call(
+        other_admin,
+        "POST /cache/purge?prefix=http://test/bytes/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(redis.wait_keys(|n| n == 0), 0, "purged from Redis");
+    let r = get(other.addr, path);
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    assert_eq!(b.requests().len(), 2);
+    // A POST through one instance invalidates the target in Redis as well.
+    assert_eq!(redis.wait_keys(|n| n == 1), 1);
+    let mut c = a.client();
+    c.send(format!("POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nhi").as_bytes());
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    assert_eq!(redis.wait_keys(|n| n == 0), 0, "invalidated in Redis");
+}
+
+/// The admin metrics once the L2 writer has counted a write (Redis acknowledged it).
+fn metrics_once_written_to_l2(admin: std::net::SocketAddr) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = admin_metrics(admin);
+        if metric(&m, "trireme_cache_l2_writes_total") > 0 || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn cache_l2_redis_killed_mid_test_fails_no_request(bin: &PathBuf) {
+    let mut redis = Redis::start();
+    let b = Backend::start("b1").unwrap();
+    let (p, admin) = l2_proxy(bin, &b, redis.addr);
+    let mut c = p.client();
+    for i in 0..120 {
+        if i == 60 {
+            let m = admin_metrics(admin);
+            let looked = metric(&m, "trireme_cache_l2_misses_total")
+                + metric(&m, "trireme_cache_l2_hits_total");
+            assert!(looked >= 40, "L2 was in use before Redis died: {m}");
+            redis.kill();
+        }
+        // A mix of repeated and new keys: L1 hits, L2 lookups, misses.
+        let path = format!("/bytes/{}?cc=max-age=60", 100 + i % 40 + (i / 40) * 1000);
+        let r = if i % 3 == 0 {
+            get(p.addr, &path)
+        } else {
+            c.get(&path)
+        };
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.headers);
+        assert_eq!(r.body.len(), 100 + i % 40 + (i / 40) * 1000, "request {i}");
+    }
+    let m = admin_metrics(admin);
+    assert!(
+        metric(&m, "trireme_cache_l2_errors_total") + metric(&m, "trireme_cache_l2_skipped_total")
+            > 0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "trireme_upstream_errors_total"), 0, "{m}");
+}
+
+fn cache_l2_unresponsive_redis_is_skipped(bin: &PathBuf) {
+    // Accepts connections and never answers: every lookup runs into the L2 timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            h2.lock().unwrap().push(s);
+        }
+    });
+    let b = Backend::start("b1").unwrap();
+    let (p, admin) = l2_proxy(bin, &b, addr);
+    for i in 0..6 {
+        let r = get(p.addr, &format!("/bytes/{}?cc=max-age=60", 10 + i));
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")), "{i}");
+        assert_eq!(r.body.len(), 10 + i);
+    }
+    let m = admin_metrics(admin);
+    // The first lookup timed out; the ones after it within the back-off skipped L2.
+    assert!(metric(&m, "trireme_cache_l2_errors_total") >= 1, "{m}");
+    assert!(metric(&m, "trireme_cache_l2_skipped_total") >= 1, "{m}");
+    assert_eq!(metric(&m, "trireme_cache_l2_hits_total"), 0);
+    assert!(p.logs().contains("L2 cache lookup failed"), "{}", p.logs());
+    assert_eq!(b.requests().len(), 6);
+}
+
+/// Read from `s` into `buf` until `done(buf)` (bounded by the socket's read timeout).
+fn read_until(s: &mut std::net::TcpStream, buf: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) {
+    use std::io::Read;
+    let mut chunk = [0u8; 65536];
+    while !done(buf) {
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed early after {} bytes", buf.len());
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn head_end(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+fn cache_streams_one_fetch_to_concurrent_requests(bin: &PathBuf) {
+    const N: usize = 200_000;
+    let b = Backend::start("b1").unwrap();
+    b.close_gate();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "4MB"]);
+    let addr = p.addr;
+    let path = "/gated/200000?cc=max-age=60";
+    // The first request leads the fetch: the backend sends half the body, then waits.
+    let lead = std::thread::spawn(move || get(addr, path));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.requests().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the lead request reached no backend"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Requests for the same key now get the head and the first half while the backend
+    // still holds the second: streamed from the lead's fetch, not waiting for its end.
+    let mut followers = Vec::new();
+    for _ in 0..8 {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .unwrap();
+        followers.push((s, Vec::new()));
+    }
+    for (s, buf) in followers.iter_mut() {
+        read_until(s, buf, |b| {
+            head_end(b).is_some_and(|h| b.len() - h >= N / 2)
+        });
+        let head = String::from_utf8_lossy(&buf[..head_end(buf).unwrap()]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("content-length: 200000\r\n"), "{head}");
+        assert!(
+            head.contains("cache-status: trireme; fwd=miss; collapsed"),
+            "{head}"
+        );
+    }
+    b.open_gate();
+    let whole = pattern(N);
+    for (s, buf) in followers.iter_mut() {
+        read_until(s, buf, |b| head_end(b).is_some_and(|h| b.len() - h >= N));
+        let h = head_end(buf).unwrap();
+        assert_eq!(buf.len() - h, N);
+        assert!(buf[h..] == whole[..], "streamed body differs");
+    }
+    let r = lead.join().unwrap();
+    assert_eq!((r.status, r.body.len()), (200, N));
+    assert!(r.body == whole);
+    assert_eq!(b.requests().len(), 1, "nine requests, one backend fetch");
+    // The keep-alive followers carry on, now from the stored entry.
+    let (s, buf) = &mut followers[0];
+    buf.clear();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .unwrap();
+    read_until(s, buf, |b| head_end(b).is_some_and(|h| b.len() - h >= N));
+    assert!(String::from_utf8_lossy(&buf[..200]).contains("Cache-Status: trireme; hit\r\n"));
+    assert_eq!(b.requests().len(), 1);
+}
+
+fn cache_l2_logs_in_to_a_password_protected_redis(bin: &PathBuf) {
+    let redis = Redis::start_with(Some("s3cret"));
+    let b = Backend::start("b1").unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let yaml = |password: &str| {
+        format!(
+            "server:\n  listen: \"{{listen}}\"\ncache:\n  size: 4MB\n  l2:\n    host: 127.0.0.1\n    port: {}\n    password: {password}\n    db: 3\nadmin:\n  listen: \"{admin}\"\nbackends:\n  - url: http://{{b0}}\n",
+            redis.addr.port()
+        )
+    };
+    let writer = Proxy::with_config(bin, &yaml("s3cret"), &[&b]);
+    let path = "/bytes/500?cc=max-age=60";
+    assert_eq!(get(writer.addr, path).header("x-cache"), Some("MISS"));
+    // Written to database 3 (DBSIZE counts database 0): SELECT was honoured.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.keys_in(3) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the entry never reached database 3: {}",
+            writer.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(writer);
+    assert_eq!(redis.keys(), 0);
+    // A new instance logs in on its new connection, then finds it.
+    let reader = Proxy::with_config(bin, &yaml("s3cret"), &[&b]);
+    let r = get(reader.addr, path);
+    assert_eq!(
+        r.header("cache-status"),
+        Some("trireme; hit; detail=l2"),
+        "{:?}",
+        r.headers
+    );
+    drop(reader);
+    assert_eq!(b.requests().len(), 1);
+    // A wrong password: lookups fail (counted), requests do not.
+    let wrong = Proxy::with_config(bin, &yaml("nope"), &[&b]);
+    let r = get(wrong.addr, path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    let m = admin_metrics(admin);
+    assert_eq!(metric(&m, "trireme_cache_l2_errors_total"), 1, "{m}");
+    assert!(wrong.logs().contains("WRONGPASS"), "{}", wrong.logs());
 }

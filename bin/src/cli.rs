@@ -33,6 +33,9 @@ pub struct Cli {
     /// Enable the in-memory HTTP cache with this many bytes (overrides cache.size), e.g. 64MB.
     #[arg(long, value_name = "SIZE")]
     cache: Option<String>,
+    /// Share the cache through this Redis (L2; overrides cache.l2.host/port), e.g. 127.0.0.1:6379.
+    #[arg(long = "cache-l2", value_name = "HOST:PORT")]
+    cache_l2: Option<String>,
     /// Admin listener for /metrics and cache purge (overrides admin.listen), e.g. 127.0.0.1:9901.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
@@ -130,6 +133,21 @@ fn load(cli: &Cli) -> Result<Config, String> {
         fc.cache.get_or_insert_with(Default::default).size =
             Some(trireme_core::config::Size(bytes));
     }
+    if let Some(hp) = &cli.cache_l2 {
+        let (host, port) = hp
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| format!("--cache-l2: `{hp}` is not HOST:PORT"))?;
+        let l2 = fc
+            .cache
+            .get_or_insert_with(Default::default)
+            .l2
+            .get_or_insert_with(Default::default);
+        l2.enabled = true;
+        l2.host = host.to_string();
+        l2.port = port;
+    }
     if cli.config.is_none() && fc.backends.is_empty() {
         return Err(
             "no backends: pass --config FILE, or --backend URL (repeatable); try `demo`".into(),
@@ -204,6 +222,10 @@ fn run_proxy(
     let sd = Arc::new(Shutdown::new());
     process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
     process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
+    crate::l2::spawn(ctx.cache.as_ref(), sd.clone()).map_err(|e| format!("L2 writer: {e}"))?;
+    if let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) {
+        tracing::info!(redis = %l2.addr, ttl = ?l2.ttl, timeout = ?l2.timeout, "cache L2 on");
+    }
     crate::refresh::spawn(&ctx, cfg, sd.clone()).map_err(|e| format!("cache refresher: {e}"))?;
     crate::refresh::warm(&ctx, cfg);
     if let Some(a) = &cfg.file.admin {

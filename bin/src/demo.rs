@@ -35,27 +35,36 @@ pub struct Backend {
     pub received: Arc<Mutex<Vec<Received>>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// `/gated/N` answers send half the body, then wait while this is closed (false).
+    gate: Arc<AtomicBool>,
     /// Open connections (a handle each, for `kill`); removed when they end.
     conns: Arc<Mutex<std::collections::HashMap<usize, TcpStream>>>,
 }
 
 /// How the backend answers. `/status/NNN` answers NNN; `/bytes/N` answers N bytes;
-/// `/chunked/N` answers N bytes chunked; `/slow/MS` waits MS ms; `/health` answers 200.
+/// `/chunked/N` answers N bytes chunked; `/slow/MS` waits MS ms; `/health` answers 200;
+/// `/gated/N` answers N bytes, the second half only once the gate is open
+/// ([`Backend::close_gate`]): the returned offset is where the answer waits for it.
 /// Anything else: 200 with `hello from NAME`. Query parameters add caching fields:
 /// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`.
-fn respond(name: &str, r: &Received, out: &mut Vec<u8>) {
+fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
     let path = r.target.split('?').next().unwrap_or("");
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (first, arg) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let mut status = 200u16;
     let mut body: Vec<u8> = format!("hello from {name}\n").into_bytes();
     let mut chunked = false;
+    let mut gated = false;
     match first {
         "status" => {
             status = arg.parse().unwrap_or(200);
             body = format!("status {status} from {name}\n").into_bytes();
         }
         "bytes" => body = pattern(arg.parse().unwrap_or(0)),
+        "gated" => {
+            body = pattern(arg.parse().unwrap_or(0));
+            gated = true;
+        }
         "chunked" => {
             body = pattern(arg.parse().unwrap_or(0));
             chunked = true;
@@ -85,7 +94,7 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) {
             out.truncate(out.len() - 2 - format!("Content-Length: {}\r\n", body.len()).len());
             out.extend_from_slice(b"\r\n");
         }
-        return;
+        return None;
     }
     if chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
@@ -99,6 +108,7 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) {
         out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
         out.extend_from_slice(&body);
     }
+    gated.then(|| out.len() - body.len() / 2)
 }
 
 /// Deterministic body bytes: `i % 251` as a byte, so truncation or reordering shows.
@@ -201,14 +211,16 @@ impl Backend {
             received: Arc::default(),
             connections: Arc::default(),
             stop: Arc::default(),
+            gate: Arc::new(AtomicBool::new(true)),
             conns: Arc::default(),
         };
-        let (name, received, connections, stop, conns) = (
+        let (name, received, connections, stop, conns, gate) = (
             b.name.clone(),
             b.received.clone(),
             b.connections.clone(),
             b.stop.clone(),
             b.conns.clone(),
+            b.gate.clone(),
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
@@ -226,6 +238,7 @@ impl Backend {
                     conns.lock().expect("lock").insert(id, c);
                 }
                 let (name, received, stop) = (name.clone(), received.clone(), stop.clone());
+                let gate = gate.clone();
                 let conns = conns.clone();
                 std::thread::spawn(move || {
                     // Forget this connection's handle when it ends (no descriptor leak).
@@ -252,12 +265,27 @@ impl Backend {
                             return;
                         }
                         out.clear();
-                        respond(&name, &r, &mut out);
+                        let wait_at = respond(&name, &r, &mut out);
                         let close = r
                             .header("connection")
                             .is_some_and(|c| c.eq_ignore_ascii_case("close"));
                         received.lock().expect("lock").push(r);
-                        if w.write_all(&out).is_err() || close {
+                        let mut from = 0;
+                        if let Some(at) = wait_at {
+                            if w.write_all(&out[..at]).is_err() {
+                                return;
+                            }
+                            from = at;
+                            // Bounded: a test that forgets to open the gate still ends.
+                            let until = std::time::Instant::now() + Duration::from_secs(30);
+                            while !gate.load(Ordering::SeqCst)
+                                && !stop.load(Ordering::Relaxed)
+                                && std::time::Instant::now() < until
+                            {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                        }
+                        if w.write_all(&out[from..]).is_err() || close {
                             return;
                         }
                     }
@@ -265,6 +293,15 @@ impl Backend {
             }
         });
         Ok(b)
+    }
+
+    /// `/gated/N` answers stop halfway until [`open_gate`](Self::open_gate).
+    pub fn close_gate(&self) {
+        self.gate.store(false, Ordering::SeqCst);
+    }
+
+    pub fn open_gate(&self) {
+        self.gate.store(true, Ordering::SeqCst);
     }
 
     pub fn requests(&self) -> Vec<Received> {

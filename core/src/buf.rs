@@ -1,17 +1,24 @@
 //! Buffers. [`OutBuf`]: bytes waiting to be written to one peer; the runtime writes from
-//! [`OutBuf::pending`] and reports progress with [`OutBuf::consume`]. [`BufPool`]: a worker's
+//! [`OutBuf::pending`] (or both of [`OutBuf::pending_parts`] with one vectored write) and
+//! reports progress with [`OutBuf::consume`]. [`BufPool`]: a worker's
 //! free buffers, lent to a session while a request is in flight and taken back when it goes
 //! idle, so an idle keep-alive connection holds no buffer and a busy one allocates none.
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 
 /// First allocation of an output buffer: a response head plus a small body.
 pub const INITIAL_CAPACITY: usize = 4096;
+
+/// Bodies at least this long are written from the read buffer they arrived in
+/// ([`OutBuf::push_shared`]) instead of being copied.
+pub const SHARE_MIN: usize = 2048;
 
 #[derive(Debug, Default)]
 pub struct OutBuf {
     buf: Vec<u8>,
     pos: usize,
+    /// Bytes shared with a read buffer, written after `buf`'s pending bytes (not copied).
+    shared: Option<Bytes>,
 }
 
 impl OutBuf {
@@ -19,23 +26,48 @@ impl OutBuf {
         OutBuf {
             buf: Vec::new(),
             pos: 0,
+            shared: None,
         }
     }
+    /// The next bytes to write, contiguous: the owned ones first, then the shared ones.
     #[inline]
     pub fn pending(&self) -> &[u8] {
-        &self.buf[self.pos..]
+        if self.pos < self.buf.len() {
+            &self.buf[self.pos..]
+        } else {
+            self.shared.as_deref().unwrap_or(&[])
+        }
+    }
+    /// Everything pending, in order, for one vectored write.
+    #[inline]
+    pub fn pending_parts(&self) -> (&[u8], &[u8]) {
+        (&self.buf[self.pos..], self.shared.as_deref().unwrap_or(&[]))
     }
     #[inline]
     pub fn len(&self) -> usize {
-        self.buf.len() - self.pos
+        self.buf.len() - self.pos + self.shared.as_ref().map_or(0, Bytes::len)
     }
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.pos == self.buf.len()
+        self.len() == 0
     }
-    /// `n` bytes of [`pending`](Self::pending) were written.
+    /// Shared bytes wait to be written (their read buffer is not to be reused yet).
+    #[inline]
+    pub fn has_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+    /// `n` bytes of [`pending_parts`](Self::pending_parts) were written.
     pub fn consume(&mut self, n: usize) {
-        self.pos = (self.pos + n).min(self.buf.len());
+        let own = self.buf.len() - self.pos;
+        self.pos += n.min(own);
+        if n > own {
+            if let Some(s) = self.shared.as_mut() {
+                s.advance((n - own).min(s.len()));
+            }
+        }
+        if self.shared.as_ref().is_some_and(|s| s.is_empty()) {
+            self.shared = None;
+        }
         if self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;
@@ -44,6 +76,16 @@ impl OutBuf {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.pos = 0;
+        self.shared = None;
+    }
+    /// Queue `b` (a slice of a read buffer) to be written after what is pending, without
+    /// copying it when it is long and nothing else is shared already.
+    pub fn push_shared(&mut self, b: Bytes) {
+        if self.shared.is_some() || b.len() < SHARE_MIN {
+            self.vec().extend_from_slice(&b);
+        } else {
+            self.shared = Some(b);
+        }
     }
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
@@ -51,6 +93,7 @@ impl OutBuf {
     /// Hand the (emptied) allocation back, leaving none.
     pub fn take_vec(&mut self) -> Vec<u8> {
         self.pos = 0;
+        self.shared = None;
         let mut v = std::mem::take(&mut self.buf);
         v.clear();
         v
@@ -60,6 +103,7 @@ impl OutBuf {
     /// `spare` in its place for bytes appended meanwhile. Give it back with
     /// [`unlend`](Self::unlend) before reporting how much was written.
     pub fn lend(&mut self, mut spare: Vec<u8>) -> (Vec<u8>, usize) {
+        self.own_shared();
         spare.clear();
         let pos = std::mem::replace(&mut self.pos, 0);
         (std::mem::replace(&mut self.buf, spare), pos)
@@ -68,9 +112,10 @@ impl OutBuf {
     /// Take back a lent buffer: its bytes from `pos` come first again, before anything
     /// appended while it was away. Returns the spare, emptied, for the pool.
     pub fn unlend(&mut self, mut lent: Vec<u8>, pos: usize) -> Vec<u8> {
-        if !self.is_empty() {
-            lent.extend_from_slice(self.pending());
-        }
+        let (own, shared) = self.pending_parts();
+        lent.extend_from_slice(own);
+        lent.extend_from_slice(shared);
+        self.shared = None;
         let mut spare = std::mem::replace(&mut self.buf, lent);
         self.pos = pos.min(self.buf.len());
         spare.clear();
@@ -85,9 +130,21 @@ impl OutBuf {
             self.pos = 0;
         }
     }
-    /// Append space for writing. Compacts consumed bytes first when that avoids growth.
+    /// Copy the shared bytes into the owned buffer (so that bytes appended next follow
+    /// them).
+    fn own_shared(&mut self) {
+        if let Some(s) = self.shared.take() {
+            self.vec().extend_from_slice(&s);
+        }
+    }
+
+    /// Append space for writing (after any shared bytes, which are copied in first).
+    /// Compacts consumed bytes first when that avoids growth.
     #[inline]
     pub fn vec(&mut self) -> &mut Vec<u8> {
+        if self.shared.is_some() {
+            self.own_shared();
+        }
         if self.buf.capacity() == 0 {
             // One allocation up front instead of a string of small regrowths per connection.
             self.buf.reserve(INITIAL_CAPACITY);
@@ -147,6 +204,10 @@ impl BufPool {
             return;
         }
         b.clear();
+        // A buffer whose front was split off (a body written from it) reports only the
+        // capacity after the split: take the whole allocation back when nothing else holds
+        // it, so it is filed by its real size (never allocates).
+        let _ = b.try_reclaim(crate::proxy::UP_READ_CHUNK);
         let list = if b.capacity() > crate::proxy::READ_CHUNK {
             &mut self.big
         } else {
@@ -178,6 +239,56 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_bytes_follow_owned_ones_and_appends_follow_them() {
+        let body = Bytes::from(vec![b'b'; SHARE_MIN]);
+        let mut o = OutBuf::new();
+        o.vec().extend_from_slice(b"head");
+        o.push_shared(body.clone());
+        assert!(o.has_shared());
+        assert_eq!(o.len(), 4 + SHARE_MIN);
+        assert_eq!(o.pending(), b"head");
+        let (own, shared) = o.pending_parts();
+        assert_eq!((own, shared), (&b"head"[..], &body[..]));
+        // A write across both parts.
+        o.consume(6);
+        assert_eq!(o.pending(), &body[2..]);
+        assert_eq!(o.len(), SHARE_MIN - 2);
+        // Appending copies the shared rest in first: the order stays.
+        o.vec().extend_from_slice(b"tail");
+        assert!(!o.has_shared());
+        assert_eq!(&o.pending()[o.len() - 4..], b"tail");
+        assert_eq!(o.len(), SHARE_MIN - 2 + 4);
+        o.consume(o.len());
+        assert!(o.is_empty() && !o.has_shared());
+        // Short bodies are copied; a lent buffer carries the shared bytes along.
+        o.push_shared(Bytes::from_static(b"short"));
+        assert!(!o.has_shared());
+        o.clear();
+        o.vec().extend_from_slice(b"h");
+        o.push_shared(body.clone());
+        let (lent, pos) = o.lend(Vec::new());
+        assert_eq!(lent.len() - pos, 1 + SHARE_MIN);
+        assert!(o.is_empty());
+        o.unlend(lent, pos);
+        assert_eq!(o.len(), 1 + SHARE_MIN);
+    }
+
+    #[test]
+    fn a_split_read_buffer_goes_back_to_the_pool_whole() {
+        let mut pool = BufPool::new(4);
+        let mut b = pool.read_buf(crate::proxy::UP_READ_CHUNK);
+        b.extend_from_slice(&[1u8; 20_000]);
+        let body = b.split_to(20_000).freeze();
+        assert!(b.capacity() < crate::proxy::READ_CHUNK);
+        drop(body);
+        pool.put_read(b);
+        // Filed as a big buffer again: the next upstream read gets it, no allocation.
+        let again = pool.read_buf(crate::proxy::UP_READ_CHUNK);
+        assert!(again.capacity() >= crate::proxy::UP_READ_CHUNK);
+        assert_eq!(pool.free().0, 0);
+    }
 
     #[test]
     fn lent_bytes_come_back_before_bytes_appended_meanwhile() {

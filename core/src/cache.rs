@@ -11,6 +11,7 @@
 //! with `Authorization` are stored only when the response explicitly allows it (§3.5).
 
 pub mod http;
+pub mod l2;
 pub mod store;
 
 pub use http::{HttpCache, WallClock};
@@ -433,22 +434,33 @@ pub fn stale_on_error(
 /// and request target, plus the configured key extension. HEAD shares GET's key (a stored
 /// GET response answers a HEAD).
 pub fn primary_key(scheme: &str, host: &[u8], target: &[u8], extension: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + scheme.len() + host.len() + target.len() + extension.len());
+    write_primary_key(&mut k, scheme, host, target, extension);
+    k
+}
+
+/// [`primary_key`] into any byte sink (a stack buffer on the hit path).
+pub fn write_primary_key(
+    k: &mut impl Extend<u8>,
+    scheme: &str,
+    host: &[u8],
+    target: &[u8],
+    extension: &[u8],
+) {
     let mut host = trim(host);
     let default_port: &[u8] = if scheme == "https" { b":443" } else { b":80" };
     if host.len() > default_port.len() && host.ends_with(default_port) {
         host = &host[..host.len() - default_port.len()];
     }
-    let mut k = Vec::with_capacity(8 + scheme.len() + host.len() + target.len() + extension.len());
-    k.extend_from_slice(b"GET ");
-    k.extend_from_slice(scheme.as_bytes());
-    k.extend_from_slice(b"://");
+    k.extend(b"GET ".iter().copied());
+    k.extend(scheme.bytes());
+    k.extend(b"://".iter().copied());
     k.extend(host.iter().map(u8::to_ascii_lowercase));
-    k.extend_from_slice(target);
+    k.extend(target.iter().copied());
     if !extension.is_empty() {
-        k.push(0);
-        k.extend_from_slice(extension);
+        k.extend([0u8]);
+        k.extend(extension.iter().copied());
     }
-    k
 }
 
 /// The secondary key of a response with `Vary` (RFC 9111 §4.1): for each field named, in

@@ -333,6 +333,8 @@ pub struct CacheSection {
     /// going to the backend themselves (nginx: `proxy_cache_lock_timeout`).
     pub lock_timeout: Dur,
     pub l1: Option<L1Section>,
+    /// The shared tier: a Redis that several trireme instances use.
+    pub l2: Option<L2Section>,
     /// Paths fetched into the cache at start.
     pub warming: Option<WarmingSection>,
     /// The seed configs' form of start-up warming (`preload.paths`).
@@ -441,13 +443,58 @@ impl Default for CacheSection {
             shards: 16,
             lock_timeout: Dur(Duration::from_secs(5)),
             l1: None,
+            l2: None,
             warming: None,
             preload: None,
         }
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L2Section {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Redis expiry of the entries trireme writes (`3600` or `1h`).
+    pub ttl: Dur,
+    /// Connect plus reply time a lookup may take before the request goes on without L2.
+    pub timeout: Dur,
+    /// Prepended to every Redis key (several deployments can share one Redis).
+    pub key_prefix: String,
+    /// `AUTH` on every new connection (Redis `requirepass`, or an ACL user's password).
+    pub password: Option<String>,
+    /// ACL user name for `AUTH` (Redis 6+); needs `password`.
+    pub username: Option<String>,
+    /// Database number (`SELECT`).
+    pub db: u32,
+    /// Not trireme's to bound: refused with a pointer to Redis's `maxmemory`.
+    pub size: Option<Size>,
+}
+
+impl Default for L2Section {
+    fn default() -> Self {
+        L2Section {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            port: 6379,
+            ttl: Dur(Duration::from_secs(3600)),
+            timeout: Dur(Duration::from_millis(100)),
+            key_prefix: "trireme:".into(),
+            password: None,
+            username: None,
+            db: 0,
+            size: None,
+        }
+    }
+}
+
 impl CacheSection {
+    /// The L2 section when L2 is on.
+    pub fn l2_on(&self) -> Option<&L2Section> {
+        self.l2.as_ref().filter(|l| l.enabled)
+    }
+
     /// L1 bytes: `size`, else `l1.size`, else 0 (off).
     pub fn l1_size(&self) -> u64 {
         self.size
@@ -721,6 +768,26 @@ fn locate(file: &str, src: &str, key: &str, value: &str) -> String {
     format!("{file}: `{key}`")
 }
 
+/// As [`locate`], for `key` in the first block after a `parent:` line.
+fn locate_under(file: &str, src: &str, parent: &str, key: &str) -> String {
+    let start = src.lines().position(|l| {
+        l.trim_start()
+            .strip_prefix(parent)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    });
+    if let Some(start) = start {
+        for (i, line) in src.lines().enumerate().skip(start + 1) {
+            if let Some(rest) = line.trim_start().strip_prefix(key) {
+                if rest.trim_start().starts_with(':') {
+                    return format!("{file}:{}: `{parent}.{key}`", i + 1);
+                }
+            }
+        }
+        return format!("{file}:{}: `{parent}`", start + 1);
+    }
+    format!("{file}: `{parent}.{key}`")
+}
+
 impl Config {
     /// Parse and validate YAML text. `file` names the source in error messages.
     pub fn from_yaml(src: &str, file: &str) -> Result<Config, ConfigError> {
@@ -837,6 +904,39 @@ impl Config {
                     "{}: cache warming needs `cache.warming.host`, the Host clients send, to key what it fetches",
                     locate(file, src, "warming", "")
                 )));
+            }
+            if let Some(l2) = &c.l2 {
+                let at = |key: &str| locate_under(file, src, "l2", key);
+                if l2.size.is_some() {
+                    return Err(ConfigError(format!(
+                        "{}: Redis bounds its own memory: set `maxmemory` and `maxmemory-policy allkeys-lru` in redis.conf instead",
+                        at("size")
+                    )));
+                }
+                if l2.enabled && c.l1_size() == 0 {
+                    return Err(ConfigError(format!(
+                        "{}: L2 needs the L1 cache: set `cache.size` (or `cache.l1.size`)",
+                        at("enabled")
+                    )));
+                }
+                if l2.timeout.0.is_zero() {
+                    return Err(ConfigError(format!("{}: must be above 0", at("timeout"))));
+                }
+                if l2.ttl.0.as_millis() == 0 {
+                    return Err(ConfigError(format!("{}: must be at least 1ms", at("ttl"))));
+                }
+                if l2.username.is_some() && l2.password.is_none() {
+                    return Err(ConfigError(format!(
+                        "{}: an ACL user needs `password` too",
+                        at("username")
+                    )));
+                }
+                if l2.port == 0 {
+                    return Err(ConfigError(format!(
+                        "{}: must be a port (1-65535)",
+                        at("port")
+                    )));
+                }
             }
             if c.l1_size() > 0 && c.max_object_size.0 == 0 {
                 return Err(ConfigError(format!(
@@ -968,6 +1068,45 @@ impl Config {
             ups.push(Self::upstream_config(name, lb, &u.backends, pool, resolve)?);
             names.push(name.clone());
         }
+        // L2's Redis is an upstream of its own: the runtimes pool its connections and
+        // drive lookups like any backend request.
+        let l2 = match fc
+            .cache
+            .as_ref()
+            .filter(|c| c.l1_size() > 0)
+            .and_then(|c| c.l2_on())
+        {
+            Some(l) => {
+                let addr = resolve(&l.host, l.port)
+                    .map_err(|e| ConfigError(format!("cache.l2: `{}:{}`: {e}", l.host, l.port)))?;
+                ups.push(UpstreamConfig {
+                    name: "cache-l2".into(),
+                    backends: vec![BackendConfig {
+                        addr,
+                        host: format!("{}:{}", l.host, l.port),
+                        weight: 1,
+                    }],
+                    algorithm: Algorithm::RoundRobin,
+                    hash_method: HashMethod::Maglev,
+                    hash_key: HashKey::ClientIp,
+                    seed: 0,
+                    passive: PassiveHealth::default(),
+                    active: None,
+                    pool: PoolConfig {
+                        enabled: true,
+                        max_idle: pool.max_idle.max(16),
+                        idle_timeout: pool.idle_timeout.0,
+                        max_lifetime: pool.max_lifetime.0,
+                        max_requests: u32::MAX,
+                    },
+                    retries: 0,
+                    connect_timeout: l.timeout.0,
+                    response_timeout: l.timeout.0,
+                });
+                Some((l, addr, (ups.len() - 1) as u16))
+            }
+            None => None,
+        };
         let upstreams: Vec<Arc<Upstream>> = ups
             .into_iter()
             .enumerate()
@@ -1021,6 +1160,22 @@ impl Config {
                         c.key_headers.clone(),
                     );
                     hc.lock_timeout = c.lock_timeout.0;
+                    hc.l2 = l2.map(|(l, addr, upstream)| {
+                        crate::cache::l2::L2::new(
+                            addr,
+                            upstream,
+                            l.key_prefix.clone().into_bytes(),
+                            l.ttl.0,
+                            l.timeout.0,
+                            c.max_object_size.0 as usize,
+                            base,
+                        )
+                        .with_login(
+                            l.username.as_deref(),
+                            l.password.as_deref(),
+                            l.db,
+                        )
+                    });
                     Arc::new(hc)
                 })
             }),

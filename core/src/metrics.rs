@@ -96,20 +96,29 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "trireme_responses_total{{class=\"{class}\"}} {}", g(v));
         }
-        for (name, v) in [
-            ("trireme_client_errors_total", &self.client_errors),
-            ("trireme_upstream_errors_total", &self.upstream_errors),
-            ("trireme_upstream_connects_total", &self.upstream_connects),
-            ("trireme_upstream_reuses_total", &self.upstream_reuses),
-            ("trireme_retries_total", &self.retries),
-            (
-                "trireme_connections_rejected_total",
-                &self.connections_rejected,
-            ),
-        ] {
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", g(v));
-        }
+        write_counters(
+            out,
+            &[
+                ("trireme_client_errors_total", &self.client_errors),
+                ("trireme_upstream_errors_total", &self.upstream_errors),
+                ("trireme_upstream_connects_total", &self.upstream_connects),
+                ("trireme_upstream_reuses_total", &self.upstream_reuses),
+                ("trireme_retries_total", &self.retries),
+                (
+                    "trireme_connections_rejected_total",
+                    &self.connections_rejected,
+                ),
+            ],
+        );
+    }
+}
+
+/// Counters in Prometheus text: a `# TYPE` line and the value, each.
+pub fn write_counters(out: &mut String, counters: &[(&str, &AtomicU64)]) {
+    use std::fmt::Write;
+    for (name, v) in counters {
+        let v = v.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
     }
 }
 

@@ -201,6 +201,14 @@ pub struct Session {
     capture: Option<Box<Capture>>,
     /// The parsed request waits for another request's fetch of the same cache key.
     cache_wait: Option<CacheWait>,
+    /// An L2 (Redis) lookup in flight for the parsed request.
+    l2: Option<Box<l2::L2Fetch>>,
+    /// `requests_done` when the latest L2 lookup ended, and whether it was a hit.
+    l2_tried: Option<(u32, bool)>,
+    /// After an L2 miss: the request's pending fetch, taken up again by `start_request`.
+    l2_carry: Option<Box<Pending>>,
+    /// The response in flight streams from another request's fetch (collapsed forwarding).
+    follow: Option<Box<follow::Follow>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -254,6 +262,10 @@ impl Session {
             parked: false,
             capture: None,
             cache_wait: None,
+            l2: None,
+            l2_tried: None,
+            l2_carry: None,
+            follow: None,
         }
     }
 
@@ -316,6 +328,7 @@ impl Session {
     pub fn park_buffers(&mut self, pool: &mut BufPool) {
         if self.state != State::Idle
             || self.up != Up::None
+            || self.l2.is_some()
             || !self.client_in.is_empty()
             || !self.client_out.is_empty()
             || !self.up_in.is_empty()
@@ -367,8 +380,12 @@ impl Session {
 
     /// The runtime should read from the upstream connection now.
     pub fn wants_upstream_read(&self) -> bool {
+        if self.l2.is_some() {
+            return self.l2_wants_read();
+        }
         matches!(self.up, Up::Connected { .. })
             && !matches!(self.resp, Resp::Done)
+            && !self.client_out.has_shared()
             && self.client_out.len() < HIGH_WATER
             && self.up_in.len() < HIGH_WATER
     }
@@ -382,6 +399,7 @@ impl Session {
     pub fn deadline(&self) -> Option<Instant> {
         let c = &self.ctx;
         match self.state {
+            State::Idle if self.l2.is_some() => self.l2_deadline(),
             State::Idle if self.cache_wait.is_some() => self.cache_wait.map(|w| w.next),
             State::Idle => Some(match self.head_started {
                 Some(t) => t + c.header_timeout,
@@ -401,6 +419,11 @@ impl Session {
                 }
                 if !matches!(self.req_body, ReqBody::Done) || !self.client_out.is_empty() {
                     add(self.last_client_io + c.idle_timeout);
+                }
+                if let Some(f) = self.follow.as_ref() {
+                    if self.client_out.len() < HIGH_WATER {
+                        add(f.next);
+                    }
                 }
                 d
             }
@@ -426,12 +449,19 @@ impl Session {
     pub fn on_client_written(&mut self, n: usize, now: Instant) {
         self.client_out.consume(n);
         self.last_client_io = now;
+        if self.follow.is_some() {
+            self.pump_follow(now);
+        }
     }
 
     /// The client closed its sending side.
     pub fn on_client_eof(&mut self, now: Instant) {
         self.client_eof = true;
         match self.state {
+            State::Idle if self.l2.is_some() || self.cache_wait.is_some() => {
+                // A complete head waits on the cache: it is answered, then the connection
+                // closes.
+            }
             State::Idle => {
                 // Nothing or a partial head: nothing to answer.
                 self.state = State::Closed;
@@ -445,6 +475,7 @@ impl Session {
                 if let Some(r) = self.req.as_mut() {
                     r.close_after = true;
                 }
+                self.follow_close_after();
             }
             State::Closing | State::Closed => {}
         }
@@ -466,11 +497,16 @@ impl Session {
         if let Some(r) = self.req.as_mut() {
             r.close_after = true;
         }
+        self.follow_close_after();
     }
 
     // ----------------------------------------------------------------- upstream input
 
     pub fn on_upstream_connected(&mut self, reused: bool, now: Instant) {
+        if self.l2.is_some() {
+            self.l2_connected(reused, now);
+            return;
+        }
         if !matches!(self.up, Up::Connecting { .. }) {
             return;
         }
@@ -485,6 +521,10 @@ impl Session {
     }
 
     pub fn on_upstream_connect_failed(&mut self, now: Instant) {
+        if self.l2.is_some() {
+            self.l2_fail("connect failed", now);
+            return;
+        }
         if !matches!(self.up, Up::Connecting { .. }) {
             return;
         }
@@ -499,6 +539,10 @@ impl Session {
     /// New bytes were appended to `up_in`.
     pub fn on_upstream_read(&mut self, now: Instant) {
         self.last_up_io = now;
+        if self.l2.is_some() {
+            self.l2_read(now);
+            return;
+        }
         if let Some(r) = self.req.as_mut() {
             r.resp_bytes += self.up_in.len() as u64;
         }
@@ -513,6 +557,10 @@ impl Session {
 
     /// The backend closed the connection (or it failed: `error`).
     pub fn on_upstream_eof(&mut self, error: bool, now: Instant) {
+        if self.l2.is_some() {
+            self.l2_fail("connection closed", now);
+            return;
+        }
         if !matches!(self.up, Up::Connected { .. }) {
             return;
         }
@@ -579,6 +627,10 @@ impl Session {
         if now < d {
             return;
         }
+        if self.state == State::Idle && self.l2.is_some() {
+            self.l2_fail("timed out", now);
+            return;
+        }
         if self.state == State::Idle && self.cache_wait.is_some() {
             // Look in the cache again.
             self.process_client(now);
@@ -594,6 +646,15 @@ impl Session {
                     ));
                 } else {
                     self.state = State::Closed;
+                }
+            }
+            State::Active if self.follow.is_some() => {
+                if !self.client_out.is_empty() && now >= self.last_client_io + self.ctx.idle_timeout
+                {
+                    tracing::debug!(client = %self.client_ip, "client stalled; closing");
+                    self.abort(now);
+                } else {
+                    self.pump_follow(now);
                 }
             }
             State::Active => {
@@ -655,7 +716,7 @@ impl Session {
                     if self.client_in.is_empty() {
                         return;
                     }
-                    if self.cache_wait.is_some_and(|w| now < w.next) {
+                    if self.cache_wait.is_some_and(|w| now < w.next) || self.l2.is_some() {
                         return;
                     }
                     let parsed = head::parse_request(&self.client_in, &self.ctx.limits);
@@ -693,6 +754,15 @@ impl Session {
         }
     }
 
+    /// The connection closes after the response to `h`: the client asked, a drain, the
+    /// client's half-close, or the per-connection request limit.
+    fn closes_after(&self, h: &RequestHead) -> bool {
+        !h.keep_alive
+            || self.draining
+            || self.client_eof
+            || self.requests_done + 1 >= self.ctx.max_requests_per_connection
+    }
+
     /// Answer a request from the cache: no backend involved.
     fn serve_hit(
         &mut self,
@@ -704,10 +774,7 @@ impl Session {
         now: Instant,
     ) {
         let ctx = self.ctx.clone();
-        let close = !h.keep_alive
-            || self.draining
-            || self.client_eof
-            || self.requests_done + 1 >= ctx.max_requests_per_connection;
+        let close = self.closes_after(h);
         self.client_in.advance(h.len);
         let status = if not_modified {
             304
@@ -728,18 +795,30 @@ impl Session {
             st.bytes_served
                 .fetch_add(stored.body.len() as u64, Ordering::Relaxed);
         }
+        let how = if stale {
+            Served::Stale
+        } else if self.l2_filled() {
+            Served::L2Hit
+        } else {
+            Served::Hit
+        };
         write_hit(
             self.client_out.vec(),
             stored,
             HitReply {
                 age,
-                how: if stale { Served::Stale } else { Served::Hit },
+                how,
                 head_only: h.method == Method::Head,
                 not_modified,
                 close,
                 http10_keep_alive: h.version == Version::Http10 && !close,
             },
         );
+        self.served(close, now);
+    }
+
+    /// A response answered without a backend is queued whole: the next request, or close.
+    fn served(&mut self, close: bool, now: Instant) {
         self.requests_done += 1;
         self.last_client_io = now;
         self.state = if close { State::Closing } else { State::Idle };
@@ -800,7 +879,7 @@ impl Session {
     fn start_request(&mut self, h: RequestHead, now: Instant) {
         let ctx = self.ctx.clone();
         let waited = self.cache_wait.take();
-        if waited.is_none() {
+        if waited.is_none() && !self.l2_resumed() {
             ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
         }
         self.head_started = None;
@@ -818,7 +897,10 @@ impl Session {
             return;
         };
         let mut cache_req = CacheReq::None;
-        if let Some(cache) = &ctx.cache {
+        if let Some(p) = self.l2_carry.take() {
+            // Back from an L2 miss: this request still leads the key's fetch.
+            cache_req = CacheReq::Miss(p);
+        } else if let Some(cache) = &ctx.cache {
             let since = waited.map_or(now, |w| w.since);
             let may_wait = now < since + cache.lock_timeout;
             match cache.lookup(&h, buf, ctx.clock.at(now), may_wait) {
@@ -837,7 +919,11 @@ impl Session {
                         host: scheme_host,
                     }
                 }
-                Lookup::Miss(p) => cache_req = CacheReq::Miss(p),
+                Lookup::Miss(p) => match self.l2_begin(p, now) {
+                    Some(p) => cache_req = CacheReq::Miss(p),
+                    // The head stays in `client_in` until L2 answers.
+                    None => return,
+                },
                 Lookup::Hit {
                     stored,
                     age,
@@ -870,6 +956,10 @@ impl Session {
                     self.serve_hit(&h, &stored, age, stale, not_modified, now);
                     return;
                 }
+                Lookup::Follow(g) => {
+                    self.begin_follow(&h, g, now);
+                    return;
+                }
                 Lookup::Unsatisfiable => {
                     self.client_in.advance(h.len);
                     self.reply_error(Status::GatewayTimeout, !h.keep_alive);
@@ -889,7 +979,7 @@ impl Session {
                 HashKey::Cookie(name) => h
                     .header(buf, "cookie")
                     .and_then(|c| cookie_value(c, name.as_bytes())),
-                HashKey::Path => Some(path),
+                HashKey::Path => Some(h.path.get(buf)),
                 HashKey::ClientIp => None,
             };
             if let Some(v) = v {
@@ -911,9 +1001,7 @@ impl Session {
             stale_retry_used: false,
             response_started: false,
             resp_bytes: 0,
-            close_after: !h.keep_alive
-                || self.draining
-                || self.requests_done + 1 >= ctx.max_requests_per_connection,
+            close_after: self.closes_after(&h),
             hash_key,
             has_hash_key,
         };
@@ -1076,6 +1164,26 @@ impl Session {
         }
     }
 
+    /// Ask the runtime to release the upstream connection. A connect it has not picked up
+    /// yet is withdrawn instead, so a request rejected straight after its head (a bad body
+    /// already buffered) opens no connection at all.
+    fn push_release(&mut self, upstream: u16, backend: u16, reuse: bool) {
+        let unseen = self
+            .actions
+            .iter()
+            .rposition(|a| matches!(a, Action::Connect { .. }));
+        match unseen {
+            Some(i) => {
+                self.actions.remove(i);
+            }
+            None => self.actions.push_back(Action::ReleaseUpstream {
+                upstream,
+                backend,
+                reuse,
+            }),
+        }
+    }
+
     /// Give up the upstream connection (and the backend's in-flight slot).
     fn release_upstream(&mut self, reuse: bool) {
         if self.up == Up::None {
@@ -1084,24 +1192,9 @@ impl Session {
         self.up = Up::None;
         if let Some(r) = self.req.as_mut() {
             if let Some(b) = r.backend.take() {
-                self.ctx.upstreams[r.upstream as usize].end(b as usize);
-                // A connect the runtime has not picked up yet is withdrawn, so a request
-                // rejected straight after its head (a bad body already buffered) opens no
-                // backend connection at all.
-                let unseen = self
-                    .actions
-                    .iter()
-                    .rposition(|a| matches!(a, Action::Connect { .. }));
-                match unseen {
-                    Some(i) => {
-                        self.actions.remove(i);
-                    }
-                    None => self.actions.push_back(Action::ReleaseUpstream {
-                        upstream: r.upstream,
-                        backend: b,
-                        reuse,
-                    }),
-                }
+                let upstream = r.upstream;
+                self.ctx.upstreams[upstream as usize].end(b as usize);
+                self.push_release(upstream, b, reuse);
             }
         }
         self.up_out.clear();
@@ -1306,20 +1399,22 @@ impl Session {
                     chunked_to_client,
                 } => {
                     let chunked_out = *chunked_to_client;
-                    let out = self.client_out.vec();
                     let mut complete = false;
-                    match body {
-                        RespBody::Length(rem) => {
-                            let n = (*rem).min(self.up_in.len() as u64) as usize;
-                            out.extend_from_slice(&self.up_in[..n]);
-                            if let Some(c) = self.capture.as_mut() {
-                                c.push(&self.up_in[..n]);
-                            }
-                            self.up_in.advance(n);
-                            *rem -= n as u64;
-                            complete = *rem == 0;
+                    if let RespBody::Length(rem) = body {
+                        // Written from the read buffer (no copy when long); reading from
+                        // the backend pauses until it is written (`wants_upstream_read`).
+                        let n = (*rem).min(self.up_in.len() as u64) as usize;
+                        if let Some(c) = self.capture.as_mut() {
+                            c.push(&self.up_in[..n]);
                         }
+                        self.client_out.push_shared(self.up_in.split_to(n).freeze());
+                        *rem -= n as u64;
+                        complete = *rem == 0;
+                    }
+                    match body {
+                        RespBody::Length(_) => {}
                         RespBody::UntilClose => {
+                            let out = self.client_out.vec();
                             if chunked_out {
                                 push_chunk(out, &self.up_in);
                             } else {
@@ -1328,6 +1423,7 @@ impl Session {
                             self.up_in.clear();
                         }
                         RespBody::Chunked(dec) => {
+                            let out = self.client_out.vec();
                             let mut pos = 0;
                             loop {
                                 let r = dec.decode(&self.up_in[pos..]);
@@ -1414,8 +1510,8 @@ impl Session {
 
     /// The response arrived whole: the copy being made goes into the cache.
     fn finish_capture(&mut self) {
-        if let (Some(c), Some(cache)) = (self.capture.take(), &self.ctx.cache) {
-            cache.finish(c);
+        if let (Some(mut c), Some(cache)) = (self.capture.take(), &self.ctx.cache) {
+            cache.finish(&mut c);
         }
     }
 
@@ -1560,6 +1656,10 @@ impl Session {
     /// Tear down: no more output, close the client and the upstream connection.
     fn abort(&mut self, _now: Instant) {
         self.release_upstream(false);
+        self.l2_release(false);
+        self.follow = None;
+        // An unfinished copy into the cache is abandoned (cutting off its followers).
+        self.capture = None;
         // Closed means nothing more is written: pending output is dropped, so a runtime
         // whose write failed has nothing left to retry.
         self.client_out.clear();
@@ -1688,5 +1788,7 @@ fn write_upstream_head(
     out.extend_from_slice(b"\r\n");
 }
 
+mod follow;
+mod l2;
 #[cfg(test)]
 mod tests;

@@ -30,6 +30,8 @@ pub struct Reply {
     pub delay: Duration,
     /// Die (close the connection) after this many bytes of the response.
     pub die_after: Option<usize>,
+    /// Time between the pieces of the response (zero: all at once).
+    pub drip: Duration,
 }
 
 impl Reply {
@@ -43,6 +45,7 @@ impl Reply {
             close: false,
             delay: Duration::ZERO,
             die_after: None,
+            drip: Duration::ZERO,
         }
     }
     pub fn status(status: u16) -> Reply {
@@ -371,9 +374,10 @@ impl Sim {
         }
         let cl = &mut self.clients[c];
         if !cl.session.client_out.is_empty() {
-            let n = cl.session.client_out.len();
-            cl.received
-                .extend_from_slice(cl.session.client_out.pending());
+            let (own, shared) = cl.session.client_out.pending_parts();
+            cl.received.extend_from_slice(own);
+            cl.received.extend_from_slice(shared);
+            let n = own.len() + shared.len();
             cl.session.on_client_written(n, now);
             progress = true;
         }
@@ -469,8 +473,9 @@ impl Sim {
                 bytes.truncate(n);
                 die = true;
             }
-            // Deliver in seeded pieces.
+            // Deliver in seeded pieces, `drip` apart.
             let mut rest = &bytes[..];
+            let mut at = at;
             while !rest.is_empty() {
                 let n = if self.max_piece == usize::MAX {
                     rest.len()
@@ -485,6 +490,7 @@ impl Sim {
                     },
                 );
                 rest = &rest[n..];
+                at += reply.drip;
             }
             if die {
                 self.schedule(at, Ev::UpEof { conn: id });

@@ -8,22 +8,27 @@ use std::time::{Duration, Instant};
 use trireme_core::config::{resolve_literal, Config};
 use trireme_core::proxy::{Action, ProxyContext, Session};
 
-static CTX: OnceLock<(std::sync::Arc<ProxyContext>, Instant)> = OnceLock::new();
+type Ctx = (std::sync::Arc<ProxyContext>, std::sync::Arc<ProxyContext>, Instant);
+static CTX: OnceLock<Ctx> = OnceLock::new();
+
+const CONFIG: &str = "server:\n  max_body_size: 64KB\n  max_header_size: 4KB\ncache:\n  size: 1MB\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n";
 
 fuzz_target!(|data: &[u8]| {
-    let (ctx, t0) = CTX.get_or_init(|| {
+    let (plain, with_l2, t0) = CTX.get_or_init(|| {
         #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
-        let cfg = Config::from_yaml(
-            "server:\n  max_body_size: 64KB\n  max_header_size: 4KB\ncache:\n  size: 1MB\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n",
-            "fuzz",
-        )
-        .unwrap();
-        (
-            cfg.build(t0, std::time::SystemTime::now(), &resolve_literal)
-                .unwrap(),
-            t0,
-        )
+        let build = |yaml: &str| {
+            Config::from_yaml(yaml, "fuzz")
+                .unwrap()
+                .build(t0, std::time::SystemTime::now(), &resolve_literal)
+                .unwrap()
+        };
+        // With L2 the backend bytes first answer the Redis lookup (arbitrary RESP).
+        let l2 = CONFIG.replace(
+            "  size: 1MB\n",
+            "  size: 1MB\n  l2:\n    host: 127.0.0.1\n    port: 6379\n",
+        );
+        (build(CONFIG), build(&l2), t0)
     });
     if data.len() < 3 {
         return;
@@ -34,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let mid = rest.len() / 2;
     let (client, backend) = rest.split_at(mid);
     let mut now = *t0;
+    let ctx = if mode & 64 != 0 { with_l2 } else { plain };
     let mut s = Session::new(ctx.clone(), "127.0.0.1:1".parse().unwrap(), now);
     let mut up_connected = false;
     let mut backend_pos = 0;

@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -517,10 +517,19 @@ impl Worker {
 
             // Client: write, then read.
             if c.writable && !c.s.client_out.is_empty() {
-                let buf = c.s.client_out.pending();
-                match (&c.stream).write(buf) {
+                // The response head and a body shared with the read buffer: one writev.
+                let (own, shared) = c.s.client_out.pending_parts();
+                let want = own.len() + shared.len();
+                let written = if shared.is_empty() {
+                    (&c.stream).write(own)
+                } else if own.is_empty() {
+                    (&c.stream).write(shared)
+                } else {
+                    (&c.stream).write_vectored(&[IoSlice::new(own), IoSlice::new(shared)])
+                };
+                match written {
                     Ok(n) if n > 0 => {
-                        if n < buf.len() {
+                        if n < want {
                             c.writable = false;
                         }
                         c.s.on_client_written(n, now);
@@ -629,8 +638,24 @@ impl Worker {
             if c.armed.is_none_or(|a| d < a) {
                 c.armed = Some(d);
                 self.timers.push(Reverse((d, k, c.gen)));
+                self.compact_timers();
             }
         }
+    }
+
+    /// Entries of closed connections, and ones superseded by an earlier deadline, stay in
+    /// the heap until they come due; under connection churn that is rate x timeout of them.
+    /// Past twice the live connections, drop them (linear, so amortised O(1) per push).
+    fn compact_timers(&mut self) {
+        if self.timers.len() <= 2 * self.conns.len() + 64 {
+            return;
+        }
+        let conns = &self.conns;
+        self.timers.retain(|Reverse((t, k, gen))| {
+            conns
+                .get(*k)
+                .is_some_and(|c| c.gen == *gen && c.armed == Some(*t))
+        });
     }
 }
 

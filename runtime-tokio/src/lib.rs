@@ -267,11 +267,19 @@ fn connect(addr: SocketAddr) -> Connecting {
     })
 }
 
-/// Write as much of `buf` as the socket takes now. `Ok(n)`: bytes written (0 = would block).
-fn write_now(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+/// Write as much of `a` then `b` as the socket takes now (one vectored write while both
+/// have bytes left). `Ok(n)`: bytes written (0 = would block).
+fn write_now(s: &TcpStream, a: &[u8], b: &[u8]) -> io::Result<usize> {
     let mut done = 0;
-    while done < buf.len() {
-        match s.try_write(&buf[done..]) {
+    while done < a.len() + b.len() {
+        let r = if done >= a.len() {
+            s.try_write(&b[done - a.len()..])
+        } else if b.is_empty() {
+            s.try_write(&a[done..])
+        } else {
+            s.try_write_vectored(&[io::IoSlice::new(&a[done..]), io::IoSlice::new(b)])
+        };
+        match r {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -345,7 +353,8 @@ async fn connection(
                 break;
             }
             if !s.client_out.is_empty() {
-                match write_now(&client, s.client_out.pending()) {
+                let (own, shared) = s.client_out.pending_parts();
+                match write_now(&client, own, shared) {
                     Ok(0) => {}
                     Ok(n) => {
                         s.on_client_written(n, now);
@@ -359,7 +368,7 @@ async fn connection(
             }
             if let Some(c) = &up {
                 if !s.up_out.is_empty() {
-                    match write_now(&c.stream, s.up_out.pending()) {
+                    match write_now(&c.stream, s.up_out.pending(), &[]) {
                         Ok(0) => {}
                         Ok(n) => {
                             s.on_upstream_written(n, now);

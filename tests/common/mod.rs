@@ -231,3 +231,155 @@ pub fn by_backend(resps: &[Response]) -> std::collections::BTreeMap<String, usiz
     }
     m
 }
+
+/// A `redis-server` started from the installed binary on a free loopback port, without
+/// persistence; killed (by PID) when dropped. `scripts/test.sh` installs it.
+pub struct Redis {
+    child: Child,
+    pub addr: SocketAddr,
+    password: Option<String>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(None)
+    }
+
+    /// With `requirepass`: clients must `AUTH` first.
+    pub fn start_with(password: Option<&str>) -> Redis {
+        let port = free_port();
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(pw) = password {
+            args.extend(["--requirepass".to_string(), pw.to_string()]);
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run scripts/test.sh (it installs it), or apt-get install redis-server");
+        let r = Redis {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            password: password.map(str::to_string),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.try_command(&["PING"]).is_none() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    /// Send `commands` (after `AUTH` when a password is set) on one connection; the last
+    /// one's one-line reply.
+    fn try_commands(&self, commands: &[&[&str]]) -> Option<String> {
+        let mut s = TcpStream::connect(self.addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let auth: Vec<&str> = self
+            .password
+            .iter()
+            .flat_map(|pw| ["AUTH", pw.as_str()])
+            .collect();
+        let all: Vec<&[&str]> = std::iter::once(&auth[..])
+            .filter(|a| !a.is_empty())
+            .chain(commands.iter().copied())
+            .collect();
+        let mut cmd = String::new();
+        for args in &all {
+            cmd.push_str(&format!("*{}\r\n", args.len()));
+            for a in *args {
+                cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            }
+        }
+        s.write_all(cmd.as_bytes()).ok()?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while got.windows(2).filter(|w| w == b"\r\n").count() < all.len() {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        Some(text.lines().last().unwrap_or("").to_string())
+    }
+
+    fn try_command(&self, args: &[&str]) -> Option<String> {
+        self.try_commands(&[args])
+    }
+
+    /// Number of keys stored (database 0).
+    pub fn keys(&self) -> u64 {
+        self.keys_in(0)
+    }
+
+    /// Number of keys stored in database `db`.
+    pub fn keys_in(&self, db: u32) -> u64 {
+        let db = db.to_string();
+        let r = self
+            .try_commands(&[&["SELECT", &db], &["DBSIZE"]])
+            .expect("redis answers");
+        r.trim()
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("DBSIZE: {r}"))
+    }
+
+    /// Wait (bounded) until the key count satisfies `ok`.
+    pub fn wait_keys(&self, ok: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.keys();
+            if ok(n) || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of a Prometheus counter or gauge in `metrics` text.
+pub fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {metrics}"))
+}
+
+/// GET /metrics from an admin listener.
+pub fn admin_metrics(admin: SocketAddr) -> String {
+    admin_call(admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").text()
+}
+
+/// One raw request to an admin listener.
+pub fn admin_call(admin: SocketAddr, req: &str) -> Response {
+    let mut c = Client::connect(admin);
+    c.send(req.as_bytes());
+    c.read_response(false).expect("admin answers")
+}

@@ -11,6 +11,7 @@ use crate::http1::head::{Method, RequestHead, ResponseHead};
 use crate::http1::write::push_dec;
 use bytes::Bytes;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub struct HttpCache {
     refreshes: Mutex<std::collections::VecDeque<Refresh>>,
     /// Wakes the fetcher; `None` while no fetcher runs (then nothing is queued).
     refresh_wake: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The shared tier behind this one (Redis), when configured.
+    pub l2: Option<super::l2::L2>,
 }
 
 /// Refreshes queued at most; past it, a stale entry is simply refreshed later.
@@ -72,8 +75,78 @@ pub struct Refresh {
     pub pending: Box<Pending>,
 }
 
-/// Keys being fetched (`None`) or passed (`Some(until)`), one map per shard.
-type Inflight = HashMap<Vec<u8>, Option<SystemTime>>;
+/// Keys being fetched or passed, one map per shard.
+type Inflight = HashMap<Vec<u8>, Flight>;
+
+#[derive(Clone, Debug)]
+enum Flight {
+    /// Being fetched; once its storable response head arrived (with a known length),
+    /// the body as it grows, for waiting requests to stream.
+    Fetching(Option<Arc<Growing>>),
+    /// Not storable ("hit for pass"): until then, requests go to the backend at once.
+    Pass(SystemTime),
+}
+
+/// A storable response on its way into the cache, shared with the requests that wait on
+/// its key: they send its head at once and stream the body as it arrives (collapsed
+/// forwarding), instead of waiting for it to complete.
+#[derive(Debug)]
+pub struct Growing {
+    /// The stored head (status line and fields, as in [`Stored::head`]).
+    pub head: Bytes,
+    /// Body length (only responses with a known length are streamed to waiters).
+    pub length: u64,
+    pub facts: ResponseFacts,
+    pub etag: Option<Bytes>,
+    pub vary: Bytes,
+    pub secondary: Vec<u8>,
+    body: Mutex<GrowBody>,
+}
+
+#[derive(Debug, Default)]
+struct GrowBody {
+    bytes: Vec<u8>,
+    /// Complete: the stored entry (its body is `bytes`).
+    done: Option<Arc<Stored>>,
+    /// Abandoned before it completed (the fetch failed): followers are cut off.
+    failed: bool,
+}
+
+/// What a follower may send next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Grown {
+    /// Body bytes from the offset asked for (possibly none yet).
+    More,
+    /// The body is complete.
+    Done,
+    /// The fetch failed: the response cannot be completed.
+    Failed,
+}
+
+impl Growing {
+    /// Append body bytes from `sent` on to `out`, at most `max`; how many, and the state.
+    pub fn copy_from(&self, sent: usize, max: usize, out: &mut Vec<u8>) -> (usize, Grown) {
+        let b = self.body.lock();
+        if b.failed {
+            return (0, Grown::Failed);
+        }
+        let avail: &[u8] = match &b.done {
+            Some(s) => &s.body,
+            None => &b.bytes,
+        };
+        let end = avail.len().min(sent.saturating_add(max));
+        let n = end.saturating_sub(sent);
+        if n > 0 {
+            out.extend_from_slice(&avail[sent..end]);
+        }
+        let state = if b.done.is_some() && end >= avail.len() {
+            Grown::Done
+        } else {
+            Grown::More
+        };
+        (n, state)
+    }
+}
 
 /// How often a waiting request looks at the store again.
 pub const WAIT_POLL: Duration = Duration::from_millis(2);
@@ -109,7 +182,7 @@ impl Lead {
             .lock()
             .get_mut(&self.key)
         {
-            *v = Some(now + self.cache.lock_timeout);
+            *v = Flight::Pass(now + self.cache.lock_timeout);
         }
     }
 }
@@ -118,7 +191,9 @@ impl Drop for Lead {
     fn drop(&mut self) {
         let mut m = self.cache.inflight_shard(&self.key).lock();
         // A pass marker outlives the fetch; a plain fetch ends here.
-        if m.get(&self.key).is_some_and(|v| v.is_none()) {
+        if m.get(&self.key)
+            .is_some_and(|v| matches!(v, Flight::Fetching(_)))
+        {
             m.remove(&self.key);
         }
     }
@@ -179,6 +254,11 @@ impl Pending {
         lines
     }
 
+    /// L1 holds an entry for the request (stale, or to be validated).
+    pub fn has_stored(&self) -> bool {
+        self.stale.is_some()
+    }
+
     /// This fetch will not be stored: whoever waits on it should stop.
     pub fn pass(&self, now: SystemTime) {
         if let Some(l) = &self.lead {
@@ -189,17 +269,7 @@ impl Pending {
     /// Conditional header lines to validate the stored response, unless the client sent
     /// conditionals of its own (then its request goes through as is).
     pub fn validator_lines(&mut self) -> Option<Vec<u8>> {
-        let own = [
-            &b"if-none-match"[..],
-            b"if-modified-since",
-            b"if-match",
-            b"if-unmodified-since",
-            b"if-range",
-        ];
-        if own
-            .iter()
-            .any(|n| !field_values(&self.head, &self.head_bytes, n).is_empty())
-        {
+        if has_conditionals(&self.head, &self.head_bytes) {
             return None;
         }
         self.stale.as_ref()?;
@@ -230,23 +300,24 @@ pub enum Lookup {
     Miss(Box<Pending>),
     /// `only-if-cached` and nothing usable stored: 504 (RFC 9111 §5.2.1.7).
     Unsatisfiable,
+    /// Another request is fetching this key and its response may answer this one:
+    /// stream it as it arrives.
+    Follow(Arc<Growing>),
     /// Another request is fetching this key: look again in [`WAIT_POLL`].
     Wait,
 }
 
-/// A response being copied into the cache as it streams to the client.
+/// A response being copied into the cache as it streams to the client (and, through
+/// its [`Growing`], to the requests waiting on its key).
 #[derive(Debug)]
 pub struct Capture {
     key: Vec<u8>,
-    head: Vec<u8>,
-    body: Vec<u8>,
-    facts: ResponseFacts,
-    etag: Option<Bytes>,
-    vary: Bytes,
-    secondary: Vec<u8>,
+    grow: Arc<Growing>,
     limit: usize,
     /// Too large: abandoned.
     dropped: bool,
+    /// Stored (or refused by the store): complete either way.
+    finished: bool,
 }
 
 impl Capture {
@@ -255,13 +326,37 @@ impl Capture {
         if self.dropped {
             return;
         }
-        if self.body.len() + data.len() > self.limit {
+        let mut b = self.grow.body.lock();
+        if b.bytes.len() + data.len() > self.limit {
             self.dropped = true;
-            self.body = Vec::new();
+            b.bytes = Vec::new();
+            b.failed = true;
             return;
         }
-        self.body.extend_from_slice(data);
+        b.bytes.extend_from_slice(data);
     }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The fetch ended before the response did: whoever streams it is cut off.
+            self.grow.body.lock().failed = true;
+        }
+    }
+}
+
+/// The request carries conditional fields of its own.
+fn has_conditionals(h: &RequestHead, buf: &[u8]) -> bool {
+    [
+        &b"if-none-match"[..],
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+    ]
+    .iter()
+    .any(|n| !field_values(h, buf, n).is_empty())
 }
 
 fn field_values<'a>(h: &RequestHead, buf: &'a [u8], name: &[u8]) -> Vec<&'a [u8]> {
@@ -297,6 +392,7 @@ impl HttpCache {
             lock_timeout: Duration::from_secs(5),
             refreshes: Mutex::new(std::collections::VecDeque::new()),
             refresh_wake: Mutex::new(None),
+            l2: None,
         }
     }
 
@@ -366,7 +462,7 @@ impl HttpCache {
         let lead = self.lead(&key, now).ok()?;
         let facts = request_facts(&h, &request);
         let mut pending = Box::new(Pending {
-            key,
+            key: key.to_vec(),
             head_bytes: request.clone(),
             head: h,
             facts,
@@ -417,7 +513,7 @@ impl HttpCache {
         let Some(mut c) = self.begin_capture(p, &h, response, now) else {
             if crate::cache::invalidating_status(h.status) || h.status >= 400 {
                 // The origin now says something the cache may not keep: drop the old one.
-                self.store.invalidate(&p.key);
+                self.drop_key(&p.key);
             }
             return Ok("not storable");
         };
@@ -452,7 +548,7 @@ impl HttpCache {
                 }
             }
         }
-        self.finish(c);
+        self.finish(&mut c);
         Ok("stored")
     }
 
@@ -463,26 +559,40 @@ impl HttpCache {
         &self.inflight[(h % self.inflight.len() as u64) as usize]
     }
 
-    /// Become the one fetching `key`, or learn that another request is (`Err(pass)`:
-    /// `true` when the key's responses are not stored, so waiting is pointless).
-    fn lead(self: &Arc<Self>, key: &[u8], now: SystemTime) -> Result<Lead, bool> {
+    /// The fetch of `key` under way, or its live pass marker.
+    fn in_flight(&self, key: &[u8], now: SystemTime) -> Option<Flight> {
+        match self.inflight_shard(key).lock().get(key) {
+            Some(f @ Flight::Fetching(_)) => Some(f.clone()),
+            Some(f @ Flight::Pass(until)) if now < *until => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// Become the one fetching `key`, or learn that another request is (`Err(Fetching)`,
+    /// with its response as it grows once there is one) or that the key's responses are
+    /// not stored, so waiting is pointless (`Err(Pass)`).
+    fn lead(self: &Arc<Self>, key: &[u8], now: SystemTime) -> Result<Lead, Flight> {
         let mut m = self.inflight_shard(key).lock();
         match m.get(key) {
-            Some(None) => return Err(false),
-            Some(Some(until)) if now < *until => return Err(true),
+            Some(f @ Flight::Fetching(_)) => return Err(f.clone()),
+            Some(f @ Flight::Pass(until)) if now < *until => return Err(f.clone()),
             _ => {}
         }
         if m.len() >= PASS_SWEEP {
-            m.retain(|_, v| v.is_none_or(|until| now < until));
+            m.retain(|_, v| match v {
+                Flight::Fetching(_) => true,
+                Flight::Pass(until) => now < *until,
+            });
         }
-        m.insert(key.to_vec(), None);
+        m.insert(key.to_vec(), Flight::Fetching(None));
         Ok(Lead {
             cache: self.clone(),
             key: key.to_vec(),
         })
     }
 
-    fn key(&self, h: &RequestHead, buf: &[u8]) -> Vec<u8> {
+    /// The request's primary cache key, on the stack unless it is long.
+    fn key(&self, h: &RequestHead, buf: &[u8]) -> SmallVec<[u8; 192]> {
         let mut ext = Vec::new();
         for name in &self.key_headers {
             ext.extend_from_slice(name.as_bytes());
@@ -493,7 +603,31 @@ impl HttpCache {
             }
             ext.push(b'\n');
         }
-        primary_key("http", h.effective_host(buf), h.path.get(buf), &ext)
+        let mut k = SmallVec::new();
+        super::write_primary_key(&mut k, "http", h.effective_host(buf), h.path.get(buf), &ext);
+        k
+    }
+
+    /// May a request stream `g`, the response another request is fetching for its key?
+    /// Fresh for it, the same `Vary` variant, and no conditionals (those are answered
+    /// from the entry once it is complete).
+    fn may_follow(
+        &self,
+        g: &Growing,
+        h: &RequestHead,
+        buf: &[u8],
+        facts: &RequestFacts,
+        now: SystemTime,
+    ) -> bool {
+        if has_conditionals(h, buf) {
+            return false;
+        }
+        if !g.vary.is_empty()
+            && vary_key([&g.vary[..]], |n| field_values(h, buf, n)).as_ref() != Some(&g.secondary)
+        {
+            return false;
+        }
+        reuse(facts, &g.facts, &self.policy, now) == Reuse::Fresh
     }
 
     /// What to do with a request. `may_wait`: it has not yet waited `lock_timeout` for
@@ -511,7 +645,7 @@ impl HttpCache {
         );
         if !safe {
             return Lookup::Invalidate {
-                key: self.key(h, buf),
+                key: self.key(h, buf).to_vec(),
                 scheme_host: h.effective_host(buf).to_vec(),
             };
         }
@@ -536,7 +670,7 @@ impl HttpCache {
                     if stale && h.method == Method::Get && self.refresh_wake.lock().is_some() {
                         self.lead(&key, now).ok().map(|lead| {
                             let mut p = Box::new(Pending {
-                                key: key.clone(),
+                                key: key.to_vec(),
                                 head_bytes: buf[..h.len].to_vec(),
                                 head: h.clone(),
                                 facts: facts.clone(),
@@ -565,14 +699,24 @@ impl HttpCache {
         }
         // Coalescing: one request fetches, concurrent ones for the same key wait for it
         // (at most `lock_timeout`, then they go themselves, leaderless).
-        let lead = match self.lead(&key, now) {
-            Ok(l) => Some(l),
-            Err(false) if may_wait => return Lookup::Wait,
+        // A HEAD never leads: its response is not stored, so it would only hold the GETs
+        // back (and mark the key "not storable"). It follows or waits for a GET's fetch.
+        let flight = if h.method == Method::Head {
+            self.in_flight(&key, now).map_or(Ok(None), Err)
+        } else {
+            self.lead(&key, now).map(Some)
+        };
+        let lead = match flight {
+            Ok(l) => l,
+            Err(Flight::Fetching(Some(g))) if self.may_follow(&g, h, buf, &facts, now) => {
+                return Lookup::Follow(g);
+            }
+            Err(Flight::Fetching(_)) if may_wait => return Lookup::Wait,
             Err(_) => None,
         };
         Lookup::Miss(Box::new(Pending {
             lead,
-            key,
+            key: key.to_vec(),
             head_bytes: buf[..h.len].to_vec(),
             head: h.clone(),
             facts,
@@ -636,11 +780,15 @@ impl HttpCache {
             demand: old.demand.carried(),
         };
         if storable(&p.facts, &entry.facts, &self.policy).is_err() {
-            self.store.invalidate(&p.key);
+            self.drop_key(&p.key);
             return Some(Arc::new(entry));
         }
         let entry = Arc::new(entry);
-        self.store.insert(&p.key, Stored::clone_of(&entry));
+        if self.store.insert(&p.key, Stored::clone_of(&entry)) {
+            if let Some(l2) = &self.l2 {
+                l2.queue_set(&p.key, Stored::clone_of(&entry));
+            }
+        }
         self.stats.revalidated.fetch_add(1, Ordering::Relaxed);
         Some(entry)
     }
@@ -681,16 +829,35 @@ impl HttpCache {
             vary_key([&vary[..]], |n| field_values(&p.head, &p.head_bytes, n))?
         };
         let etag = header(h, buf, b"etag").map(Bytes::copy_from_slice);
-        Some(Box::new(Capture {
-            key: p.key.clone(),
-            head: stored_head(h, buf),
-            body: Vec::new(),
+        let limit = self.store.max_object();
+        let length = match h.body {
+            crate::http1::BodyKind::Length(n) => Some(n),
+            crate::http1::BodyKind::None => Some(0),
+            _ => None,
+        };
+        let grow = Arc::new(Growing {
+            head: Bytes::from(stored_head(h, buf)),
+            length: length.unwrap_or(0),
             facts,
             etag,
             vary: Bytes::from(vary),
             secondary,
-            limit: self.store.max_object(),
+            body: Mutex::new(GrowBody::default()),
+        });
+        if p.lead.is_some() && length.is_some_and(|n| n <= limit as u64) {
+            // Requests waiting on the key may stream it from here on.
+            if let Some(f) = self.inflight_shard(&p.key).lock().get_mut(&p.key) {
+                if matches!(f, Flight::Fetching(None)) {
+                    *f = Flight::Fetching(Some(grow.clone()));
+                }
+            }
+        }
+        Some(Box::new(Capture {
+            key: p.key.clone(),
+            grow,
+            limit,
             dropped: false,
+            finished: false,
         }))
     }
 
@@ -709,10 +876,15 @@ impl HttpCache {
             return Err(format!("`{url}`: no host"));
         }
         let key = primary_key("http", host.as_bytes(), target.as_bytes(), b"");
+        if let Some(l2) = &self.l2 {
+            // A URL's key-extended forms are `key \0 extension`: a prefix deletion covers
+            // them (and a few keys more, which only costs L2 a miss).
+            l2.queue_delete(&key, true);
+        }
         if prefix {
             return Ok(self.store.invalidate_prefix(&key));
         }
-        // The URL itself and its key-extended forms (`key \0 extension`).
+        // The URL itself and its key-extended forms.
         let mut n = self.store.invalidate(&key);
         let mut ext = key.clone();
         ext.push(0);
@@ -723,22 +895,25 @@ impl HttpCache {
     /// Prometheus text for the cache's counters.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let st = &self.stats;
         let ss = &self.store.stats;
-        for (name, v) in [
-            ("trireme_cache_hits_total", g(&st.hits)),
-            ("trireme_cache_misses_total", g(&st.misses)),
-            ("trireme_cache_stale_served_total", g(&st.stale_served)),
-            ("trireme_cache_not_modified_total", g(&st.not_modified)),
-            ("trireme_cache_revalidated_total", g(&st.revalidated)),
-            ("trireme_cache_stored_total", g(&st.stored)),
-            ("trireme_cache_bytes_served_total", g(&st.bytes_served)),
-            ("trireme_cache_evictions_total", g(&ss.evictions)),
-            ("trireme_cache_invalidations_total", g(&ss.invalidations)),
-            ("trireme_cache_too_large_total", g(&ss.rejected_too_large)),
-        ] {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+        crate::metrics::write_counters(
+            out,
+            &[
+                ("trireme_cache_hits_total", &st.hits),
+                ("trireme_cache_misses_total", &st.misses),
+                ("trireme_cache_stale_served_total", &st.stale_served),
+                ("trireme_cache_not_modified_total", &st.not_modified),
+                ("trireme_cache_revalidated_total", &st.revalidated),
+                ("trireme_cache_stored_total", &st.stored),
+                ("trireme_cache_bytes_served_total", &st.bytes_served),
+                ("trireme_cache_evictions_total", &ss.evictions),
+                ("trireme_cache_invalidations_total", &ss.invalidations),
+                ("trireme_cache_too_large_total", &ss.rejected_too_large),
+            ],
+        );
+        if let Some(l2) = &self.l2 {
+            l2.render(out);
         }
         let _ = writeln!(
             out,
@@ -749,29 +924,55 @@ impl HttpCache {
     }
 
     /// The response streamed completely: store it.
-    pub fn finish(&self, c: Box<Capture>) {
+    pub fn finish(&self, c: &mut Capture) {
         if c.dropped {
             return;
         }
-        let c = *c;
+        c.finished = true;
+        let g = &c.grow;
+        let mut b = g.body.lock();
         let stored = Stored {
-            head: Bytes::from(c.head),
-            body: Bytes::from(c.body),
-            facts: c.facts,
-            etag: c.etag,
-            vary: c.vary,
-            secondary: c.secondary,
+            head: g.head.clone(),
+            body: Bytes::from(std::mem::take(&mut b.bytes)),
+            facts: g.facts.clone(),
+            etag: g.etag.clone(),
+            vary: g.vary.clone(),
+            secondary: g.secondary.clone(),
             demand: Default::default(),
         };
-        if self.store.insert(&c.key, stored) {
+        // Followers finish from the entry (its body is the bytes they were reading).
+        b.done = Some(Arc::new(Stored::clone_of(&stored)));
+        drop(b);
+        // L2 gets what L1 keeps (an entry L1 refuses would be fetched from L2 for nothing).
+        let for_l2 = self.l2.as_ref().map(|_| Stored::clone_of(&stored));
+        let key = std::mem::take(&mut c.key);
+        if self.store.insert(&key, stored) {
             self.stats.stored.fetch_add(1, Ordering::Relaxed);
+            if let (Some(l2), Some(e)) = (&self.l2, for_l2) {
+                l2.queue_set(&key, e);
+            }
         }
+    }
+
+    /// An entry read from L2: into L1 (not written back). False when L1 refused it.
+    pub fn fill_from_l2(&self, key: &[u8], entry: Stored) -> bool {
+        self.store.insert(key, entry)
+    }
+
+    /// Drop what is stored under `key`, in L1 and L2.
+    fn drop_key(&self, key: &[u8]) {
+        // L2 first: a request that misses L1 from here on sees the deletion pending and
+        // does not bring the entry back from Redis.
+        if let Some(l2) = &self.l2 {
+            l2.queue_delete(key, false);
+        }
+        self.store.invalidate(key);
     }
 
     /// A non-error response to an unsafe request: drop what is stored for its target and
     /// for same-origin `Location` / `Content-Location` (RFC 9111 §4.4).
     pub fn invalidate(&self, key: &[u8], host: &[u8], h: &ResponseHead, buf: &[u8]) {
-        self.store.invalidate(key);
+        self.drop_key(key);
         for f in &h.headers {
             let name = f.name.get(buf);
             if name.eq_ignore_ascii_case(b"location")
@@ -780,8 +981,7 @@ impl HttpCache {
                 if let Some(target) = same_origin_target(f.value.get(buf), "http", host) {
                     // The key extension is the request's; other variants of the target
                     // under other extensions expire on their own.
-                    self.store
-                        .invalidate(&primary_key("http", host, target, b""));
+                    self.drop_key(&primary_key("http", host, target, b""));
                 }
             }
         }
@@ -871,12 +1071,16 @@ pub fn stored_head(h: &ResponseHead, buf: &[u8]) -> Vec<u8> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
     Hit,
+    /// Read from L2 (Redis) into L1 for this request.
+    L2Hit,
     /// Within `stale-while-revalidate`.
     Stale,
     /// Validated with the origin (304) and served from the store.
     Revalidated,
     /// The origin failed; served within `stale-if-error`.
     StaleIfError,
+    /// Streamed from another request's fetch of the same key as it arrived.
+    Collapsed,
 }
 
 /// How to answer from the store.
@@ -898,10 +1102,18 @@ pub struct HitReply {
 /// Write a response from the store: the stored head, `Age`, framing, what happened,
 /// the connection's fate, then the body (not for HEAD, not for a 304).
 pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
+    write_hit_head(out, &stored.head, stored.body.len() as u64, r);
+    if !r.head_only && !r.not_modified {
+        out.extend_from_slice(&stored.body);
+    }
+}
+
+/// The head part of [`write_hit`], for a stored `head` and a body of `body_len` bytes.
+pub fn write_hit_head(out: &mut Vec<u8>, head: &[u8], body_len: u64, r: HitReply) {
     let HitReply {
         age,
         how,
-        head_only,
+        head_only: _,
         not_modified,
         close,
         http10_keep_alive,
@@ -909,7 +1121,7 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
     if not_modified {
         // 304: the validators and caching fields of the stored response, no body.
         out.extend_from_slice(b"HTTP/1.1 304 Not Modified\r\n");
-        for (name, l) in stored_fields(&stored.head) {
+        for (name, l) in stored_fields(head) {
             let keep = [
                 &b"etag"[..],
                 b"cache-control",
@@ -925,9 +1137,9 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
             }
         }
     } else {
-        out.extend_from_slice(&stored.head);
+        out.extend_from_slice(head);
         out.extend_from_slice(b"Content-Length: ");
-        push_dec(out, stored.body.len() as u64);
+        push_dec(out, body_len);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"Age: ");
@@ -935,6 +1147,9 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
     out.extend_from_slice(b"\r\n");
     match how {
         Served::Hit => out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; hit\r\n"),
+        Served::L2Hit => {
+            out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; hit; detail=l2\r\n")
+        }
         Served::Stale => out.extend_from_slice(
             b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-while-revalidate\r\n",
         ),
@@ -944,6 +1159,9 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
         Served::StaleIfError => out.extend_from_slice(
             b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-if-error\r\n",
         ),
+        Served::Collapsed => {
+            out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; fwd=miss; collapsed\r\n")
+        }
     }
     if close {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -951,7 +1169,4 @@ pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if !head_only && !not_modified {
-        out.extend_from_slice(&stored.body);
-    }
 }

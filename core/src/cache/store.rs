@@ -228,7 +228,9 @@ impl Store {
         request_field: impl Fn(&[u8]) -> Vec<&'b [u8]>,
     ) -> Option<Arc<Stored>> {
         let mut s = self.shard(key).lock();
-        let ids = s.map.get(key)?.clone();
+        // Copied out of the map (the loop reorders the LRU list); on the stack for up to
+        // four variants.
+        let ids: smallvec::SmallVec<[u32; 4]> = smallvec::SmallVec::from_slice(s.map.get(key)?);
         for i in ids {
             let entry = s.node(i).entry.clone();
             let matches = if entry.vary.is_empty() {

@@ -173,3 +173,66 @@ fn cache_warming_needs_a_host_and_absolute_paths() {
         .to_string();
     assert!(e.contains("w.yaml:5") && e.contains("lru"), "{e}");
 }
+
+#[test]
+fn cache_l2_section_builds_a_pooled_redis_upstream() {
+    let yaml = "cache:\n  l1:\n    size: 2MB\n    ttl: 300\n  l2:\n    enabled: true\n    host: 127.0.0.1\n    port: 6390\n    ttl: 3600\n    timeout: 20ms\n    key_prefix: \"edge:\"\nbackends:\n  - url: http://127.0.0.1:8081\n";
+    let cfg = Config::from_yaml(yaml, "lb.yaml").unwrap();
+    let ctx = cfg
+        .build(crate::test_origin(), crate::test_wall(), &resolve_literal)
+        .unwrap();
+    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().expect("L2 on");
+    assert_eq!(l2.addr, "127.0.0.1:6390".parse().unwrap());
+    assert_eq!(l2.ttl, Duration::from_secs(3600));
+    assert_eq!(l2.timeout, Duration::from_millis(20));
+    assert_eq!(l2.prefix, b"edge:");
+    let up = &ctx.upstreams[l2.upstream as usize];
+    assert_eq!(up.cfg.name, "cache-l2");
+    assert_eq!(up.backends[0].addr, l2.addr);
+    assert_eq!(up.cfg.connect_timeout, l2.timeout);
+    // Not routable: requests still go to the default upstream.
+    assert_eq!(ctx.router.route(b"x", b"/"), Some(0));
+    // Off: no Redis upstream at all.
+    let off = yaml.replace("enabled: true", "enabled: false");
+    let ctx = Config::from_yaml(&off, "lb.yaml")
+        .unwrap()
+        .build(crate::test_origin(), crate::test_wall(), &resolve_literal)
+        .unwrap();
+    assert!(ctx.cache.as_ref().unwrap().l2.is_none());
+    assert_eq!(ctx.upstreams.len(), 1);
+}
+
+#[test]
+fn cache_l2_errors_name_file_line_and_key() {
+    let base = "cache:\n  size: 1MB\n  l2:\n    host: 127.0.0.1\n    size: 8GB\nbackends:\n  - url: http://127.0.0.1:8081\n";
+    let e = err(base);
+    assert!(
+        e.contains("lb.yaml:5: `l2.size`") && e.contains("maxmemory"),
+        "{e}"
+    );
+    let e = err(&base.replace("    size: 8GB\n", "    timeout: 0s\n"));
+    assert!(e.contains("lb.yaml:5: `l2.timeout`"), "{e}");
+    let e = err(&base
+        .replace("  size: 1MB\n", "")
+        .replace("    size: 8GB\n", "    enabled: true\n"));
+    assert!(
+        e.contains("lb.yaml:4: `l2.enabled`") && e.contains("L1"),
+        "{e}"
+    );
+    let e = err(&base.replace("    size: 8GB\n", "    hots: x\n"));
+    assert!(e.contains("hots"), "{e}");
+    // A host name core cannot resolve without I/O: the build says which.
+    let cfg = Config::from_yaml(
+        &base.replace(
+            "    host: 127.0.0.1\n    size: 8GB\n",
+            "    host: redis.internal\n",
+        ),
+        "lb.yaml",
+    )
+    .unwrap();
+    let Err(e) = cfg.build(crate::test_origin(), crate::test_wall(), &resolve_literal) else {
+        panic!("redis.internal resolved without a resolver");
+    };
+    let e = e.to_string();
+    assert!(e.contains("cache.l2: `redis.internal:6379`"), "{e}");
+}

@@ -1079,3 +1079,583 @@ fn stale_while_revalidate_serves_stale_and_queues_one_background_refresh() {
     let text = responses_text(&sim.clients[c3].received);
     assert!(text.ends_with("new"), "the entry stays: {text}");
 }
+
+// ------------------------------------------------------------------ L2 (Redis) lookups
+
+const L2_CFG: &str = "  l2:\n    host: 127.0.0.1\n    port: 6379\n    timeout: 50ms\n";
+
+fn l2_ctx(now: Instant) -> Arc<ProxyContext> {
+    let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 1MB\n{L2_CFG}"));
+    let ctx = ctx_from(&yaml, now);
+    ctx.cache
+        .as_ref()
+        .unwrap()
+        .l2
+        .as_ref()
+        .unwrap()
+        .set_writer(|| {});
+    ctx
+}
+
+/// Feed a GET for `path`; the session must ask L2 first: return after the GET command.
+fn ask_l2(s: &mut Session, pool: &mut BufPool, path: &str, now: Instant) {
+    s.reserve_client_in(pool).extend_from_slice(&get(path));
+    s.on_client_read(now);
+    match s.poll_action() {
+        Some(Action::Connect {
+            upstream: 1,
+            backend: 0,
+            addr,
+            ..
+        }) => assert_eq!(addr, "127.0.0.1:6379".parse().unwrap()),
+        other => panic!("expected a connect to Redis, got {other:?}"),
+    }
+    assert!(s.poll_action().is_none());
+    s.on_upstream_connected(true, now);
+    let cmd = s.up_out.pending().to_vec();
+    assert!(cmd.starts_with(b"*2\r\n$3\r\nGET\r\n"), "{cmd:?}");
+    assert!(cmd.ends_with(format!("trireme:GET http://example.com{path}\r\n").as_bytes()));
+    s.on_upstream_written(cmd.len(), now);
+    assert!(s.wants_upstream_read());
+}
+
+/// A failed lookup: the Redis connection is closed and the request goes to the backend.
+fn assert_falls_through_to_the_backend(s: &mut Session) {
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            reuse: false,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+}
+
+#[test]
+fn l2_miss_goes_to_the_backend_and_the_stored_response_is_queued_for_l2() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    ask_l2(&mut s, &mut pool, "/x", now);
+    s.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
+    s.on_upstream_read(now);
+    assert_eq!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            backend: 0,
+            reuse: true
+        })
+    );
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    s.on_upstream_connected(false, now);
+    let head = String::from_utf8_lossy(s.up_out.pending()).into_owned();
+    assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+    let n = s.up_out.len();
+    s.on_upstream_written(n, now);
+    s.reserve_up_in(&mut pool).extend_from_slice(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    s.on_upstream_read(now);
+    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    assert!(
+        out.contains("X-Cache: MISS") && out.ends_with("hello"),
+        "{out}"
+    );
+    let cache = ctx.cache.as_ref().unwrap();
+    let l2 = cache.l2.as_ref().unwrap();
+    assert_eq!(l2.stats.misses.load(Ordering::Relaxed), 1);
+    match l2.take_op() {
+        Some(crate::cache::l2::L2Op::Set { key, entry }) => {
+            assert_eq!(key, b"GET http://example.com/x");
+            assert_eq!(&entry.body[..], b"hello");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Counted once as a request.
+    assert_eq!(ctx.metrics.requests.load(Ordering::Relaxed), 1);
+}
+
+/// Redis's reply to a GET: an entry (`max-age=60`, ETag "e") as another instance wrote it.
+fn l2_hit_reply(body: &'static [u8]) -> Vec<u8> {
+    let wall = crate::test_wall();
+    let whole = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"e\"\r\n\r\n";
+    let h = match head::parse_response(whole, 4096) {
+        Ok(Parsed::Complete(h)) => h,
+        _ => unreachable!(),
+    };
+    let entry = Stored {
+        head: bytes::Bytes::copy_from_slice(&whole[..whole.len() - 2]),
+        body: bytes::Bytes::from_static(body),
+        facts: crate::cache::http::response_facts(&h, whole, wall, wall),
+        etag: Some(bytes::Bytes::from_static(b"\"e\"")),
+        vary: bytes::Bytes::new(),
+        secondary: Vec::new(),
+        demand: Default::default(),
+    };
+    let mut enc = Vec::new();
+    crate::cache::l2::encode_entry(&entry, &mut enc);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    reply
+}
+
+#[test]
+fn l2_hit_for_a_key_invalidated_meanwhile_is_not_used() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    ask_l2(&mut s, &mut pool, "/gone", now);
+    // A POST elsewhere invalidated the key while the GET was on its way.
+    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
+    l2.queue_delete(b"GET http://example.com/gone", false);
+    s.reserve_up_in(&mut pool)
+        .extend_from_slice(&l2_hit_reply(b"old"));
+    s.on_upstream_read(now);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream { upstream: 1, .. })
+    ));
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    assert!(s.client_out.is_empty());
+    assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        ctx.cache.as_ref().unwrap().store.len(),
+        0,
+        "not filled into L1"
+    );
+}
+
+#[test]
+fn l2_hit_fills_l1_and_answers_without_the_backend() {
+    let now = crate::test_origin();
+    let reply = l2_hit_reply(b"from redis");
+
+    let ctx = l2_ctx(now);
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    let later = now + Duration::from_secs(3);
+    ask_l2(&mut s, &mut pool, "/y", later);
+    // The reply arrives in two reads.
+    let (a, b) = reply.split_at(reply.len() / 2);
+    s.reserve_up_in(&mut pool).extend_from_slice(a);
+    s.on_upstream_read(later);
+    assert!(s.poll_action().is_none() && s.client_out.is_empty());
+    s.reserve_up_in(&mut pool).extend_from_slice(b);
+    s.on_upstream_read(later);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            reuse: true,
+            ..
+        })
+    ));
+    assert!(s.poll_action().is_none(), "no backend connection");
+    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(
+        out.contains("Cache-Status: trireme; hit; detail=l2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Age: 3\r\n"),
+        "aged since it was stored: {out}"
+    );
+    assert!(out.ends_with("from redis"), "{out}");
+    let n = s.client_out.len();
+    s.on_client_written(n, later);
+    // L1 has it now: the next request is a plain L1 hit.
+    s.reserve_client_in(&mut pool).extend_from_slice(&get("/y"));
+    s.on_client_read(later);
+    assert!(s.poll_action().is_none());
+    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    assert!(out.contains("Cache-Status: trireme; hit\r\n"), "{out}");
+    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
+    assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 1);
+    assert!(l2.take_op().is_none(), "an L2 fill is not written back");
+    assert_eq!(ctx.metrics.requests.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn l2_timeout_or_garbage_falls_through_to_the_backend_and_backs_off() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    ask_l2(&mut s, &mut pool, "/slow", now);
+    let d = s.deadline().expect("armed");
+    assert_eq!(d, now + Duration::from_millis(50));
+    s.on_timeout(d);
+    assert_eq!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            backend: 0,
+            reuse: false
+        })
+    );
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
+    assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 1);
+    // Within the back-off another connection's miss does not ask L2.
+    let mut s2 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), d);
+    s2.reserve_client_in(&mut pool)
+        .extend_from_slice(&get("/other"));
+    s2.on_client_read(d);
+    assert!(matches!(
+        s2.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    assert_eq!(l2.stats.skipped.load(Ordering::Relaxed), 1);
+    // After it, a garbage reply (another application's value) is a failure too.
+    let t = d + crate::cache::l2::BACKOFF;
+    let mut s3 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), t);
+    ask_l2(&mut s3, &mut pool, "/g", t);
+    s3.reserve_up_in(&mut pool)
+        .extend_from_slice(b"$5\r\nhello\r\n");
+    s3.on_upstream_read(t);
+    assert_falls_through_to_the_backend(&mut s3);
+    assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn client_half_close_during_l2_lookup_still_gets_its_answer() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    ask_l2(&mut s, &mut pool, "/h", now);
+    s.on_client_eof(now);
+    assert!(!s.wants_close());
+    s.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
+    s.on_upstream_read(now);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream { .. })
+    ));
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    let n = s.up_out.len();
+    s.on_upstream_written(n, now);
+    s.reserve_up_in(&mut pool)
+        .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    s.on_upstream_read(now);
+    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    assert!(
+        out.contains("Connection: close") && out.ends_with("ok"),
+        "{out}"
+    );
+    let n = s.client_out.len();
+    s.on_client_written(n, now);
+    assert!(s.wants_close());
+}
+
+// ------------------------------------------------------------------ collapsed forwarding
+
+/// Session `lead` fetches `path`; the backend has sent the head and `part` of the body.
+fn lead_fetch(
+    ctx: &Arc<ProxyContext>,
+    pool: &mut BufPool,
+    path: &str,
+    head: &str,
+    part: &[u8],
+    now: Instant,
+) -> Session {
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s.reserve_client_in(pool).extend_from_slice(&get(path));
+    s.on_client_read(now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    let n = s.up_out.len();
+    s.on_upstream_written(n, now);
+    s.reserve_up_in(pool).extend_from_slice(head.as_bytes());
+    s.reserve_up_in(pool).extend_from_slice(part);
+    s.on_upstream_read(now);
+    s
+}
+
+#[test]
+fn waiters_stream_the_lead_fetch_as_it_arrives() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&cached(""), now);
+    let mut pool = BufPool::default();
+    let head =
+        "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"x\"\r\nContent-Length: 10\r\n\r\n";
+    let mut lead = lead_fetch(&ctx, &mut pool, "/f", head, b"hello", now);
+    // A second request for the key: the head and what arrived so far, no backend.
+    let mut f = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    f.reserve_client_in(&mut pool).extend_from_slice(&get("/f"));
+    f.on_client_read(now);
+    assert!(f.poll_action().is_none(), "no backend connection");
+    let out = String::from_utf8_lossy(f.client_out.pending()).into_owned();
+    assert!(
+        out.contains("Cache-Status: trireme; fwd=miss; collapsed\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Content-Length: 10\r\n") && out.ends_with("\r\n\r\nhello"),
+        "{out}"
+    );
+    let n = f.client_out.len();
+    f.on_client_written(n, now);
+    // A conditional request waits for the entry instead.
+    let mut c = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    c.reserve_client_in(&mut pool)
+        .extend_from_slice(&get_h("/f", "If-None-Match: \"x\"\r\n"));
+    c.on_client_read(now);
+    assert!(c.client_out.is_empty() && c.poll_action().is_none());
+    // The rest arrives: the follower's next look completes it; the waiter gets its 304.
+    lead.reserve_up_in(&mut pool).extend_from_slice(b"world");
+    lead.on_upstream_read(now);
+    let t = f.deadline().expect("polling");
+    assert!(t <= now + crate::cache::http::WAIT_POLL);
+    f.on_timeout(t);
+    assert_eq!(f.client_out.pending(), b"world");
+    let n = f.client_out.len();
+    f.on_client_written(n, t);
+    assert!(!f.wants_close());
+    assert_eq!(f.deadline(), Some(t + ctx.keep_alive_timeout), "idle again");
+    c.on_timeout(c.deadline().unwrap());
+    assert!(String::from_utf8_lossy(c.client_out.pending()).starts_with("HTTP/1.1 304"));
+}
+
+#[test]
+fn followers_are_cut_off_when_the_lead_fetch_fails() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&cached(""), now);
+    let mut pool = BufPool::default();
+    let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 10\r\n\r\n";
+    let mut lead = lead_fetch(&ctx, &mut pool, "/g", head, b"hel", now);
+    let mut f = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    f.reserve_client_in(&mut pool).extend_from_slice(&get("/g"));
+    f.on_client_read(now);
+    assert!(String::from_utf8_lossy(f.client_out.pending()).ends_with("hel"));
+    let n = f.client_out.len();
+    f.on_client_written(n, now);
+    // The backend dies mid-body: the lead's client is cut off, and so is the follower.
+    lead.on_upstream_eof(true, now);
+    assert!(lead.wants_close());
+    let t = f.deadline().unwrap();
+    f.on_timeout(t);
+    assert!(
+        f.wants_close(),
+        "a response that cannot complete is cut off"
+    );
+    assert!(f.client_out.is_empty());
+    // Nothing was stored: the next request fetches again.
+    let mut again = Session::new(ctx.clone(), CLIENT.parse().unwrap(), t);
+    again
+        .reserve_client_in(&mut pool)
+        .extend_from_slice(&get("/g"));
+    again.on_client_read(t);
+    assert!(matches!(again.poll_action(), Some(Action::Connect { .. })));
+}
+
+#[test]
+fn other_vary_variants_and_unknown_lengths_are_not_streamed() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&cached(""), now);
+    let mut pool = BufPool::default();
+    let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: Accept-Language\r\nContent-Length: 4\r\n\r\n";
+    let mut lead = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    lead.reserve_client_in(&mut pool)
+        .extend_from_slice(&get_h("/v", "Accept-Language: fr\r\n"));
+    lead.on_client_read(now);
+    assert!(matches!(lead.poll_action(), Some(Action::Connect { .. })));
+    lead.on_upstream_connected(false, now);
+    let n = lead.up_out.len();
+    lead.on_upstream_written(n, now);
+    lead.reserve_up_in(&mut pool)
+        .extend_from_slice(head.as_bytes());
+    lead.on_upstream_read(now);
+    // Another language waits (then fetches its own variant); the same one streams.
+    let mut de = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    de.reserve_client_in(&mut pool)
+        .extend_from_slice(&get_h("/v", "Accept-Language: de\r\n"));
+    de.on_client_read(now);
+    assert!(de.client_out.is_empty());
+    let mut fr = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    fr.reserve_client_in(&mut pool)
+        .extend_from_slice(&get_h("/v", "Accept-Language: fr\r\n"));
+    fr.on_client_read(now);
+    assert!(String::from_utf8_lossy(fr.client_out.pending()).contains("collapsed"));
+    // Chunked (length unknown until the end): waiters wait for the entry.
+    let chunked =
+        "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let _lead2 = lead_fetch(&ctx, &mut pool, "/c", chunked, b"3\r\nabc\r\n", now);
+    let mut w = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    w.reserve_client_in(&mut pool).extend_from_slice(&get("/c"));
+    w.on_client_read(now);
+    assert!(w.client_out.is_empty() && w.poll_action().is_none());
+}
+
+#[test]
+fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
+    let now = crate::test_origin();
+    let yaml = cached("").replace(
+        "  size: 1MB\n",
+        &format!("  size: 1MB\n{L2_CFG}    username: edge\n    password: pw\n    db: 2\n"),
+    );
+    let ctx = ctx_from(&yaml, now);
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s.reserve_client_in(&mut pool).extend_from_slice(&get("/a"));
+    s.on_client_read(now);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 1, .. })
+    ));
+    s.on_upstream_connected(false, now);
+    let cmds = String::from_utf8_lossy(s.up_out.pending()).into_owned();
+    assert!(
+        cmds.starts_with("*3\r\n$4\r\nAUTH\r\n$4\r\nedge\r\n$2\r\npw\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*2\r\n$3\r\nGET\r\n"),
+        "{cmds:?}"
+    );
+    let n = s.up_out.len();
+    s.on_upstream_written(n, now);
+    // The replies arrive piecemeal: +OK, +OK, then the miss.
+    for piece in [&b"+O"[..], b"K\r\n+OK\r", b"\n$-", b"1\r\n"] {
+        assert!(s.poll_action().is_none());
+        s.reserve_up_in(&mut pool).extend_from_slice(piece);
+        s.on_upstream_read(now);
+    }
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            reuse: true,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    // A pooled connection is logged in already: just the GET.
+    let mut s2 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s2.reserve_client_in(&mut pool)
+        .extend_from_slice(&get("/b"));
+    s2.on_client_read(now);
+    assert!(matches!(s2.poll_action(), Some(Action::Connect { .. })));
+    s2.on_upstream_connected(true, now);
+    assert!(s2.up_out.pending().starts_with(b"*2\r\n$3\r\nGET\r\n"));
+    // A refused login is a failed lookup: the backend answers.
+    let mut s3 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s3.reserve_client_in(&mut pool)
+        .extend_from_slice(&get("/c"));
+    s3.on_client_read(now);
+    assert!(matches!(s3.poll_action(), Some(Action::Connect { .. })));
+    s3.on_upstream_connected(false, now);
+    s3.reserve_up_in(&mut pool)
+        .extend_from_slice(b"-WRONGPASS invalid username-password pair\r\n");
+    s3.on_upstream_read(now);
+    assert_falls_through_to_the_backend(&mut s3);
+    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
+    assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn concurrent_requests_for_one_key_all_get_the_whole_response_as_it_drips_in() {
+    const LEN: usize = 60_000;
+    let body: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let mut streamed = 0;
+    for seed in 1..25u64 {
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (b, n2) = (body.clone(), n.clone());
+        let origin = move || -> Behavior {
+            let (b, n2) = (b.clone(), n2.clone());
+            Behavior::Serve(Box::new(move |_r: &SimRequest| {
+                n2.fetch_add(1, Ordering::SeqCst);
+                let mut reply = Reply::ok(&b);
+                reply
+                    .headers
+                    .push(("Cache-Control".into(), "max-age=60".into()));
+                reply.headers.push(("ETag".into(), "\"v\"".into()));
+                reply.drip = Duration::from_micros(700);
+                reply
+            }))
+        };
+        let mut sim = sim_with(&cached(""), origin(), origin(), seed);
+        sim.max_piece = 500 + (seed as usize * 977) % 6000;
+        // GETs, HEADs and conditional GETs, arriving over the first few milliseconds.
+        let kinds: Vec<u8> = (0..12).map(|i| ((i as u64 * 7 + seed) % 4) as u8).collect();
+        let mut clients = Vec::new();
+        for (i, &k) in kinds.iter().enumerate() {
+            let c = sim.connect_client(format!("10.2.0.{}:4000", i + 1).parse().unwrap());
+            let req = match k {
+                0 => b"HEAD /big HTTP/1.1\r\nHost: example.com\r\n\r\n".to_vec(),
+                1 => get_h("/big", "If-None-Match: \"v\"\r\n"),
+                _ => get("/big"),
+            };
+            sim.send(c, &req);
+            sim.run_for(Duration::from_micros(300 * (seed % 5)));
+            clients.push((c, k));
+        }
+        sim.run_for(Duration::from_millis(300));
+        // One GET reaches the backend; a HEAD arriving before any GET asks the backend
+        // itself (a HEAD's answer is not stored, so it never leads a fetch).
+        let gets = sim
+            .backends
+            .iter()
+            .flat_map(|b| &b.requests)
+            .filter(|r| r.head.starts_with("GET"))
+            .count();
+        assert_eq!(gets, 1, "seed {seed}: one GET fetch");
+        let leading_heads = kinds.iter().take_while(|&&k| k == 0).count();
+        assert!(n.load(Ordering::SeqCst) <= 1 + leading_heads, "seed {seed}");
+        for &(c, k) in &clients {
+            let resp = parse_responses(&sim.clients[c].received, &[k == 0]);
+            let text =
+                responses_text(&sim.clients[c].received[..200.min(sim.clients[c].received.len())]);
+            assert_eq!(resp.len(), 1, "seed {seed} kind {k}: {text}");
+            let (status, headers, got) = &resp[0];
+            if headers
+                .iter()
+                .any(|(n, v)| n == "Cache-Status" && v.contains("collapsed"))
+            {
+                streamed += 1;
+            }
+            match (k, *status) {
+                (0, 200) => {
+                    assert!(got.is_empty());
+                    let cl = headers
+                        .iter()
+                        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+                    assert_eq!(
+                        cl.map(|(_, v)| v.as_str()),
+                        Some("60000"),
+                        "seed {seed}: {text}"
+                    );
+                }
+                (1, 304) => assert!(got.is_empty()),
+                (_, 200) => assert!(
+                    got == &body,
+                    "seed {seed} kind {k}: body differs ({} bytes)",
+                    got.len()
+                ),
+                _ => panic!("seed {seed} kind {k}: {text}"),
+            }
+        }
+    }
+    assert!(
+        streamed > 50,
+        "waiters streamed the fetch as it arrived: {streamed}"
+    );
+}

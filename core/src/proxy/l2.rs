@@ -1,0 +1,186 @@
+//! The session's L2 lookup: on an L1 miss it leads, the session asks Redis (the `cache-l2`
+//! upstream, through the runtime like any backend connection) before the backend.
+//!
+//! The request head stays in `client_in` while the lookup runs (the session is `Idle`
+//! with a head pending, as while it waits for another request's fetch). When the lookup
+//! ends, the head is processed again: after a hit L1 has the entry and answers; after a
+//! miss or a failure the request goes to the backend with the lookup's pending fetch
+//! (still leading the key for requests waiting on it).
+
+use super::{Action, Session};
+use crate::cache::http::Pending;
+use crate::cache::l2::{Reply, L2};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// An L2 lookup in flight.
+#[derive(Debug)]
+pub(super) struct L2Fetch {
+    /// The L1 miss this lookup is for (it holds the key's lead).
+    pending: Box<Pending>,
+    since: Instant,
+    connected: bool,
+    /// `+OK` replies to the new connection's `AUTH` / `SELECT` still to come.
+    hello_left: usize,
+}
+
+impl Session {
+    fn l2_tier(&self) -> Option<&L2> {
+        self.ctx.cache.as_ref().and_then(|c| c.l2.as_ref())
+    }
+
+    /// The head being processed is one whose L2 lookup already ended.
+    pub(super) fn l2_resumed(&self) -> bool {
+        self.l2_tried.is_some_and(|(n, _)| n == self.requests_done)
+    }
+
+    /// The hit being served was filled from L2 for this request.
+    pub(super) fn l2_filled(&self) -> bool {
+        self.l2_tried == Some((self.requests_done, true))
+    }
+
+    /// An L1 miss: start an L2 lookup and return `None`, or give `p` back when L2 is not
+    /// to be asked (not configured, not the key's lead, L1 holds a stale entry to
+    /// validate, asked already, backing off after a failure, a deletion pending).
+    pub(super) fn l2_begin(&mut self, p: Box<Pending>, now: Instant) -> Option<Box<Pending>> {
+        let ctx = self.ctx.clone();
+        let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) else {
+            return Some(p);
+        };
+        if p.lead.is_none() || p.has_stored() || self.l2_resumed() {
+            return Some(p);
+        }
+        if !l2.may_look_up(&p.key, now) {
+            return Some(p);
+        }
+        let (upstream, addr) = (l2.upstream, l2.addr);
+        self.up_out.clear();
+        self.up_in.clear();
+        l2.get_command(&p.key, self.up_out.vec());
+        self.actions.push_back(Action::Connect {
+            upstream,
+            backend: 0,
+            addr,
+            fresh: false,
+        });
+        self.l2_tried = Some((self.requests_done, false));
+        self.l2 = Some(Box::new(L2Fetch {
+            pending: p,
+            since: now,
+            connected: false,
+            hello_left: 0,
+        }));
+        None
+    }
+
+    /// When the lookup gives up.
+    pub(super) fn l2_deadline(&self) -> Option<Instant> {
+        let f = self.l2.as_ref()?;
+        Some(f.since + self.l2_tier()?.timeout)
+    }
+
+    pub(super) fn l2_wants_read(&self) -> bool {
+        self.l2.as_ref().is_some_and(|f| f.connected)
+    }
+
+    /// Connected; a new connection logs in first (`AUTH` / `SELECT` before the `GET`).
+    pub(super) fn l2_connected(&mut self, reused: bool, now: Instant) {
+        let ctx = self.ctx.clone();
+        let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) else {
+            return;
+        };
+        let Some(f) = self.l2.as_mut() else { return };
+        f.connected = true;
+        self.last_up_io = now;
+        let (hello, replies) = l2.hello();
+        if !reused && replies > 0 {
+            let get = self.up_out.pending().to_vec();
+            self.up_out.clear();
+            let out = self.up_out.vec();
+            out.extend_from_slice(hello);
+            out.extend_from_slice(&get);
+            f.hello_left = replies;
+        }
+    }
+
+    /// Reply bytes arrived in `up_in`.
+    pub(super) fn l2_read(&mut self, now: Instant) {
+        let Some(cache) = self.ctx.cache.clone() else {
+            return;
+        };
+        let Some(l2) = cache.l2.as_ref() else { return };
+        while self.l2.as_ref().is_some_and(|f| f.hello_left > 0) {
+            match l2.parse_ok(&mut self.up_in) {
+                Ok(None) => return,
+                Ok(Some(())) => {
+                    if let Some(f) = self.l2.as_mut() {
+                        f.hello_left -= 1;
+                    }
+                }
+                Err(why) => {
+                    self.l2_fail(&format!("login: {why}"), now);
+                    return;
+                }
+            }
+        }
+        // Invalidated while the reply was on its way: not brought back.
+        let deleted = |f: &Option<Box<L2Fetch>>| {
+            f.as_ref()
+                .is_some_and(|f| l2.deletion_pending(&f.pending.key))
+        };
+        match l2.parse_get_reply(&mut self.up_in) {
+            Ok(None) => {}
+            Ok(Some(Reply::Hit(entry))) if !deleted(&self.l2) => {
+                let reuse = self.up_in.is_empty();
+                let Some(f) = self.l2_release(reuse) else {
+                    return;
+                };
+                l2.stats.hits.fetch_add(1, Ordering::Relaxed);
+                cache.fill_from_l2(&f.pending.key, *entry);
+                self.l2_tried = Some((self.requests_done, true));
+                // The lead goes with `f`: the head is looked up again and L1 answers
+                // (or, an entry for another variant or a stale one, it is a miss again).
+                drop(f);
+                self.process_client(now);
+            }
+            Ok(Some(Reply::Hit(_) | Reply::Miss)) => {
+                let reuse = self.up_in.is_empty();
+                l2.stats.misses.fetch_add(1, Ordering::Relaxed);
+                self.l2_end(reuse, now);
+            }
+            Err(why) => self.l2_fail(&why, now),
+        }
+    }
+
+    /// The lookup failed (connect, timeout, closed, a bad reply): count it, back off, and
+    /// let the request go to the backend.
+    pub(super) fn l2_fail(&mut self, why: &str, now: Instant) {
+        if self.l2.is_none() {
+            return;
+        }
+        if let Some(l2) = self.l2_tier() {
+            if l2.failed(now) {
+                tracing::warn!(redis = %l2.addr, "L2 cache lookup failed ({why}); skipping L2 for {:?}", crate::cache::l2::BACKOFF);
+            }
+        }
+        self.l2_end(false, now);
+    }
+
+    /// No entry from L2: go on to the backend with the pending fetch.
+    fn l2_end(&mut self, reuse: bool, now: Instant) {
+        if let Some(f) = self.l2_release(reuse) {
+            self.l2_carry = Some(f.pending);
+            self.process_client(now);
+        }
+    }
+
+    /// End the lookup: the Redis connection back to the pool (`reuse`) or closed.
+    pub(super) fn l2_release(&mut self, reuse: bool) -> Option<Box<L2Fetch>> {
+        let f = self.l2.take()?;
+        let upstream = self.l2_tier().map_or(0, |l| l.upstream);
+        self.push_release(upstream, 0, reuse && f.connected);
+        self.up_out.clear();
+        self.up_in.clear();
+        Some(f)
+    }
+}
