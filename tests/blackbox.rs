@@ -60,6 +60,7 @@ matrix!(
     cache_refreshes_hot_entries_before_they_expire,
     cache_streams_one_fetch_to_concurrent_requests,
     cache_l2_is_shared_between_instances,
+    cache_l2_invalidations_reach_the_other_instances,
     cache_l2_redis_killed_mid_test_fails_no_request,
     cache_l2_unresponsive_redis_is_skipped,
     cache_l2_logs_in_to_a_password_protected_redis,
@@ -1172,7 +1173,7 @@ fn cache_l2_is_shared_between_instances(bin: &PathBuf) {
     assert_eq!(metric(&m, "trireme_cache_l2_errors_total"), 0);
     assert_eq!(
         metric(
-            &metrics_once_written_to_l2(a_admin),
+            &wait_metric(a_admin, "trireme_cache_l2_writes_total", 1),
             "trireme_cache_l2_writes_total"
         ),
         1
@@ -1196,12 +1197,74 @@ fn cache_l2_is_shared_between_instances(bin: &PathBuf) {
     assert_eq!(redis.wait_keys(|n| n == 0), 0, "invalidated in Redis");
 }
 
-/// The admin metrics once the L2 writer has counted a write (Redis acknowledged it).
-fn metrics_once_written_to_l2(admin: std::net::SocketAddr) -> String {
+fn cache_l2_invalidations_reach_the_other_instances(bin: &PathBuf) {
+    let redis = Redis::start();
+    let b = Backend::start("b1").unwrap();
+    let (a, a_admin) = l2_proxy(bin, &b, redis.addr);
+    let (o, o_admin) = l2_proxy(bin, &b, redis.addr);
+    assert_eq!(redis.wait_subscribers("trireme:invalidations:0", 2), 2);
+    let status = |p: &Proxy, path: &str| {
+        let r = get(p.addr, path);
+        assert_eq!(r.status, 200);
+        r.header("cache-status").unwrap_or("").to_string()
+    };
+    // Two entries in both L1s: fetched through `a`, read from L2 through `o`.
+    let (x, y) = ("/bytes/2000?cc=max-age=60", "/bytes/3000?cc=max-age=60");
+    for path in [x, y] {
+        assert_eq!(status(&a, path), "trireme; fwd=miss; stored");
+    }
+    assert_eq!(redis.wait_keys(|n| n == 2), 2);
+    for path in [x, y] {
+        assert_eq!(status(&o, path), "trireme; hit; detail=l2");
+        assert_eq!(
+            (status(&a, path), status(&o, path)),
+            ("trireme; hit".into(), "trireme; hit".into())
+        );
+    }
+    assert_eq!(b.requests().len(), 2);
+    // Purging one URL through `o` drops it from `a`'s memory too, and only it.
+    let r = admin_call(
+        o_admin,
+        &format!("POST /cache/purge?url=http://test{x} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    assert_eq!(r.status, 200);
+    let m = wait_metric(a_admin, "trireme_cache_l2_peer_invalidations_total", 1);
+    assert_eq!(
+        metric(&m, "trireme_cache_l2_peer_invalidations_total"),
+        1,
+        "{m}"
+    );
+    assert_eq!(redis.keys(), 1);
+    assert!(status(&a, x).contains("fwd=miss"), "purged in a's L1");
+    assert_eq!(b.requests().len(), 3);
+    assert_eq!(status(&a, y), "trireme; hit");
+    // A POST through `a` invalidates its target in `o`'s memory (and Redis).
+    assert_eq!(redis.wait_keys(|n| n == 2), 2, "x is back in Redis");
+    let mut c = a.client();
+    c.send(format!("POST {y} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nhi").as_bytes());
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    let m = wait_metric(o_admin, "trireme_cache_l2_peer_invalidations_total", 1);
+    assert_eq!(
+        metric(&m, "trireme_cache_l2_peer_invalidations_total"),
+        1,
+        "{m}"
+    );
+    assert!(status(&o, y).contains("fwd=miss"), "invalidated in o's L1");
+    // `a` got no message of its own back, `o` none for its own purge.
+    let am = admin_metrics(a_admin);
+    assert_eq!(
+        metric(&am, "trireme_cache_l2_peer_invalidations_total"),
+        1,
+        "{am}"
+    );
+}
+
+/// The admin metrics once `name` reaches `n` (bounded wait).
+fn wait_metric(admin: std::net::SocketAddr, name: &str, n: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = admin_metrics(admin);
-        if metric(&m, "trireme_cache_l2_writes_total") > 0 || Instant::now() > deadline {
+        if metric(&m, name) >= n || Instant::now() > deadline {
             return m;
         }
         std::thread::sleep(Duration::from_millis(10));

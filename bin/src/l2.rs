@@ -6,6 +6,11 @@
 //! Redis down: writes are dropped (and counted); deletions wait at the head of the
 //! queue and are retried every second, and until one is done lookups of the keys it
 //! covers skip L2, so an invalidated entry never comes back from Redis.
+//!
+//! Instances sharing the Redis tell each other: after a deletion the writer publishes it
+//! on the tier's channel, and a subscriber thread drops what other instances deleted from
+//! this instance's L1. Messages published while this instance's subscription is down are
+//! not replayed (Pub/Sub keeps nothing): those L1 copies live out their freshness.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -19,12 +24,20 @@ use trireme_core::shutdown::Shutdown;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wait before trying Redis again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the subscriber looks up from its socket for a shutdown.
+const LISTEN_TICK: Duration = Duration::from_millis(250);
 
 /// Start the writer when L2 is configured.
 pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Result<()> {
     let Some(cache) = cache.filter(|c| c.l2.is_some()).cloned() else {
         return Ok(());
     };
+    // Tells this instance's invalidation messages from the others'.
+    let me = instance_id();
+    let (c3, me3, sd3) = (cache.clone(), me.clone(), sd.clone());
+    std::thread::Builder::new()
+        .name("trireme-l2-sub".into())
+        .spawn(move || subscriber(&c3, &me3, &sd3))?;
     let c2 = cache.clone();
     let t = std::thread::Builder::new()
         .name("trireme-l2".into())
@@ -63,10 +76,21 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             })
                     }
-                    L2Op::Delete { key, prefix } => delete(c, l2, key, *prefix).map(|n| {
-                        tracing::debug!(keys = n, "L2 deletion");
-                        l2.deleted(key, *prefix);
-                    }),
+                    // Deleted, then announced to the other instances (both again when
+                    // either fails: the op is retried).
+                    L2Op::Delete { key, prefix } => delete(c, l2, key, *prefix)
+                        .and_then(|n| {
+                            let mut cmd = Vec::new();
+                            l2.publish_command(&me, key, *prefix, &mut cmd);
+                            match c.call(&cmd)? {
+                                OwnedFrame::Integer(_) => Ok(n),
+                                other => Err(bad(&other)),
+                            }
+                        })
+                        .map(|n| {
+                            tracing::debug!(keys = n, "L2 deletion");
+                            l2.deleted(key, *prefix);
+                        }),
                 };
                 match res {
                     Ok(()) if !healthy => {
@@ -86,6 +110,77 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
     let th = t.thread().clone();
     if let Some(l2) = &cache.l2 {
         l2.set_writer(move || th.unpark());
+    }
+    Ok(())
+}
+
+/// Distinct per process (and per start): pid, start time, and the process's random hash
+/// keys.
+fn instance_id() -> Vec<u8> {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    format!("{:016x}", h.finish()).into_bytes()
+}
+
+/// The subscriber: applies other instances' deletions to L1, reconnecting (each
+/// [`RETRY`]) while Redis is away.
+fn subscriber(cache: &HttpCache, me: &[u8], sd: &Shutdown) {
+    let Some(l2) = cache.l2.as_ref() else { return };
+    let mut healthy = true;
+    while !sd.is_requested() {
+        let res = listen(cache, l2, me, sd, &mut healthy);
+        if sd.is_requested() {
+            return;
+        }
+        if let Err(e) = res {
+            if std::mem::replace(&mut healthy, false) {
+                tracing::warn!(redis = %l2.addr, error = %e, "L2 subscriber: Redis failed; invalidations by other instances are not received until it answers");
+            }
+        }
+        let until = std::time::Instant::now() + RETRY;
+        while std::time::Instant::now() < until && !sd.is_requested() {
+            std::thread::sleep(LISTEN_TICK);
+        }
+    }
+}
+
+/// One subscription, until it fails or shutdown.
+fn listen(
+    cache: &HttpCache,
+    l2: &L2,
+    me: &[u8],
+    sd: &Shutdown,
+    healthy: &mut bool,
+) -> std::io::Result<()> {
+    let mut c = Conn::open(l2)?;
+    let mut cmd = Vec::new();
+    l2.subscribe_command(&mut cmd);
+    match c.call(&cmd)? {
+        OwnedFrame::Array(a)
+            if a.first() == Some(&OwnedFrame::BulkString(b"subscribe".to_vec())) => {}
+        other => return Err(bad(&other)),
+    }
+    if !std::mem::replace(healthy, true) {
+        tracing::info!(redis = %l2.addr, "L2 subscriber: subscribed again (invalidations sent meanwhile are not replayed)");
+    }
+    c.s.set_read_timeout(Some(LISTEN_TICK))?;
+    while !sd.is_requested() {
+        match c.read_reply() {
+            Ok(f) => {
+                if let Some((key, prefix)) = l2.peer_message(me, &f) {
+                    let n = cache.invalidate_from_peer(&key, prefix);
+                    tracing::debug!(entries = n, prefix, "L2: another instance's invalidation");
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -286,6 +286,12 @@ impl Redis {
     /// Send `commands` (after `AUTH` when a password is set) on one connection; the last
     /// one's one-line reply.
     fn try_commands(&self, commands: &[&[&str]]) -> Option<String> {
+        self.exchange(commands, 1)
+    }
+
+    /// [`try_commands`](Self::try_commands) where the last reply takes `last_lines` lines
+    /// (an array of simple values); its last line.
+    fn exchange(&self, commands: &[&[&str]], last_lines: usize) -> Option<String> {
         let mut s = TcpStream::connect(self.addr).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let auth: Vec<&str> = self
@@ -307,7 +313,7 @@ impl Redis {
         s.write_all(cmd.as_bytes()).ok()?;
         let mut got = Vec::new();
         let mut buf = [0u8; 512];
-        while got.windows(2).filter(|w| w == b"\r\n").count() < all.len() {
+        while got.windows(2).filter(|w| w == b"\r\n").count() < all.len() - 1 + last_lines {
             let n = s.read(&mut buf).ok()?;
             if n == 0 {
                 break;
@@ -337,6 +343,22 @@ impl Redis {
             .strip_prefix(':')
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("DBSIZE: {r}"))
+    }
+
+    /// Wait (bounded) until `n` clients subscribe to `channel`; how many did.
+    pub fn wait_subscribers(&self, channel: &str, n: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // *2, $len, channel, :count
+            let got = self
+                .exchange(&[&["PUBSUB", "NUMSUB", channel]], 4)
+                .and_then(|r| r.trim().strip_prefix(':')?.parse().ok())
+                .unwrap_or(0);
+            if got >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Wait (bounded) until the key count satisfies `ok`.

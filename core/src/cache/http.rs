@@ -875,21 +875,41 @@ impl HttpCache {
         if host.is_empty() {
             return Err(format!("`{url}`: no host"));
         }
-        let key = primary_key("http", host.as_bytes(), target.as_bytes(), b"");
+        let mut key = primary_key("http", host.as_bytes(), target.as_bytes(), b"");
+        // With `key_headers`, every key of a URL is `key \0 extension`: a URL is a prefix
+        // then, and `prefix` purges cover the extensions too.
+        let prefix = if prefix {
+            true
+        } else if self.key_headers.is_empty() {
+            false
+        } else {
+            key.push(0);
+            true
+        };
         if let Some(l2) = &self.l2 {
-            // A URL's key-extended forms are `key \0 extension`: a prefix deletion covers
-            // them (and a few keys more, which only costs L2 a miss).
-            l2.queue_delete(&key, true);
+            l2.queue_delete(&key, prefix);
         }
+        Ok(self.drop_l1(&key, prefix))
+    }
+
+    /// Drop from L1 what `key` covers (every key under it when `prefix`).
+    fn drop_l1(&self, key: &[u8], prefix: bool) -> usize {
         if prefix {
-            return Ok(self.store.invalidate_prefix(&key));
+            self.store.invalidate_prefix(key)
+        } else {
+            self.store.invalidate(key)
         }
-        // The URL itself and its key-extended forms.
-        let mut n = self.store.invalidate(&key);
-        let mut ext = key.clone();
-        ext.push(0);
-        n += self.store.invalidate_prefix(&ext);
-        Ok(n)
+    }
+
+    /// Another instance sharing L2 carried out this deletion: drop the same from L1 (its
+    /// L2 copy is gone already). Returns how many entries went.
+    pub fn invalidate_from_peer(&self, key: &[u8], prefix: bool) -> usize {
+        if let Some(l2) = &self.l2 {
+            // First: a lookup whose reply is on its way sees it and does not fill L1.
+            l2.note_invalidation(key, prefix);
+            l2.stats.peer_invalidations.fetch_add(1, Ordering::Relaxed);
+        }
+        self.drop_l1(key, prefix)
     }
 
     /// Prometheus text for the cache's counters.
@@ -954,9 +974,20 @@ impl HttpCache {
         }
     }
 
-    /// An entry read from L2: into L1 (not written back). False when L1 refused it.
-    pub fn fill_from_l2(&self, key: &[u8], entry: Stored) -> bool {
-        self.store.insert(key, entry)
+    /// An entry read from L2 by a lookup that started at L2 generation `since`: into L1
+    /// (not written back). False when L1 refused it, or an invalidation that covers it
+    /// came meanwhile (checked after the insert, so one landing in between removes it).
+    pub fn fill_from_l2(&self, key: &[u8], entry: Stored, since: u64) -> bool {
+        if !self.store.insert(key, entry) {
+            return false;
+        }
+        match &self.l2 {
+            Some(l2) if l2.invalidated_since(key, since) => {
+                self.store.invalidate(key);
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Drop what is stored under `key`, in L1 and L2.

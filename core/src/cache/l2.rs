@@ -15,6 +15,13 @@
 //!   request path. Until a deletion is carried out, lookups of the keys it covers skip L2,
 //!   so an invalidated response never comes back from Redis.
 //!
+//! - Instances sharing a Redis tell each other what they invalidated: after carrying out
+//!   a deletion the writer publishes it on [`L2::channel`], and every instance's
+//!   subscriber drops the same keys from its own L1 ([`HttpCache::invalidate_from_peer`](super::http::HttpCache::invalidate_from_peer)),
+//!   so a purge or a `POST` through one instance is not answered from another's memory.
+//!   A lookup whose reply raced an invalidation (local or a peer's) does not keep what it
+//!   brought back ([`L2::invalidated_since`]).
+//!
 //! One Redis key per primary cache key (`key_prefix` + key), holding the most recently
 //! stored variant; a lookup whose `Vary` fields do not match it is an L1 miss as before.
 
@@ -35,6 +42,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const BACKOFF: Duration = Duration::from_secs(1);
 /// Writes queued at most; past it, new writes are dropped (and counted).
 pub const QUEUE: usize = 4096;
+/// Invalidations remembered for the lookups in flight (older ones: assume covered).
+const RECENT: usize = 256;
 /// Bytes an entry may take beyond the body: head, fields, framing.
 const ENTRY_OVERHEAD: usize = 64 * 1024 + 256;
 const MAGIC: &[u8; 5] = b"TRL2\x01";
@@ -54,6 +63,8 @@ pub struct L2Stats {
     pub write_errors: AtomicU64,
     /// Writes dropped: the queue was full, or Redis was down when their turn came.
     pub dropped: AtomicU64,
+    /// Invalidations received from other instances and applied to L1.
+    pub peer_invalidations: AtomicU64,
 }
 
 /// Work for the L2 writer.
@@ -97,6 +108,12 @@ pub struct L2 {
     deleting: Mutex<Vec<(Vec<u8>, bool)>>,
     /// How many: lookups look at the list (a lock shared by the workers) only when any.
     deleting_n: AtomicUsize,
+    /// Invalidations so far (local and peers'); a lookup notes it when it starts.
+    generation: AtomicU64,
+    /// The last [`RECENT`] invalidations: (generation it made, key, prefix).
+    recent: Mutex<VecDeque<(u64, Vec<u8>, bool)>>,
+    /// `SELECT`ed database: part of the invalidation channel (Pub/Sub ignores databases).
+    db: u32,
 }
 
 impl std::fmt::Debug for L2 {
@@ -143,6 +160,9 @@ impl L2 {
             wake: Mutex::new(None),
             deleting: Mutex::new(Vec::new()),
             deleting_n: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            recent: Mutex::new(VecDeque::new()),
+            db: 0,
         }
     }
 
@@ -151,6 +171,7 @@ impl L2 {
     pub fn with_login(mut self, username: Option<&str>, password: Option<&str>, db: u32) -> L2 {
         self.hello.clear();
         self.hello_replies = 0;
+        self.db = db;
         if let Some(pw) = password {
             match username {
                 Some(u) => encode_command(&mut self.hello, &[b"AUTH", u.as_bytes(), pw.as_bytes()]),
@@ -208,13 +229,90 @@ impl L2 {
         if self.deleting_n.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.deleting.lock().iter().any(|(k, prefix)| {
-            if *prefix {
-                key.starts_with(k)
-            } else {
-                key == &k[..]
-            }
-        })
+        self.deleting
+            .lock()
+            .iter()
+            .any(|(k, prefix)| covers(k, *prefix, key))
+    }
+
+    /// Invalidations so far: a lookup notes it when it starts, for
+    /// [`invalidated_since`](Self::invalidated_since).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Remember an invalidation for the lookups in flight.
+    pub fn note_invalidation(&self, key: &[u8], prefix: bool) {
+        let mut r = self.recent.lock();
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back((g, key.to_vec(), prefix));
+    }
+
+    /// Whether an invalidation since generation `g` covers `key` (also true when more
+    /// than [`RECENT`] happened since: too many to tell, and a lookup is cheap to redo).
+    pub fn invalidated_since(&self, key: &[u8], g: u64) -> bool {
+        if self.generation.load(Ordering::Acquire) == g {
+            return false;
+        }
+        let r = self.recent.lock();
+        if r.front().is_none_or(|&(first, ..)| first > g + 1) {
+            return true;
+        }
+        r.iter()
+            .filter(|(n, ..)| *n > g)
+            .any(|(_, k, p)| covers(k, *p, key))
+    }
+
+    /// The Pub/Sub channel on which instances sharing this Redis (the same `key_prefix`
+    /// and database) announce the deletions they carried out.
+    pub fn channel(&self) -> Vec<u8> {
+        let mut c = self.prefix.clone();
+        c.extend_from_slice(format!("invalidations:{}", self.db).as_bytes());
+        c
+    }
+
+    /// `SUBSCRIBE` to [`channel`](Self::channel).
+    pub fn subscribe_command(&self, out: &mut Vec<u8>) {
+        encode_command(out, &[b"SUBSCRIBE", &self.channel()]);
+    }
+
+    /// `PUBLISH` a deletion carried out by instance `me`: `<me> <k|p><key>`.
+    pub fn publish_command(&self, me: &[u8], key: &[u8], prefix: bool, out: &mut Vec<u8>) {
+        let mut msg = Vec::with_capacity(me.len() + 2 + key.len());
+        msg.extend_from_slice(me);
+        msg.push(b' ');
+        msg.push(if prefix { b'p' } else { b'k' });
+        msg.extend_from_slice(key);
+        encode_command(out, &[b"PUBLISH", &self.channel(), &msg]);
+    }
+
+    /// A frame read on the subscription: another instance's deletion as (key, prefix);
+    /// `None` for this instance's own, subscription confirmations and anything else.
+    pub fn peer_message(&self, me: &[u8], frame: &OwnedFrame) -> Option<(Vec<u8>, bool)> {
+        let OwnedFrame::Array(parts) = frame else {
+            return None;
+        };
+        let [OwnedFrame::BulkString(kind), OwnedFrame::BulkString(chan), OwnedFrame::BulkString(msg)] =
+            &parts[..]
+        else {
+            return None;
+        };
+        if kind != b"message" || *chan != self.channel() {
+            return None;
+        }
+        let sp = msg.iter().position(|&b| b == b' ')?;
+        let (who, rest) = (&msg[..sp], &msg[sp + 1..]);
+        if who == me {
+            return None;
+        }
+        match rest.split_first()? {
+            (b'k', key) => Some((key.to_vec(), false)),
+            (b'p', key) => Some((key.to_vec(), true)),
+            _ => None,
+        }
     }
 
     /// A lookup failed: count it and skip L2 for [`BACKOFF`]. True when this opened the
@@ -320,6 +418,7 @@ impl L2 {
         d.push((key.to_vec(), prefix));
         self.deleting_n.store(d.len(), Ordering::Release);
         drop(d);
+        self.note_invalidation(key, prefix);
         self.queue.lock().push_back(L2Op::Delete {
             key: key.to_vec(),
             prefix,
@@ -410,6 +509,10 @@ impl L2 {
                 ("trireme_cache_l2_deletes_total", &s.deletes),
                 ("trireme_cache_l2_write_errors_total", &s.write_errors),
                 ("trireme_cache_l2_dropped_total", &s.dropped),
+                (
+                    "trireme_cache_l2_peer_invalidations_total",
+                    &s.peer_invalidations,
+                ),
             ],
         );
         let _ = writeln!(
@@ -435,6 +538,15 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 /// A complete reply at the start of `buf` and its length, `Ok(None)` while incomplete.
 pub fn parse_reply(buf: &[u8]) -> Result<Option<(OwnedFrame, usize)>, String> {
     redis_protocol::resp2::decode::decode(buf).map_err(|e| e.to_string())
+}
+
+/// Whether an invalidation of `k` (every key under it when `prefix`) covers `key`.
+fn covers(k: &[u8], prefix: bool, key: &[u8]) -> bool {
+    if prefix {
+        key.starts_with(k)
+    } else {
+        key == k
+    }
 }
 
 /// Escape Redis glob characters so `pattern` matches itself literally.
@@ -729,6 +841,94 @@ mod tests {
                 OwnedFrame::BulkString(b"PX".to_vec()),
                 OwnedFrame::BulkString(b"60000".to_vec()),
             ]
+        );
+    }
+
+    #[test]
+    fn invalidations_are_published_and_peers_read_others_only() {
+        let l2 = l2().with_login(None, None, 3);
+        assert_eq!(l2.channel(), b"t:invalidations:3");
+        let mut out = Vec::new();
+        l2.publish_command(b"a1", b"GET http://a/x", true, &mut out);
+        let (f, _) = parse_reply(&out).unwrap().unwrap();
+        let OwnedFrame::Array(parts) = f else {
+            panic!()
+        };
+        assert_eq!(parts[0], OwnedFrame::BulkString(b"PUBLISH".to_vec()));
+        assert_eq!(
+            parts[1],
+            OwnedFrame::BulkString(b"t:invalidations:3".to_vec())
+        );
+        // As a subscriber receives it.
+        let OwnedFrame::BulkString(payload) = parts[2].clone() else {
+            panic!()
+        };
+        let msg = |chan: &[u8], payload: &[u8]| {
+            OwnedFrame::Array(vec![
+                OwnedFrame::BulkString(b"message".to_vec()),
+                OwnedFrame::BulkString(chan.to_vec()),
+                OwnedFrame::BulkString(payload.to_vec()),
+            ])
+        };
+        let m = msg(b"t:invalidations:3", &payload);
+        assert_eq!(
+            l2.peer_message(b"b2", &m),
+            Some((b"GET http://a/x".to_vec(), true))
+        );
+        assert_eq!(l2.peer_message(b"a1", &m), None, "its own");
+        assert_eq!(
+            l2.peer_message(b"b2", &msg(b"t:invalidations:3", b"a1 kGET http://a/y")),
+            Some((b"GET http://a/y".to_vec(), false))
+        );
+        // Another database's channel, a confirmation, garbage.
+        assert_eq!(
+            l2.peer_message(b"b2", &msg(b"t:invalidations:0", &payload)),
+            None
+        );
+        let confirm = OwnedFrame::Array(vec![
+            OwnedFrame::BulkString(b"subscribe".to_vec()),
+            OwnedFrame::BulkString(b"t:invalidations:3".to_vec()),
+            OwnedFrame::Integer(1),
+        ]);
+        assert_eq!(l2.peer_message(b"b2", &confirm), None);
+        assert_eq!(
+            l2.peer_message(b"b2", &msg(b"t:invalidations:3", b"a1 xGET")),
+            None
+        );
+        assert_eq!(
+            l2.peer_message(b"b2", &msg(b"t:invalidations:3", b"nospace")),
+            None
+        );
+    }
+
+    #[test]
+    fn lookups_see_invalidations_since_they_started() {
+        let l2 = l2();
+        let g0 = l2.generation();
+        assert!(!l2.invalidated_since(b"GET http://a/x", g0));
+        l2.note_invalidation(b"GET http://a/", true);
+        assert!(l2.invalidated_since(b"GET http://a/x", g0));
+        assert!(!l2.invalidated_since(b"GET http://b/x", g0));
+        let g1 = l2.generation();
+        assert!(
+            !l2.invalidated_since(b"GET http://a/x", g1),
+            "before it started"
+        );
+        l2.note_invalidation(b"GET http://b/x", false);
+        assert!(l2.invalidated_since(b"GET http://b/x", g1));
+        assert!(
+            !l2.invalidated_since(b"GET http://b/xy", g1),
+            "exact key only"
+        );
+        // More than RECENT since: too many to tell, counted as covered.
+        for i in 0..RECENT {
+            l2.note_invalidation(format!("GET http://c/{i}").as_bytes(), false);
+        }
+        assert!(l2.invalidated_since(b"GET http://z/", g1));
+        let g2 = l2.generation() - RECENT as u64;
+        assert!(
+            !l2.invalidated_since(b"GET http://z/", g2),
+            "all since g2 remembered"
         );
     }
 

@@ -22,6 +22,9 @@ pub(super) struct L2Fetch {
     connected: bool,
     /// `+OK` replies to the new connection's `AUTH` / `SELECT` still to come.
     hello_left: usize,
+    /// [`L2::generation`] when the lookup started: an invalidation since that covers the
+    /// key keeps the reply out of L1.
+    generation: u64,
 }
 
 impl Session {
@@ -69,6 +72,7 @@ impl Session {
             since: now,
             connected: false,
             hello_left: 0,
+            generation: l2.generation(),
         }));
         None
     }
@@ -123,10 +127,13 @@ impl Session {
                 }
             }
         }
-        // Invalidated while the reply was on its way: not brought back.
+        // Invalidated (here or by another instance) while the reply was on its way: not
+        // brought back.
         let deleted = |f: &Option<Box<L2Fetch>>| {
-            f.as_ref()
-                .is_some_and(|f| l2.deletion_pending(&f.pending.key))
+            f.as_ref().is_some_and(|f| {
+                l2.deletion_pending(&f.pending.key)
+                    || l2.invalidated_since(&f.pending.key, f.generation)
+            })
         };
         match l2.parse_get_reply(&mut self.up_in) {
             Ok(None) => {}
@@ -136,7 +143,7 @@ impl Session {
                     return;
                 };
                 l2.stats.hits.fetch_add(1, Ordering::Relaxed);
-                cache.fill_from_l2(&f.pending.key, *entry);
+                cache.fill_from_l2(&f.pending.key, *entry, f.generation);
                 self.l2_tried = Some((self.requests_done, true));
                 // The lead goes with `f`: the head is looked up again and L1 answers
                 // (or, an entry for another variant or a stale one, it is a miss again).

@@ -1240,6 +1240,126 @@ fn l2_hit_for_a_key_invalidated_meanwhile_is_not_used() {
 }
 
 #[test]
+fn l2_hit_for_a_key_another_instance_invalidated_meanwhile_is_not_used() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let cache = ctx.cache.as_ref().unwrap();
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    ask_l2(&mut s, &mut pool, "/peer/x", now);
+    // Another instance purged the prefix (Redis deleted, then the message came) while the
+    // GET was on its way: the reply still holds the old entry.
+    assert_eq!(
+        cache.invalidate_from_peer(b"GET http://example.com/peer/", true),
+        0
+    );
+    s.reserve_up_in(&mut pool)
+        .extend_from_slice(&l2_hit_reply(b"old"));
+    s.on_upstream_read(now);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream { upstream: 1, .. })
+    ));
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    assert!(s.client_out.is_empty());
+    assert_eq!(cache.store.len(), 0, "not filled into L1");
+    let l2 = cache.l2.as_ref().unwrap();
+    assert_eq!(l2.stats.peer_invalidations.load(Ordering::Relaxed), 1);
+    // Nothing for this instance's writer: Redis is done already.
+    assert!(l2.take_op().is_none());
+}
+
+#[test]
+fn purge_of_one_url_deletes_exactly_its_keys_in_l1_and_l2() {
+    let now = crate::test_origin();
+    for key_headers in [false, true] {
+        let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 1MB\n{L2_CFG}"));
+        let yaml = if key_headers {
+            yaml.replace("cache:\n", "cache:\n  key_headers: [X-Tenant]\n")
+        } else {
+            yaml
+        };
+        let ctx = ctx_from(&yaml, now);
+        let cache = ctx.cache.as_ref().unwrap();
+        let l2 = cache.l2.as_ref().unwrap();
+        l2.set_writer(|| {});
+        let entry = || {
+            let mut b = bytes::BytesMut::from(&l2_hit_reply(b"e")[..]);
+            match l2.parse_get_reply(&mut b) {
+                Ok(Some(crate::cache::l2::Reply::Hit(e))) => *e,
+                other => panic!("{other:?}"),
+            }
+        };
+        let ext: &[u8] = if key_headers {
+            b"\0x-tenant=t1,\n"
+        } else {
+            b""
+        };
+        for path in ["/a", "/ab"] {
+            let key = [format!("GET http://example.com{path}").as_bytes(), ext].concat();
+            assert!(cache.fill_from_l2(&key, entry(), l2.generation()));
+        }
+        assert_eq!(
+            cache.purge("http://example.com/a", false),
+            Ok(1),
+            "/ab stays"
+        );
+        assert_eq!(cache.store.len(), 1);
+        match l2.take_op() {
+            Some(crate::cache::l2::L2Op::Delete { key, prefix }) => {
+                // Without key headers the URL is one key; with them, its extended forms.
+                assert_eq!(prefix, key_headers);
+                let want: &[u8] = if key_headers {
+                    b"GET http://example.com/a\0"
+                } else {
+                    b"GET http://example.com/a"
+                };
+                assert_eq!(key, want);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn peer_invalidation_drops_l1_entries_and_a_racing_fill() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let cache = ctx.cache.as_ref().unwrap();
+    let l2 = cache.l2.as_ref().unwrap();
+    let entry = |body: &'static [u8]| {
+        let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
+        match l2.parse_get_reply(&mut b) {
+            Ok(Some(crate::cache::l2::Reply::Hit(e))) => *e,
+            other => panic!("{other:?}"),
+        }
+    };
+    let g = l2.generation();
+    assert!(cache.fill_from_l2(b"GET http://example.com/a", entry(b"a"), g));
+    assert!(cache.fill_from_l2(b"GET http://example.com/ab", entry(b"ab"), g));
+    assert!(cache.fill_from_l2(b"GET http://example.com/b", entry(b"b"), g));
+    assert_eq!(cache.store.len(), 3);
+    // Exact: only that key.
+    assert_eq!(
+        cache.invalidate_from_peer(b"GET http://example.com/a", false),
+        1
+    );
+    assert_eq!(cache.store.len(), 2);
+    // A fill by a lookup that started before the invalidation is dropped again.
+    assert!(!cache.fill_from_l2(b"GET http://example.com/a", entry(b"a"), g));
+    assert_eq!(cache.store.len(), 2);
+    // Prefix.
+    assert_eq!(
+        cache.invalidate_from_peer(b"GET http://example.com/", true),
+        2
+    );
+    assert_eq!(cache.store.len(), 0);
+}
+
+#[test]
 fn l2_hit_fills_l1_and_answers_without_the_backend() {
     let now = crate::test_origin();
     let reply = l2_hit_reply(b"from redis");
