@@ -61,6 +61,7 @@ matrix!(
     cache_streams_one_fetch_to_concurrent_requests,
     cache_l2_is_shared_between_instances,
     cache_l2_invalidations_reach_the_other_instances,
+    cache_l2_holds_every_variant_of_a_vary_response,
     cache_l2_redis_killed_mid_test_fails_no_request,
     cache_l2_unresponsive_redis_is_skipped,
     cache_l2_logs_in_to_a_password_protected_redis,
@@ -1257,6 +1258,49 @@ fn cache_l2_invalidations_reach_the_other_instances(bin: &PathBuf) {
         1,
         "{am}"
     );
+}
+
+fn cache_l2_holds_every_variant_of_a_vary_response(bin: &PathBuf) {
+    let redis = Redis::start();
+    let b = Backend::start("b1").unwrap();
+    let (a, a_admin) = l2_proxy(bin, &b, redis.addr);
+    let (o, o_admin) = l2_proxy(bin, &b, redis.addr);
+    let path = "/bytes/1500?cc=max-age=60&vary=Accept-Language";
+    let get_lang = |p: &Proxy, lang: &str| {
+        let mut c = p.client();
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept-Language: {lang}\r\n\r\n")
+                .as_bytes(),
+        );
+        let r = c.read_response(false).unwrap();
+        assert_eq!((r.status, r.body.len()), (200, 1500), "{lang}");
+        r.header("cache-status").unwrap_or("").to_string()
+    };
+    // Two variants fetched through `a`: one Redis key holds both.
+    for lang in ["en", "de"] {
+        assert_eq!(get_lang(&a, lang), "trireme; fwd=miss; stored");
+    }
+    let m = wait_metric(a_admin, "trireme_cache_l2_writes_total", 2);
+    assert_eq!(metric(&m, "trireme_cache_l2_writes_total"), 2, "{m}");
+    assert_eq!(redis.keys(), 1);
+    // Both are L2 hits through `o`; a third language is not there.
+    for lang in ["de", "en"] {
+        assert_eq!(get_lang(&o, lang), "trireme; hit; detail=l2", "{lang}");
+    }
+    assert_eq!(b.requests().len(), 2);
+    assert_eq!(get_lang(&o, "fr"), "trireme; fwd=miss; stored");
+    assert_eq!(b.requests().len(), 3);
+    let m = admin_metrics(o_admin);
+    assert_eq!(metric(&m, "trireme_cache_l2_hits_total"), 2, "{m}");
+    assert_eq!(metric(&m, "trireme_cache_l2_misses_total"), 1, "{m}");
+    assert_eq!(metric(&m, "trireme_cache_l2_errors_total"), 0, "{m}");
+    // The backend saw each language once.
+    let langs: Vec<String> = b
+        .requests()
+        .iter()
+        .map(|r| r.header("accept-language").unwrap_or("").to_string())
+        .collect();
+    assert_eq!(langs, ["en", "de", "fr"]);
 }
 
 /// The admin metrics once `name` reaches `n` (bounded wait).

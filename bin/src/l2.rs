@@ -1,4 +1,4 @@
-//! The L2 writer: carries out the cache's queued L2 work (`SET` of what L1 stores,
+//! The L2 writer: carries out the cache's queued L2 work (`HSET` of what L1 stores,
 //! deletions for invalidations and purges) on one thread with a blocking Redis
 //! connection, off the request path and whatever the event model. Commands and replies
 //! come from core (`trireme_core::cache::l2`); this file only moves bytes.
@@ -66,10 +66,13 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
                 let res = match &op {
                     L2Op::Set { key, entry } => {
                         let (pre, body, post) = l2.set_command(key, entry);
+                        // HSET, then PEXPIRE: an integer reply each.
                         c.send(&pre)
                             .and_then(|_| c.send(&body))
                             .and_then(|_| c.call(&post))
-                            .and_then(|r| expect_ok(&r))
+                            .and_then(|r| expect_int(&r))
+                            .and_then(|_| c.read_reply())
+                            .and_then(|r| expect_int(&r))
                             .map(|_| {
                                 l2.stats
                                     .writes
@@ -82,10 +85,7 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
                         .and_then(|n| {
                             let mut cmd = Vec::new();
                             l2.publish_command(&me, key, *prefix, &mut cmd);
-                            match c.call(&cmd)? {
-                                OwnedFrame::Integer(_) => Ok(n),
-                                other => Err(bad(&other)),
-                            }
+                            expect_int(&c.call(&cmd)?).map(|_| n)
                         })
                         .map(|n| {
                             tracing::debug!(keys = n, "L2 deletion");
@@ -252,6 +252,13 @@ fn delete(c: &mut Conn, l2: &L2, key: &[u8], prefix: bool) -> std::io::Result<us
 
 fn bad(f: &OwnedFrame) -> std::io::Error {
     std::io::Error::other(format!("unexpected Redis reply: {f:?}"))
+}
+
+fn expect_int(f: &OwnedFrame) -> std::io::Result<()> {
+    match f {
+        OwnedFrame::Integer(_) => Ok(()),
+        other => Err(bad(other)),
+    }
 }
 
 fn expect_ok(f: &OwnedFrame) -> std::io::Result<()> {

@@ -359,7 +359,8 @@ fn has_conditionals(h: &RequestHead, buf: &[u8]) -> bool {
     .any(|n| !field_values(h, buf, n).is_empty())
 }
 
-fn field_values<'a>(h: &RequestHead, buf: &'a [u8], name: &[u8]) -> Vec<&'a [u8]> {
+/// Every value of a request field, in order.
+pub fn field_values<'a>(h: &RequestHead, buf: &'a [u8], name: &[u8]) -> Vec<&'a [u8]> {
     h.headers
         .iter()
         .filter(|f| f.name.get(buf).eq_ignore_ascii_case(name))

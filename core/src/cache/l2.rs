@@ -10,20 +10,25 @@
 //!   from it. Redis down, slow or answering garbage never fails a request: the lookup is
 //!   abandoned, counted, and the request goes to the backend; for [`BACKOFF`] after a
 //!   failure lookups skip L2 altogether.
-//! - Writes (`SET` of what L1 stores) and deletions (invalidation, purge) are queued here
-//!   and carried out by a process service (the runtime-independent L2 writer), off the
-//!   request path. Until a deletion is carried out, lookups of the keys it covers skip L2,
-//!   so an invalidated response never comes back from Redis.
-//!
+//! - Writes (`HSET` of what L1 stores, one field per variant) and deletions (invalidation,
+//!   purge) are queued here and carried out by a process service (the runtime-independent
+//!   L2 writer), off the request path. Until a deletion is carried out, lookups of the
+//!   keys it covers skip L2, so an invalidated response never comes back from Redis.
 //! - Instances sharing a Redis tell each other what they invalidated: after carrying out
 //!   a deletion the writer publishes it on [`L2::channel`], and every instance's
-//!   subscriber drops the same keys from its own L1 ([`HttpCache::invalidate_from_peer`](super::http::HttpCache::invalidate_from_peer)),
+//!   subscriber drops the same keys from its own L1
+//!   ([`HttpCache::invalidate_from_peer`](super::http::HttpCache::invalidate_from_peer)),
 //!   so a purge or a `POST` through one instance is not answered from another's memory.
 //!   A lookup whose reply raced an invalidation (local or a peer's) does not keep what it
 //!   brought back ([`L2::invalidated_since`]).
 //!
-//! One Redis key per primary cache key (`key_prefix` + key), holding the most recently
-//! stored variant; a lookup whose `Vary` fields do not match it is an L1 miss as before.
+//! One Redis hash per primary cache key (`key_prefix` + key): field `v` holds the `Vary`
+//! of what was stored last (empty without one), field `e:<secondary key>` each variant's
+//! entry. A lookup asks `HMGET key v e:` (one round trip without `Vary`); when `v` names
+//! fields, it computes the request's secondary key from them and asks `HGET key
+//! e:<secondary>`. The entry is matched against the request again in L1, so a `Vary`
+//! that changed meanwhile costs a miss, never a wrong answer. The whole hash expires
+//! after `ttl` from its last write; deleting the key deletes every variant.
 
 use super::store::Stored;
 use bytes::{Bytes, BytesMut};
@@ -126,12 +131,18 @@ impl std::fmt::Debug for L2 {
     }
 }
 
-/// How a lookup ended.
+/// Longest `Vary` value read back (field names only).
+const MAX_VARY: usize = 4096;
+
+/// How a lookup step ended.
 #[derive(Debug)]
 pub enum Reply {
     /// A stored entry.
     Hit(Box<Stored>),
     Miss,
+    /// The key's variants differ by these `Vary` fields: ask for the request's one
+    /// ([`L2::variant_command`]).
+    Vary(Bytes),
 }
 
 impl L2 {
@@ -324,48 +335,71 @@ impl L2 {
         self.down_until.fetch_max(until, Ordering::Relaxed) <= n
     }
 
-    /// `GET key`, encoded onto `out`.
+    /// The first step of a lookup, `HMGET key v e:` (the `Vary` of the key's variants,
+    /// and the entry of a response without one), encoded onto `out`.
     pub fn get_command(&self, key: &[u8], out: &mut Vec<u8>) {
-        encode_command(out, &[b"GET", &self.redis_key(key)]);
+        encode_command(out, &[b"HMGET", &self.redis_key(key), b"v", b"e:"]);
+    }
+
+    /// The second step when the first said [`Reply::Vary`]: `HGET key e:<secondary>`.
+    pub fn variant_command(&self, key: &[u8], secondary: &[u8], out: &mut Vec<u8>) {
+        encode_command(
+            out,
+            &[b"HGET", &self.redis_key(key), &variant_field(secondary)],
+        );
     }
 
     /// Parse the reply to [`get_command`](Self::get_command) at the start of `buf`:
-    /// `Ok(None)` until it is complete; then the reply, its bytes split off `buf`.
-    /// `Err` for error replies, bad framing, or an entry over [`max_entry`](Self::max_entry).
+    /// `Ok(None)` until it is complete; then what it says, its bytes split off `buf`.
+    /// `Err` for error replies, bad framing, an entry over [`max_entry`](Self::max_entry).
     pub fn parse_get_reply(&self, buf: &mut BytesMut) -> Result<Option<Reply>, String> {
-        // Guard the size before buffering: `$<len>\r\n` says how much is coming.
-        if buf.first() == Some(&b'$') {
-            let Some(eol) = buf.iter().take(24).position(|&b| b == b'\n') else {
-                return if buf.len() < 24 {
-                    Ok(None)
-                } else {
-                    Err("bad bulk string length".into())
-                };
-            };
-            let len = std::str::from_utf8(&buf[1..eol])
-                .ok()
-                .and_then(|s| s.trim_end().parse::<i64>().ok())
-                .ok_or("bad bulk string length")?;
-            if len > self.max_entry as i64 {
-                return Err(format!("entry of {len} bytes is over the limit"));
-            }
-        } else if buf.len() > 4096 {
-            return Err("oversized reply".into());
+        match buf.first() {
+            None => return Ok(None),
+            Some(b'*') => {}
+            Some(_) => return Err(other_reply(buf)),
         }
-        let frame = match decode_bytes_mut(buf) {
-            Ok(None) => return Ok(None),
-            Ok(Some((f, _, _))) => f,
-            Err(e) => return Err(format!("bad reply: {e}")),
+        if buf.len() < 4 {
+            return if b"*2\r\n".starts_with(buf) {
+                Ok(None)
+            } else {
+                Err(other_reply(buf))
+            };
+        }
+        if &buf[..4] != b"*2\r\n" {
+            return Err(other_reply(buf));
+        }
+        let Some((vary, at)) = bulk_at(buf, 4, MAX_VARY)? else {
+            return Ok(None);
         };
-        match frame {
-            BytesFrame::Null => Ok(Some(Reply::Miss)),
-            // Copied out of the read buffer: the entry then holds exactly its own bytes
-            // (a slice would keep the whole pooled buffer alive inside L1).
-            BytesFrame::BulkString(b) => decode_entry(Bytes::copy_from_slice(&b))
-                .map(|s| Some(Reply::Hit(Box::new(s))))
-                .ok_or_else(|| "not a trireme entry".into()),
-            BytesFrame::Error(e) => Err(format!("error reply: {e}")),
-            other => Err(format!("unexpected reply: {other:?}")),
+        let Some((entry, end)) = bulk_at(buf, at, self.max_entry)? else {
+            return Ok(None);
+        };
+        let reply = buf.split_to(end);
+        match vary {
+            None => Ok(Some(Reply::Miss)),
+            Some(v) if v.is_empty() => match entry {
+                None => Ok(Some(Reply::Miss)),
+                Some(e) => hit(&reply[e]).map(Some),
+            },
+            Some(v) => Ok(Some(Reply::Vary(Bytes::copy_from_slice(&reply[v])))),
+        }
+    }
+
+    /// Parse the reply to [`variant_command`](Self::variant_command): a hit or a miss.
+    pub fn parse_variant_reply(&self, buf: &mut BytesMut) -> Result<Option<Reply>, String> {
+        match buf.first() {
+            None => Ok(None),
+            Some(b'$') => {
+                let Some((entry, end)) = bulk_at(buf, 0, self.max_entry)? else {
+                    return Ok(None);
+                };
+                let reply = buf.split_to(end);
+                match entry {
+                    None => Ok(Some(Reply::Miss)),
+                    Some(e) => hit(&reply[e]).map(Some),
+                }
+            }
+            Some(_) => Err(other_reply(buf)),
         }
     }
 
@@ -463,24 +497,27 @@ impl L2 {
         k
     }
 
-    /// `SET key entry PX ttl` in three parts to write in order: what precedes the body,
-    /// the body itself (not copied), what follows it.
+    /// `HSET key v <vary> e:<secondary> <entry>` then `PEXPIRE key ttl`, in three parts to
+    /// write in order: what precedes the body, the body itself (not copied), what follows
+    /// it. Redis answers each of the two commands with an integer.
     pub fn set_command(&self, key: &[u8], entry: &Stored) -> (Vec<u8>, Bytes, Vec<u8>) {
         let mut meta = Vec::with_capacity(entry.head.len() + 128);
         encode_entry_meta(entry, &mut meta);
         let k = self.redis_key(key);
-        let mut pre = Vec::with_capacity(meta.len() + k.len() + 48);
-        pre.extend_from_slice(b"*5\r\n$3\r\nSET\r\n");
-        push_bulk_len(&mut pre, k.len());
-        pre.extend_from_slice(&k);
-        pre.extend_from_slice(b"\r\n");
+        let field = variant_field(&entry.secondary);
+        let mut pre =
+            Vec::with_capacity(meta.len() + k.len() + entry.vary.len() + field.len() + 64);
+        pre.extend_from_slice(b"*6\r\n$4\r\nHSET\r\n");
+        for part in [&k[..], b"v", &entry.vary, &field] {
+            push_bulk_len(&mut pre, part.len());
+            pre.extend_from_slice(part);
+            pre.extend_from_slice(b"\r\n");
+        }
         push_bulk_len(&mut pre, meta.len() + entry.body.len());
         pre.extend_from_slice(&meta);
+        let mut post = b"\r\n".to_vec();
         let ttl = self.ttl.as_millis().max(1).to_string();
-        let mut post = b"\r\n$2\r\nPX\r\n".to_vec();
-        push_bulk_len(&mut post, ttl.len());
-        post.extend_from_slice(ttl.as_bytes());
-        post.extend_from_slice(b"\r\n");
+        encode_command(&mut post, &[b"PEXPIRE", &k, ttl.as_bytes()]);
         (pre, entry.body.clone(), post)
     }
 
@@ -538,6 +575,79 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 /// A complete reply at the start of `buf` and its length, `Ok(None)` while incomplete.
 pub fn parse_reply(buf: &[u8]) -> Result<Option<(OwnedFrame, usize)>, String> {
     redis_protocol::resp2::decode::decode(buf).map_err(|e| e.to_string())
+}
+
+/// The hash field of the variant with this secondary key.
+fn variant_field(secondary: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(2 + secondary.len());
+    f.extend_from_slice(b"e:");
+    f.extend_from_slice(secondary);
+    f
+}
+
+/// A complete bulk string: its bytes' range in the buffer (`None` for a nil), and where
+/// the next value starts.
+type Bulk = (Option<std::ops::Range<usize>>, usize);
+
+/// A bulk string at `buf[at..]` of at most `limit` bytes: `Ok(None)` while incomplete;
+/// then its bytes' range (`None` for a nil) and where the next value starts. The length
+/// is checked before the bytes are waited for.
+fn bulk_at(buf: &[u8], at: usize, limit: usize) -> Result<Option<Bulk>, String> {
+    let rest = &buf[at..];
+    match rest.first() {
+        None => return Ok(None),
+        Some(b'$') => {}
+        Some(_) => return Err(other_reply(rest)),
+    }
+    let Some(eol) = rest.iter().take(24).position(|&b| b == b'\n') else {
+        return if rest.len() < 24 {
+            Ok(None)
+        } else {
+            Err("bad bulk string length".into())
+        };
+    };
+    let len = std::str::from_utf8(&rest[1..eol])
+        .ok()
+        .and_then(|s| s.strip_suffix('\r'))
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or("bad bulk string length")?;
+    let start = at + eol + 1;
+    if len == -1 {
+        return Ok(Some((None, start)));
+    }
+    if len < 0 || len as u64 > limit as u64 {
+        return Err(format!("value of {len} bytes is over the limit"));
+    }
+    let end = start + len as usize;
+    if buf.len() < end + 2 {
+        return Ok(None);
+    }
+    if &buf[end..end + 2] != b"\r\n" {
+        return Err("bad bulk string framing".into());
+    }
+    Ok(Some((Some(start..end), end + 2)))
+}
+
+/// An entry's bytes: copied out of the read buffer (the entry then holds exactly its own
+/// bytes; a slice would keep the whole pooled buffer alive inside L1).
+fn hit(b: &[u8]) -> Result<Reply, String> {
+    decode_entry(Bytes::copy_from_slice(b))
+        .map(|s| Reply::Hit(Box::new(s)))
+        .ok_or_else(|| "not a trireme entry".into())
+}
+
+/// Why a reply that is not the expected shape is refused (error replies quoted).
+fn other_reply(buf: &[u8]) -> String {
+    if buf.first() == Some(&b'-') {
+        let line = buf.split(|&b| b == b'\r').next().unwrap_or(&[]);
+        let line = &line[1..line.len().min(200)];
+        format!("error reply: {}", String::from_utf8_lossy(line))
+    } else {
+        format!(
+            "unexpected reply: {:?}",
+            String::from_utf8_lossy(&buf[..buf.len().min(40)])
+        )
+    }
 }
 
 /// Whether an invalidation of `k` (every key under it when `prefix`) covers `key`.
@@ -733,19 +843,42 @@ mod tests {
         assert_eq!(d.facts.status, 200);
     }
 
+    /// Redis's reply to `HMGET key v e:`.
+    fn hmget_reply(vary: Option<&[u8]>, entry: Option<&[u8]>) -> Vec<u8> {
+        let mut w = b"*2\r\n".to_vec();
+        for v in [vary, entry] {
+            match v {
+                None => w.extend_from_slice(b"$-1\r\n"),
+                Some(b) => {
+                    w.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+                    w.extend_from_slice(b);
+                    w.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        w
+    }
+
     #[test]
-    fn get_reply_hit_miss_error_and_partial() {
+    fn get_reply_hit_miss_vary_error_and_partial() {
         let l2 = l2();
         let mut out = Vec::new();
         l2.get_command(b"GET http://a/x", &mut out);
-        assert_eq!(out, b"*2\r\n$3\r\nGET\r\n$16\r\nt:GET http://a/x\r\n");
+        assert_eq!(
+            out,
+            b"*4\r\n$5\r\nHMGET\r\n$16\r\nt:GET http://a/x\r\n$1\r\nv\r\n$2\r\ne:\r\n"
+        );
+        let parse = |wire: &[u8]| l2.parse_get_reply(&mut BytesMut::from(wire));
 
-        let mut buf = BytesMut::from(&b"$-1\r\n"[..]);
+        // No key; a key whose responses vary but none for the empty secondary key.
         assert!(matches!(
-            l2.parse_get_reply(&mut buf),
+            parse(&hmget_reply(None, None)),
             Ok(Some(Reply::Miss))
         ));
-        assert!(buf.is_empty());
+        assert!(matches!(
+            parse(&hmget_reply(Some(b""), None)),
+            Ok(Some(Reply::Miss))
+        ));
 
         let e = entry(
             "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n",
@@ -754,31 +887,66 @@ mod tests {
         );
         let mut enc = Vec::new();
         encode_entry(&e, &mut enc);
-        let mut wire = format!("${}\r\n", enc.len()).into_bytes();
-        wire.extend_from_slice(&enc);
-        wire.extend_from_slice(b"\r\n");
-        // Every prefix is incomplete, the whole is a hit.
+        let wire = hmget_reply(Some(b""), Some(&enc));
+        // Every prefix is incomplete, the whole is a hit, what follows stays.
         for cut in 0..wire.len() {
-            let mut buf = BytesMut::from(&wire[..cut]);
-            assert!(
-                matches!(l2.parse_get_reply(&mut buf), Ok(None)),
-                "cut {cut}"
-            );
+            assert!(matches!(parse(&wire[..cut]), Ok(None)), "cut {cut}");
         }
         let mut buf = BytesMut::from(&wire[..]);
+        buf.extend_from_slice(b"+next");
         match l2.parse_get_reply(&mut buf) {
             Ok(Some(Reply::Hit(s))) => assert_eq!(&s.body[..], b"body"),
             other => panic!("{other:?}"),
         }
+        assert_eq!(&buf[..], b"+next");
+        // Variants by Vary: the second step asks for the request's one.
+        match parse(&hmget_reply(Some(b"Accept-Encoding"), Some(&enc))) {
+            Ok(Some(Reply::Vary(v))) => assert_eq!(&v[..], b"Accept-Encoding"),
+            other => panic!("{other:?}"),
+        }
+        out.clear();
+        l2.variant_command(b"GET http://a/x", b"accept-encoding:gzip\n", &mut out);
+        assert_eq!(
+            out,
+            b"*3\r\n$4\r\nHGET\r\n$16\r\nt:GET http://a/x\r\n$23\r\ne:accept-encoding:gzip\n\r\n"
+        );
+        let mut one = format!("${}\r\n", enc.len()).into_bytes();
+        one.extend_from_slice(&enc);
+        one.extend_from_slice(b"\r\n");
+        for cut in 0..one.len() {
+            let mut buf = BytesMut::from(&one[..cut]);
+            assert!(
+                matches!(l2.parse_variant_reply(&mut buf), Ok(None)),
+                "cut {cut}"
+            );
+        }
+        assert!(matches!(
+            l2.parse_variant_reply(&mut BytesMut::from(&one[..])),
+            Ok(Some(Reply::Hit(_)))
+        ));
+        assert!(matches!(
+            l2.parse_variant_reply(&mut BytesMut::from(&b"$-1\r\n"[..])),
+            Ok(Some(Reply::Miss))
+        ));
 
-        let mut buf = BytesMut::from(&b"-ERR wrong\r\n"[..]);
-        assert!(l2.parse_get_reply(&mut buf).is_err());
-        // Another application's value under the key: not an entry.
-        let mut buf = BytesMut::from(&b"$3\r\nabc\r\n"[..]);
-        assert!(l2.parse_get_reply(&mut buf).is_err());
-        // Too large: refused from the length alone.
-        let mut buf = BytesMut::from(&b"$99999999\r\n"[..]);
-        assert!(l2.parse_get_reply(&mut buf).is_err());
+        // Errors: an error reply (a string value under the key, say), another
+        // application's value, bad framing, too large (refused from the length alone).
+        let wrongtype = parse(b"-WRONGTYPE Operation against a key holding the wrong kind\r\n");
+        assert!(
+            matches!(&wrongtype, Err(e) if e.contains("WRONGTYPE")),
+            "{wrongtype:?}"
+        );
+        assert!(parse(&hmget_reply(Some(b""), Some(b"abc"))).is_err());
+        assert!(parse(b"*3\r\n").is_err());
+        assert!(parse(b"*2\r\n$1\r\nvX\r\n").is_err());
+        assert!(parse(b"*2\r\n$0\r\n\r\n$99999999\r\n").is_err());
+        assert!(parse(b"*2\r\n$99999\r\n").is_err(), "Vary over its limit");
+        assert!(l2
+            .parse_variant_reply(&mut BytesMut::from(&b"$99999999\r\n"[..]))
+            .is_err());
+        assert!(l2
+            .parse_variant_reply(&mut BytesMut::from(&b":1\r\n"[..]))
+            .is_err());
     }
 
     #[test]
@@ -814,10 +982,10 @@ mod tests {
     }
 
     #[test]
-    fn set_command_is_one_resp_array() {
+    fn set_command_is_hset_then_pexpire() {
         let l2 = l2();
         let e = entry(
-            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n",
+            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: Accept-Encoding\r\n",
             b"the body",
             None,
         );
@@ -826,21 +994,32 @@ mod tests {
         wire.extend_from_slice(&body);
         wire.extend_from_slice(&post);
         let (f, n) = parse_reply(&wire).unwrap().unwrap();
-        assert_eq!(n, wire.len());
         let OwnedFrame::Array(parts) = f else {
             panic!()
         };
         let mut value = Vec::new();
         encode_entry(&e, &mut value);
+        let bulk = |b: &[u8]| OwnedFrame::BulkString(b.to_vec());
         assert_eq!(
             parts,
             vec![
-                OwnedFrame::BulkString(b"SET".to_vec()),
-                OwnedFrame::BulkString(b"t:GET http://a/x".to_vec()),
-                OwnedFrame::BulkString(value),
-                OwnedFrame::BulkString(b"PX".to_vec()),
-                OwnedFrame::BulkString(b"60000".to_vec()),
+                bulk(b"HSET"),
+                bulk(b"t:GET http://a/x"),
+                bulk(b"v"),
+                bulk(b"accept-encoding"),
+                bulk(b"e:accept-encoding=gzip\n"),
+                bulk(&value),
             ]
+        );
+        let (f, m) = parse_reply(&wire[n..]).unwrap().unwrap();
+        assert_eq!(n + m, wire.len());
+        assert_eq!(
+            f,
+            OwnedFrame::Array(vec![
+                bulk(b"PEXPIRE"),
+                bulk(b"t:GET http://a/x"),
+                bulk(b"60000")
+            ])
         );
     }
 

@@ -22,6 +22,8 @@ pub(super) struct L2Fetch {
     connected: bool,
     /// `+OK` replies to the new connection's `AUTH` / `SELECT` still to come.
     hello_left: usize,
+    /// The first reply named `Vary` fields: the request's variant was asked for.
+    variant: bool,
     /// [`L2::generation`] when the lookup started: an invalidation since that covers the
     /// key keeps the reply out of L1.
     generation: u64,
@@ -72,6 +74,7 @@ impl Session {
             since: now,
             connected: false,
             hello_left: 0,
+            variant: false,
             generation: l2.generation(),
         }));
         None
@@ -135,8 +138,32 @@ impl Session {
                     || l2.invalidated_since(&f.pending.key, f.generation)
             })
         };
-        match l2.parse_get_reply(&mut self.up_in) {
+        let reply = if self.l2.as_ref().is_some_and(|f| f.variant) {
+            l2.parse_variant_reply(&mut self.up_in)
+        } else {
+            l2.parse_get_reply(&mut self.up_in)
+        };
+        match reply {
             Ok(None) => {}
+            Ok(Some(Reply::Vary(vary))) => {
+                let Some(f) = self.l2.as_mut() else { return };
+                let (hb, h) = f.pending.request_head();
+                match crate::cache::vary_key([&vary[..]], |name| {
+                    crate::cache::http::field_values(h, hb, name)
+                }) {
+                    Some(secondary) if self.up_in.is_empty() => {
+                        f.variant = true;
+                        self.up_out.clear();
+                        l2.variant_command(&f.pending.key, &secondary, self.up_out.vec());
+                    }
+                    // `Vary: *` (never reused), or bytes beyond the reply: done here.
+                    _ => {
+                        let reuse = self.up_in.is_empty();
+                        l2.stats.misses.fetch_add(1, Ordering::Relaxed);
+                        self.l2_end(reuse, now);
+                    }
+                }
+            }
             Ok(Some(Reply::Hit(entry))) if !deleted(&self.l2) => {
                 let reuse = self.up_in.is_empty();
                 let Some(f) = self.l2_release(reuse) else {

@@ -1083,6 +1083,10 @@ fn stale_while_revalidate_serves_stale_and_queues_one_background_refresh() {
 // ------------------------------------------------------------------ L2 (Redis) lookups
 
 const L2_CFG: &str = "  l2:\n    host: 127.0.0.1\n    port: 6379\n    timeout: 50ms\n";
+/// The start of a lookup's first command (`HMGET key v e:`).
+const HMGET: &[u8] = b"*4\r\n$5\r\nHMGET\r\n";
+/// Redis's answer to it when the key is not there.
+const L2_MISS: &[u8] = b"*2\r\n$-1\r\n$-1\r\n";
 
 fn l2_ctx(now: Instant) -> Arc<ProxyContext> {
     let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 1MB\n{L2_CFG}"));
@@ -1113,8 +1117,10 @@ fn ask_l2(s: &mut Session, pool: &mut BufPool, path: &str, now: Instant) {
     assert!(s.poll_action().is_none());
     s.on_upstream_connected(true, now);
     let cmd = s.up_out.pending().to_vec();
-    assert!(cmd.starts_with(b"*2\r\n$3\r\nGET\r\n"), "{cmd:?}");
-    assert!(cmd.ends_with(format!("trireme:GET http://example.com{path}\r\n").as_bytes()));
+    assert!(cmd.starts_with(HMGET), "{cmd:?}");
+    assert!(cmd.ends_with(
+        format!("trireme:GET http://example.com{path}\r\n$1\r\nv\r\n$2\r\ne:\r\n").as_bytes()
+    ));
     s.on_upstream_written(cmd.len(), now);
     assert!(s.wants_upstream_read());
 }
@@ -1142,7 +1148,7 @@ fn l2_miss_goes_to_the_backend_and_the_stored_response_is_queued_for_l2() {
     let mut pool = BufPool::default();
     let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     ask_l2(&mut s, &mut pool, "/x", now);
-    s.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
+    s.reserve_up_in(&mut pool).extend_from_slice(L2_MISS);
     s.on_upstream_read(now);
     assert_eq!(
         s.poll_action(),
@@ -1186,8 +1192,26 @@ fn l2_miss_goes_to_the_backend_and_the_stored_response_is_queued_for_l2() {
 
 /// Redis's reply to a GET: an entry (`max-age=60`, ETag "e") as another instance wrote it.
 fn l2_hit_reply(body: &'static [u8]) -> Vec<u8> {
+    let enc = l2_entry(body, "", b"");
+    // HMGET's answer: no Vary, the entry.
+    let mut reply = format!("*2\r\n$0\r\n\r\n${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    reply
+}
+
+/// An entry as L2 holds it, with `Vary: vary` (when not empty) and the secondary key of
+/// the request that fetched it.
+fn l2_entry(body: &'static [u8], vary: &str, secondary: &[u8]) -> Vec<u8> {
     let wall = crate::test_wall();
-    let whole = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"e\"\r\n\r\n";
+    let vary_line = if vary.is_empty() {
+        String::new()
+    } else {
+        format!("Vary: {vary}\r\n")
+    };
+    let whole =
+        format!("HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"e\"\r\n{vary_line}\r\n");
+    let whole = whole.as_bytes();
     let h = match head::parse_response(whole, 4096) {
         Ok(Parsed::Complete(h)) => h,
         _ => unreachable!(),
@@ -1197,16 +1221,90 @@ fn l2_hit_reply(body: &'static [u8]) -> Vec<u8> {
         body: bytes::Bytes::from_static(body),
         facts: crate::cache::http::response_facts(&h, whole, wall, wall),
         etag: Some(bytes::Bytes::from_static(b"\"e\"")),
-        vary: bytes::Bytes::new(),
-        secondary: Vec::new(),
+        vary: bytes::Bytes::copy_from_slice(vary.as_bytes()),
+        secondary: secondary.to_vec(),
         demand: Default::default(),
     };
     let mut enc = Vec::new();
     crate::cache::l2::encode_entry(&entry, &mut enc);
+    enc
+}
+
+#[test]
+fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
+    let now = crate::test_origin();
+    let ctx = l2_ctx(now);
+    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
+    let mut pool = BufPool::default();
+    let lookup = |s: &mut Session, pool: &mut BufPool, encoding: &str| {
+        s.reserve_client_in(pool)
+            .extend_from_slice(&get_h("/v", &format!("Accept-Encoding: {encoding}\r\n")));
+        s.on_client_read(now);
+        assert!(matches!(
+            s.poll_action(),
+            Some(Action::Connect { upstream: 1, .. })
+        ));
+        s.on_upstream_connected(true, now);
+        let n = s.up_out.len();
+        s.on_upstream_written(n, now);
+        // The key's responses vary by Accept-Encoding (the `e:` field is absent).
+        s.reserve_up_in(pool)
+            .extend_from_slice(b"*2\r\n$15\r\nAccept-Encoding\r\n$-1\r\n");
+        s.on_upstream_read(now);
+        assert!(s.poll_action().is_none(), "still asking Redis");
+        let cmd = String::from_utf8_lossy(s.up_out.pending()).into_owned();
+        let n = s.up_out.len();
+        s.on_upstream_written(n, now);
+        cmd
+    };
+    // A variant Redis holds: one more round trip, then an L2 hit.
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    let cmd = lookup(&mut s, &mut pool, "br");
+    assert_eq!(
+        cmd,
+        "*3\r\n$4\r\nHGET\r\n$32\r\ntrireme:GET http://example.com/v\r\n$21\r\ne:accept-encoding:br\n\r\n"
+    );
+    let enc = l2_entry(b"brotli", "Accept-Encoding", b"accept-encoding:br\n");
     let mut reply = format!("${}\r\n", enc.len()).into_bytes();
     reply.extend_from_slice(&enc);
     reply.extend_from_slice(b"\r\n");
-    reply
+    s.reserve_up_in(&mut pool).extend_from_slice(&reply);
+    s.on_upstream_read(now);
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            reuse: true,
+            ..
+        })
+    ));
+    assert!(s.poll_action().is_none(), "no backend connection");
+    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    assert!(
+        out.contains("Cache-Status: trireme; hit; detail=l2") && out.ends_with("brotli"),
+        "{out}"
+    );
+    // A variant it does not hold: a miss after the second step, on to the backend.
+    let mut s2 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    let cmd = lookup(&mut s2, &mut pool, "gzip");
+    assert!(cmd.ends_with("e:accept-encoding:gzip\n\r\n"), "{cmd:?}");
+    s2.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
+    s2.on_upstream_read(now);
+    assert!(matches!(
+        s2.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            reuse: true,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s2.poll_action(),
+        Some(Action::Connect { upstream: 0, .. })
+    ));
+    assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 1);
+    assert_eq!(l2.stats.misses.load(Ordering::Relaxed), 1);
+    assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -1449,7 +1547,7 @@ fn l2_timeout_or_garbage_falls_through_to_the_backend_and_backs_off() {
     let mut s3 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), t);
     ask_l2(&mut s3, &mut pool, "/g", t);
     s3.reserve_up_in(&mut pool)
-        .extend_from_slice(b"$5\r\nhello\r\n");
+        .extend_from_slice(b"*2\r\n$0\r\n\r\n$5\r\nhello\r\n");
     s3.on_upstream_read(t);
     assert_falls_through_to_the_backend(&mut s3);
     assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 2);
@@ -1464,7 +1562,7 @@ fn client_half_close_during_l2_lookup_still_gets_its_answer() {
     ask_l2(&mut s, &mut pool, "/h", now);
     s.on_client_eof(now);
     assert!(!s.wants_close());
-    s.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
+    s.reserve_up_in(&mut pool).extend_from_slice(L2_MISS);
     s.on_upstream_read(now);
     assert!(matches!(
         s.poll_action(),
@@ -1645,13 +1743,19 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
     s.on_upstream_connected(false, now);
     let cmds = String::from_utf8_lossy(s.up_out.pending()).into_owned();
     assert!(
-        cmds.starts_with("*3\r\n$4\r\nAUTH\r\n$4\r\nedge\r\n$2\r\npw\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*2\r\n$3\r\nGET\r\n"),
+        cmds.starts_with("*3\r\n$4\r\nAUTH\r\n$4\r\nedge\r\n$2\r\npw\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*4\r\n$5\r\nHMGET\r\n"),
         "{cmds:?}"
     );
     let n = s.up_out.len();
     s.on_upstream_written(n, now);
     // The replies arrive piecemeal: +OK, +OK, then the miss.
-    for piece in [&b"+O"[..], b"K\r\n+OK\r", b"\n$-", b"1\r\n"] {
+    for piece in [
+        &b"+O"[..],
+        b"K\r\n+OK\r",
+        b"\n*2\r\n$-",
+        b"1\r\n$-1",
+        b"\r\n",
+    ] {
         assert!(s.poll_action().is_none());
         s.reserve_up_in(&mut pool).extend_from_slice(piece);
         s.on_upstream_read(now);
@@ -1675,7 +1779,7 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
     s2.on_client_read(now);
     assert!(matches!(s2.poll_action(), Some(Action::Connect { .. })));
     s2.on_upstream_connected(true, now);
-    assert!(s2.up_out.pending().starts_with(b"*2\r\n$3\r\nGET\r\n"));
+    assert!(s2.up_out.pending().starts_with(HMGET));
     // A refused login is a failed lookup: the backend answers.
     let mut s3 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     s3.reserve_client_in(&mut pool)
