@@ -38,6 +38,7 @@ matrix!(
     keep_alive_reuses_backend_connections,
     failover_with_zero_failed_gets,
     streaming_large_bodies_with_bounded_memory,
+    slow_reader_streaming_keeps_memory_bounded,
     rejected_requests_reach_no_backend,
     proxy_errors_502_503_504,
     headers_forwarded_and_hop_by_hop_removed,
@@ -225,6 +226,43 @@ fn streaming_large_bodies_with_bounded_memory(bin: &PathBuf) {
     assert!(
         peak - idle_rss < 24 * 1024,
         "proxy RSS grew from {idle_rss} KiB to {peak} KiB while streaming 104 MiB"
+    );
+}
+
+/// A client that reads a large response slowly: the proxy writes part of what it has each
+/// time while the backend keeps sending. Its memory follows what is pending, not what was
+/// sent.
+fn slow_reader_streaming_keeps_memory_bounded(bin: &PathBuf) {
+    use std::io::Read;
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &[]);
+    let idle_rss = p.peak_rss_kib();
+    let n: usize = 48 << 20;
+    let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+    s.write_all(
+        format!("GET /chunked/{n} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut reads = 0u32;
+    loop {
+        let k = s.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        got += k;
+        reads += 1;
+        // Slow at first (the proxy's socket stays full, its writes partial), then fast.
+        if reads < 400 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert!(got > n, "whole response: {got} bytes");
+    let peak = p.peak_rss_kib();
+    assert!(
+        peak - idle_rss < 16 * 1024,
+        "proxy RSS grew from {idle_rss} KiB to {peak} KiB streaming 48 MiB to a slow reader"
     );
 }
 
