@@ -1310,64 +1310,53 @@ fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
 #[test]
 fn l2_hit_for_a_key_invalidated_meanwhile_is_not_used() {
     let now = crate::test_origin();
-    let ctx = l2_ctx(now);
-    let mut pool = BufPool::default();
-    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
-    ask_l2(&mut s, &mut pool, "/gone", now);
-    // A POST elsewhere invalidated the key while the GET was on its way.
-    let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
-    l2.queue_delete(b"GET http://example.com/gone", false);
-    s.reserve_up_in(&mut pool)
-        .extend_from_slice(&l2_hit_reply(b"old"));
-    s.on_upstream_read(now);
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::ReleaseUpstream { upstream: 1, .. })
-    ));
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::Connect { upstream: 0, .. })
-    ));
-    assert!(s.client_out.is_empty());
-    assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 0);
-    assert_eq!(
-        ctx.cache.as_ref().unwrap().store.len(),
-        0,
-        "not filled into L1"
-    );
+    // Here (a POST queued its deletion) or by another instance (Redis deleted it, then
+    // its message came), while the GET was on its way: the reply still holds the entry.
+    for peer in [false, true] {
+        let ctx = l2_ctx(now);
+        let cache = ctx.cache.as_ref().unwrap();
+        let l2 = cache.l2.as_ref().unwrap();
+        let mut pool = BufPool::default();
+        let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+        ask_l2(&mut s, &mut pool, "/gone/x", now);
+        if peer {
+            assert_eq!(
+                cache.invalidate_from_peer(b"GET http://example.com/gone/", true),
+                0
+            );
+        } else {
+            l2.queue_delete(b"GET http://example.com/gone/x", false);
+        }
+        s.reserve_up_in(&mut pool)
+            .extend_from_slice(&l2_hit_reply(b"old"));
+        s.on_upstream_read(now);
+        assert!(matches!(
+            s.poll_action(),
+            Some(Action::ReleaseUpstream { upstream: 1, .. })
+        ));
+        assert!(matches!(
+            s.poll_action(),
+            Some(Action::Connect { upstream: 0, .. })
+        ));
+        assert!(s.client_out.is_empty());
+        assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 0);
+        assert_eq!(cache.store.len(), 0, "not filled into L1 (peer: {peer})");
+        assert_eq!(
+            l2.stats.peer_invalidations.load(Ordering::Relaxed),
+            peer as u64
+        );
+        // A peer's deletion is done in Redis already: nothing for this writer.
+        assert_eq!(l2.take_op().is_some(), !peer);
+    }
 }
 
-#[test]
-fn l2_hit_for_a_key_another_instance_invalidated_meanwhile_is_not_used() {
-    let now = crate::test_origin();
-    let ctx = l2_ctx(now);
-    let cache = ctx.cache.as_ref().unwrap();
-    let mut pool = BufPool::default();
-    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
-    ask_l2(&mut s, &mut pool, "/peer/x", now);
-    // Another instance purged the prefix (Redis deleted, then the message came) while the
-    // GET was on its way: the reply still holds the old entry.
-    assert_eq!(
-        cache.invalidate_from_peer(b"GET http://example.com/peer/", true),
-        0
-    );
-    s.reserve_up_in(&mut pool)
-        .extend_from_slice(&l2_hit_reply(b"old"));
-    s.on_upstream_read(now);
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::ReleaseUpstream { upstream: 1, .. })
-    ));
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::Connect { upstream: 0, .. })
-    ));
-    assert!(s.client_out.is_empty());
-    assert_eq!(cache.store.len(), 0, "not filled into L1");
-    let l2 = cache.l2.as_ref().unwrap();
-    assert_eq!(l2.stats.peer_invalidations.load(Ordering::Relaxed), 1);
-    // Nothing for this instance's writer: Redis is done already.
-    assert!(l2.take_op().is_none());
+/// An entry as an L2 lookup reads it.
+fn l2_stored(l2: &crate::cache::l2::L2, body: &'static [u8]) -> Stored {
+    let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
+    match l2.parse_get_reply(&mut b) {
+        Ok(Some(crate::cache::l2::Reply::Hit(e))) => *e,
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -1384,13 +1373,6 @@ fn purge_of_one_url_deletes_exactly_its_keys_in_l1_and_l2() {
         let cache = ctx.cache.as_ref().unwrap();
         let l2 = cache.l2.as_ref().unwrap();
         l2.set_writer(|| {});
-        let entry = || {
-            let mut b = bytes::BytesMut::from(&l2_hit_reply(b"e")[..]);
-            match l2.parse_get_reply(&mut b) {
-                Ok(Some(crate::cache::l2::Reply::Hit(e))) => *e,
-                other => panic!("{other:?}"),
-            }
-        };
         let ext: &[u8] = if key_headers {
             b"\0x-tenant=t1,\n"
         } else {
@@ -1398,7 +1380,7 @@ fn purge_of_one_url_deletes_exactly_its_keys_in_l1_and_l2() {
         };
         for path in ["/a", "/ab"] {
             let key = [format!("GET http://example.com{path}").as_bytes(), ext].concat();
-            assert!(cache.fill_from_l2(&key, entry(), l2.generation()));
+            assert!(cache.fill_from_l2(&key, l2_stored(l2, b"e"), l2.generation()));
         }
         assert_eq!(
             cache.purge("http://example.com/a", false),
@@ -1428,17 +1410,10 @@ fn peer_invalidation_drops_l1_entries_and_a_racing_fill() {
     let ctx = l2_ctx(now);
     let cache = ctx.cache.as_ref().unwrap();
     let l2 = cache.l2.as_ref().unwrap();
-    let entry = |body: &'static [u8]| {
-        let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
-        match l2.parse_get_reply(&mut b) {
-            Ok(Some(crate::cache::l2::Reply::Hit(e))) => *e,
-            other => panic!("{other:?}"),
-        }
-    };
     let g = l2.generation();
-    assert!(cache.fill_from_l2(b"GET http://example.com/a", entry(b"a"), g));
-    assert!(cache.fill_from_l2(b"GET http://example.com/ab", entry(b"ab"), g));
-    assert!(cache.fill_from_l2(b"GET http://example.com/b", entry(b"b"), g));
+    assert!(cache.fill_from_l2(b"GET http://example.com/a", l2_stored(l2, b"a"), g));
+    assert!(cache.fill_from_l2(b"GET http://example.com/ab", l2_stored(l2, b"ab"), g));
+    assert!(cache.fill_from_l2(b"GET http://example.com/b", l2_stored(l2, b"b"), g));
     assert_eq!(cache.store.len(), 3);
     // Exact: only that key.
     assert_eq!(
@@ -1447,7 +1422,7 @@ fn peer_invalidation_drops_l1_entries_and_a_racing_fill() {
     );
     assert_eq!(cache.store.len(), 2);
     // A fill by a lookup that started before the invalidation is dropped again.
-    assert!(!cache.fill_from_l2(b"GET http://example.com/a", entry(b"a"), g));
+    assert!(!cache.fill_from_l2(b"GET http://example.com/a", l2_stored(l2, b"a"), g));
     assert_eq!(cache.store.len(), 2);
     // Prefix.
     assert_eq!(
