@@ -66,6 +66,7 @@ matrix!(
     cache_l2_redis_killed_mid_test_fails_no_request,
     cache_l2_unresponsive_redis_is_skipped,
     cache_l2_logs_in_to_a_password_protected_redis,
+    cache_l2_deletes_for_an_acl_user_refused_the_channel,
 );
 
 fn round_robin_and_weights(bin: &PathBuf) {
@@ -1339,6 +1340,50 @@ fn cache_l2_holds_every_variant_of_a_vary_response(bin: &PathBuf) {
         .map(|r| r.header("accept-language").unwrap_or("").to_string())
         .collect();
     assert_eq!(langs, ["en", "de", "fr"]);
+}
+
+fn cache_l2_deletes_for_an_acl_user_refused_the_channel(bin: &PathBuf) {
+    let redis = Redis::start();
+    // Every key and command, no Pub/Sub channel.
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "edge",
+        "on",
+        ">pw",
+        "~*",
+        "+@all",
+        "resetchannels",
+    ];
+    assert_eq!(redis.command(&acl), "+OK");
+    let b = Backend::start("b1").unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\ncache:\n  size: 4MB\n  l2:\n    host: 127.0.0.1\n    port: {}\n    username: edge\n    password: pw\nadmin:\n  listen: \"{admin}\"\nbackends:\n  - url: http://{{b0}}\n",
+        redis.addr.port()
+    );
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    let path = "/bytes/700?cc=max-age=60";
+    assert_eq!(get(p.addr, path).header("x-cache"), Some("MISS"));
+    assert_eq!(redis.wait_keys(|n| n == 1), 1, "{}", p.logs());
+    // The purge is carried out in Redis though its announcement is refused, and only once.
+    let r = admin_call(
+        admin,
+        &format!("POST /cache/purge?url=http://test{path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(redis.wait_keys(|n| n == 0), 0);
+    let m = wait_metric(admin, "trireme_cache_l2_deletes_total", 1);
+    assert_eq!(metric(&m, "trireme_cache_l2_deletes_total"), 1, "{m}");
+    assert_eq!(metric(&m, "trireme_cache_l2_write_errors_total"), 0, "{m}");
+    // No deletion left pending: the next miss asks L2 again.
+    assert_eq!(get(p.addr, path).header("x-cache"), Some("MISS"));
+    let m = admin_metrics(admin);
+    assert_eq!(metric(&m, "trireme_cache_l2_misses_total"), 2, "{m}");
+    assert_eq!(metric(&m, "trireme_cache_l2_skipped_total"), 0, "{m}");
+    let logs = p.logs();
+    assert!(logs.contains("refused PUBLISH"), "{logs}");
+    assert!(logs.contains("SUBSCRIBE refused"), "{logs}");
 }
 
 /// The admin metrics once `name` reaches `n` (bounded wait).

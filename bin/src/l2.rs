@@ -24,6 +24,8 @@ use trireme_core::shutdown::Shutdown;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wait before trying Redis again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
+/// Wait before subscribing again after Redis refused it (a permission, not an outage).
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// How often the subscriber looks up from its socket for a shutdown.
 const LISTEN_TICK: Duration = Duration::from_millis(250);
 
@@ -46,6 +48,8 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
             let mut conn: Option<Conn> = None;
             // Logged when it changes, not per failed op.
             let mut healthy = true;
+            // Redis refused a PUBLISH (logged once).
+            let mut announce_refused = false;
             while !sd.is_requested() {
                 let Some(op) = l2.take_op() else {
                     std::thread::park_timeout(Duration::from_millis(500));
@@ -83,9 +87,7 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
                     // either fails: the op is retried).
                     L2Op::Delete { key, prefix } => delete(c, l2, key, *prefix)
                         .and_then(|n| {
-                            let mut cmd = Vec::new();
-                            l2.publish_command(&me, key, *prefix, &mut cmd);
-                            expect_int(&c.call(&cmd)?).map(|_| n)
+                            announce(c, l2, &me, key, *prefix, &mut announce_refused).map(|_| n)
                         })
                         .map(|n| {
                             tracing::debug!(keys = n, "L2 deletion");
@@ -114,6 +116,31 @@ pub fn spawn(cache: Option<&Arc<HttpCache>>, sd: Arc<Shutdown>) -> std::io::Resu
     Ok(())
 }
 
+/// Tell the other instances about a deletion carried out. A refusal (an ACL user without
+/// the channel) leaves the deletion done: logged once, and the other instances keep their
+/// L1 copies until they expire. Only an I/O failure fails the op (it is retried).
+fn announce(
+    c: &mut Conn,
+    l2: &L2,
+    me: &[u8],
+    key: &[u8],
+    prefix: bool,
+    refused: &mut bool,
+) -> std::io::Result<()> {
+    let mut cmd = Vec::new();
+    l2.publish_command(me, key, prefix, &mut cmd);
+    match c.call_frame(&cmd)? {
+        OwnedFrame::Integer(_) => Ok(()),
+        OwnedFrame::Error(e) => {
+            if !std::mem::replace(refused, true) {
+                tracing::warn!(redis = %l2.addr, error = %e, "L2 writer: Redis refused PUBLISH; other instances are not told of invalidations (grant the channel {:?})", String::from_utf8_lossy(&l2.channel()));
+            }
+            Ok(())
+        }
+        other => Err(bad(&other)),
+    }
+}
+
 /// Distinct per process (and per start): pid, start time, and the process's random hash
 /// keys.
 fn instance_id() -> Vec<u8> {
@@ -134,12 +161,21 @@ fn subscriber(cache: &HttpCache, me: &[u8], sd: &Shutdown) {
         if sd.is_requested() {
             return;
         }
-        if let Err(e) = res {
-            if std::mem::replace(&mut healthy, false) {
-                tracing::warn!(redis = %l2.addr, error = %e, "L2 subscriber: Redis failed; invalidations by other instances are not received until it answers");
+        let wait = match res {
+            Ok(()) => RETRY,
+            Err(e) => {
+                if std::mem::replace(&mut healthy, false) {
+                    tracing::warn!(redis = %l2.addr, error = %e, "L2 subscriber: no subscription; invalidations by other instances are not received until it works (channel {:?})", String::from_utf8_lossy(&l2.channel()));
+                }
+                // Refused (an ACL user without the channel): asked again, but seldom.
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    REFUSED_RETRY
+                } else {
+                    RETRY
+                }
             }
-        }
-        let until = std::time::Instant::now() + RETRY;
+        };
+        let until = std::time::Instant::now() + wait;
         while std::time::Instant::now() < until && !sd.is_requested() {
             std::thread::sleep(LISTEN_TICK);
         }
@@ -157,9 +193,15 @@ fn listen(
     let mut c = Conn::open(l2)?;
     let mut cmd = Vec::new();
     l2.subscribe_command(&mut cmd);
-    match c.call(&cmd)? {
+    match c.call_frame(&cmd)? {
         OwnedFrame::Array(a)
             if a.first() == Some(&OwnedFrame::BulkString(b"subscribe".to_vec())) => {}
+        OwnedFrame::Error(e) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("SUBSCRIBE refused: {e}"),
+            ))
+        }
         other => return Err(bad(&other)),
     }
     if !std::mem::replace(healthy, true) {
@@ -305,16 +347,28 @@ impl Conn {
         self.read_reply()
     }
 
-    /// The next reply (bytes after it stay buffered for the next call).
+    /// Send one command, read its reply, error replies included.
+    fn call_frame(&mut self, cmd: &[u8]) -> std::io::Result<OwnedFrame> {
+        self.s.write_all(cmd)?;
+        self.read_frame()
+    }
+
+    /// The next reply (bytes after it stay buffered for the next call); an error reply is
+    /// an error.
     fn read_reply(&mut self) -> std::io::Result<OwnedFrame> {
+        match self.read_frame()? {
+            OwnedFrame::Error(e) => Err(std::io::Error::other(format!("Redis: {e}"))),
+            f => Ok(f),
+        }
+    }
+
+    /// The next reply, as it came.
+    fn read_frame(&mut self) -> std::io::Result<OwnedFrame> {
         let mut chunk = [0u8; 4096];
         loop {
             if let Some((f, n)) = parse_reply(&self.buf).map_err(std::io::Error::other)? {
                 self.buf.drain(..n);
-                return match f {
-                    OwnedFrame::Error(e) => Err(std::io::Error::other(format!("Redis: {e}"))),
-                    f => Ok(f),
-                };
+                return Ok(f);
             }
             let n = self.s.read(&mut chunk)?;
             if n == 0 {

@@ -328,6 +328,11 @@ impl Redis {
         self.try_commands(&[args])
     }
 
+    /// One command's one-line reply (after `AUTH` when a password is set).
+    pub fn command(&self, args: &[&str]) -> String {
+        self.try_command(args).expect("redis answers")
+    }
+
     /// Number of keys stored (database 0).
     pub fn keys(&self) -> u64 {
         self.keys_in(0)

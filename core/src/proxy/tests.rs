@@ -1747,7 +1747,7 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
         s.poll_action(),
         Some(Action::Connect { upstream: 0, .. })
     ));
-    // A pooled connection is logged in already: just the GET.
+    // A pooled connection is logged in already: just the lookup.
     let mut s2 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     s2.reserve_client_in(&mut pool)
         .extend_from_slice(&get("/b"));
