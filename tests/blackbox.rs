@@ -63,6 +63,7 @@ matrix!(
     cache_l2_is_shared_between_instances,
     cache_l2_invalidations_reach_the_other_instances,
     cache_l2_holds_every_variant_of_a_vary_response,
+    cache_l2_refreshes_an_entry_another_instance_revalidated,
     cache_l2_redis_killed_mid_test_fails_no_request,
     cache_l2_unresponsive_redis_is_skipped,
     cache_l2_logs_in_to_a_password_protected_redis,
@@ -1384,6 +1385,34 @@ fn cache_l2_deletes_for_an_acl_user_refused_the_channel(bin: &PathBuf) {
     let logs = p.logs();
     assert!(logs.contains("refused PUBLISH"), "{logs}");
     assert!(logs.contains("SUBSCRIBE refused"), "{logs}");
+}
+
+fn cache_l2_refreshes_an_entry_another_instance_revalidated(bin: &PathBuf) {
+    let redis = Redis::start();
+    let b = Backend::start("b1").unwrap();
+    let (a, a_admin) = l2_proxy(bin, &b, redis.addr);
+    let (o, _) = l2_proxy(bin, &b, redis.addr);
+    let path = "/bytes/800?cc=max-age=2&etag=r1";
+    let status = |p: &Proxy| {
+        let r = get(p.addr, path);
+        assert_eq!((r.status, r.body.len()), (200, 800));
+        r.header("cache-status").unwrap_or("").to_string()
+    };
+    assert_eq!(status(&a), "trireme; fwd=miss; stored");
+    let m = wait_metric(a_admin, "trireme_cache_l2_writes_total", 1);
+    assert_eq!(metric(&m, "trireme_cache_l2_writes_total"), 1, "{m}");
+    assert_eq!(status(&o), "trireme; hit; detail=l2");
+    // Both copies age out; `a` validates its own with the origin (the demo backend
+    // answers 200 again) and writes the refreshed entry to Redis.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(status(&a), "trireme; fwd=miss; stored");
+    let m = wait_metric(a_admin, "trireme_cache_l2_writes_total", 2);
+    assert_eq!(metric(&m, "trireme_cache_l2_writes_total"), 2, "{m}");
+    // `o` takes the refreshed copy from Redis instead of asking the origin again.
+    assert_eq!(status(&o), "trireme; hit; detail=l2");
+    let seen = b.requests();
+    assert_eq!(seen.len(), 2, "one fetch, one validation");
+    assert_eq!(seen[1].header("if-none-match"), Some("\"r1\""));
 }
 
 /// The admin metrics once `name` reaches `n` (bounded wait).

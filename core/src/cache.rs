@@ -410,6 +410,23 @@ pub fn reuse(
     Reuse::Validate
 }
 
+/// Would a more recent copy of the stored response answer this request without going to
+/// the origin? True when the stored one needs validation only because it aged: a fresh
+/// copy from elsewhere (L2) then saves the round trip. False when every use is validated
+/// (`no-cache` either side, `Vary: *`, a request's `max-age=0`) or it was never fresh.
+pub fn fresher_copy_may_answer(
+    req: &RequestFacts,
+    stored: &ResponseFacts,
+    policy: &Policy,
+) -> bool {
+    !(stored.vary_star
+        || stored.cc.no_cache
+        || req.cc.no_cache
+        || req.pragma_no_cache
+        || req.cc.max_age == Some(0))
+        && freshness_lifetime(stored, policy) > Duration::ZERO
+}
+
 /// May `stored` be served stale because the origin failed or is unreachable
 /// (`stale-if-error`, RFC 5861 §4)? Never when the origin required revalidation.
 pub fn stale_on_error(

@@ -216,6 +216,9 @@ pub struct Pending {
     /// The proxy added `If-None-Match` / `If-Modified-Since` for `stale` (the client sent
     /// no conditional of its own), so a 304 refreshes the stored response.
     pub validating: bool,
+    /// `stale` needs validation only because it aged: a more recent copy (from L2) may
+    /// answer instead ([`fresher_copy_may_answer`](super::fresher_copy_may_answer)).
+    pub fresher_may_answer: bool,
     /// This request fetches the key for others waiting on it.
     pub lead: Option<Lead>,
 }
@@ -257,6 +260,11 @@ impl Pending {
     /// L1 holds an entry for the request (stale, or to be validated).
     pub fn has_stored(&self) -> bool {
         self.stale.is_some()
+    }
+
+    /// When L1's entry (if any) was received from the origin.
+    pub fn stored_since(&self) -> Option<SystemTime> {
+        self.stale.as_ref().map(|s| s.facts.response_time)
     }
 
     /// This fetch will not be stored: whoever waits on it should stop.
@@ -470,6 +478,7 @@ impl HttpCache {
             request_time: now,
             stale,
             validating: false,
+            fresher_may_answer: false,
             lead: Some(lead),
         });
         pending.force_validators();
@@ -678,6 +687,7 @@ impl HttpCache {
                                 request_time: now,
                                 stale: Some(stored.clone()),
                                 validating: false,
+                                fresher_may_answer: false,
                                 lead: Some(lead),
                             });
                             p.force_validators();
@@ -715,6 +725,9 @@ impl HttpCache {
             Err(Flight::Fetching(_)) if may_wait => return Lookup::Wait,
             Err(_) => None,
         };
+        let fresher_may_answer = stored
+            .as_ref()
+            .is_some_and(|s| super::fresher_copy_may_answer(&facts, &s.facts, &self.policy));
         Lookup::Miss(Box::new(Pending {
             lead,
             key: key.to_vec(),
@@ -724,6 +737,7 @@ impl HttpCache {
             request_time: now,
             stale: stored,
             validating: false,
+            fresher_may_answer,
         }))
     }
 

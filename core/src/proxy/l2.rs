@@ -10,6 +10,7 @@
 use super::{Action, Session};
 use crate::cache::http::Pending;
 use crate::cache::l2::{Reply, L2};
+use crate::cache::store::Stored;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -45,14 +46,16 @@ impl Session {
     }
 
     /// An L1 miss: start an L2 lookup and return `None`, or give `p` back when L2 is not
-    /// to be asked (not configured, not the key's lead, L1 holds a stale entry to
-    /// validate, asked already, backing off after a failure, a deletion pending).
+    /// to be asked (not configured, not the key's lead, L1 holds an entry that must be
+    /// validated whatever its age, asked already, backing off after a failure, a deletion
+    /// pending). An L1 entry that merely aged is asked for: another instance may have
+    /// refreshed it.
     pub(super) fn l2_begin(&mut self, p: Box<Pending>, now: Instant) -> Option<Box<Pending>> {
         let ctx = self.ctx.clone();
         let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) else {
             return Some(p);
         };
-        if p.lead.is_none() || p.has_stored() || self.l2_resumed() {
+        if p.lead.is_none() || (p.has_stored() && !p.fresher_may_answer) || self.l2_resumed() {
             return Some(p);
         }
         if !l2.may_look_up(&p.key, now) {
@@ -131,11 +134,14 @@ impl Session {
             }
         }
         // Invalidated (here or by another instance) while the reply was on its way: not
-        // brought back.
-        let deleted = |f: &Option<Box<L2Fetch>>| {
+        // brought back. Not more recent than L1's aged entry: that one is validated.
+        let unusable = |f: &Option<Box<L2Fetch>>, entry: &Stored| {
             f.as_ref().is_some_and(|f| {
                 l2.deletion_pending(&f.pending.key)
                     || l2.invalidated_since(&f.pending.key, f.generation)
+                    || f.pending
+                        .stored_since()
+                        .is_some_and(|t| entry.facts.response_time <= t)
             })
         };
         let reply = if self.l2.as_ref().is_some_and(|f| f.variant) {
@@ -164,7 +170,7 @@ impl Session {
                     }
                 }
             }
-            Ok(Some(Reply::Hit(entry))) if !deleted(&self.l2) => {
+            Ok(Some(Reply::Hit(entry))) if !unusable(&self.l2, &entry) => {
                 let reuse = self.up_in.is_empty();
                 let Some(f) = self.l2_release(reuse) else {
                     return;

@@ -1203,14 +1203,23 @@ fn l2_hit_reply(body: &'static [u8]) -> Vec<u8> {
 /// An entry as L2 holds it, with `Vary: vary` (when not empty) and the secondary key of
 /// the request that fetched it.
 fn l2_entry(body: &'static [u8], vary: &str, secondary: &[u8]) -> Vec<u8> {
-    let wall = crate::test_wall();
+    l2_entry_at(body, vary, secondary, "max-age=60", crate::test_wall())
+}
+
+/// [`l2_entry`] with this `Cache-Control`, received from the origin at `wall`.
+fn l2_entry_at(
+    body: &'static [u8],
+    vary: &str,
+    secondary: &[u8],
+    cc: &str,
+    wall: std::time::SystemTime,
+) -> Vec<u8> {
     let vary_line = if vary.is_empty() {
         String::new()
     } else {
         format!("Vary: {vary}\r\n")
     };
-    let whole =
-        format!("HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"e\"\r\n{vary_line}\r\n");
+    let whole = format!("HTTP/1.1 200 OK\r\nCache-Control: {cc}\r\nETag: \"e\"\r\n{vary_line}\r\n");
     let whole = whole.as_bytes();
     let h = match head::parse_response(whole, 4096) {
         Ok(Parsed::Complete(h)) => h,
@@ -1430,6 +1439,82 @@ fn peer_invalidation_drops_l1_entries_and_a_racing_fill() {
         2
     );
     assert_eq!(cache.store.len(), 0);
+}
+
+#[test]
+fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one() {
+    let t0 = crate::test_origin();
+    let wall0 = crate::test_wall();
+    let reply = |enc: Vec<u8>| {
+        let mut r = format!("*2\r\n$0\r\n\r\n${}\r\n", enc.len()).into_bytes();
+        r.extend_from_slice(&enc);
+        r.extend_from_slice(b"\r\n");
+        r
+    };
+    for (cc, l2_newer, asks_l2, from_l2) in [
+        // Aged out; Redis has a copy another instance refreshed 10 s ago: answered from it.
+        ("max-age=60", true, true, true),
+        // Aged out; Redis has the same copy: validated with the origin.
+        ("max-age=60", false, true, false),
+        // Validated on every use: a copy from Redis would not do, so it is not asked.
+        ("no-cache", true, false, false),
+    ] {
+        let ctx = l2_ctx(t0);
+        let cache = ctx.cache.as_ref().unwrap();
+        let l2 = cache.l2.as_ref().unwrap();
+        // L1 holds what it stored at t0.
+        let mut b = bytes::BytesMut::from(&reply(l2_entry_at(b"old", "", b"", cc, wall0))[..]);
+        let Ok(Some(crate::cache::l2::Reply::Hit(old))) = l2.parse_get_reply(&mut b) else {
+            panic!()
+        };
+        assert!(cache.fill_from_l2(b"GET http://example.com/r", *old, l2.generation()));
+        let later = t0 + Duration::from_secs(100);
+        let mut pool = BufPool::default();
+        let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), later);
+        s.reserve_client_in(&mut pool).extend_from_slice(&get("/r"));
+        s.on_client_read(later);
+        let Some(Action::Connect { upstream, .. }) = s.poll_action() else {
+            panic!("{cc}: a connection")
+        };
+        assert_eq!(upstream == 1, asks_l2, "{cc}: L2 asked");
+        if !asks_l2 {
+            continue;
+        }
+        s.on_upstream_connected(true, later);
+        let n = s.up_out.len();
+        s.on_upstream_written(n, later);
+        let at = if l2_newer {
+            wall0 + Duration::from_secs(90)
+        } else {
+            wall0
+        };
+        s.reserve_up_in(&mut pool)
+            .extend_from_slice(&reply(l2_entry_at(b"new", "", b"", cc, at)));
+        s.on_upstream_read(later);
+        assert!(matches!(
+            s.poll_action(),
+            Some(Action::ReleaseUpstream { upstream: 1, .. })
+        ));
+        if from_l2 {
+            assert!(s.poll_action().is_none(), "no backend connection");
+            let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+            assert!(
+                out.contains("detail=l2") && out.contains("Age: 10\r\n") && out.ends_with("new"),
+                "{out}"
+            );
+        } else {
+            assert!(matches!(
+                s.poll_action(),
+                Some(Action::Connect { upstream: 0, .. })
+            ));
+            s.on_upstream_connected(true, later);
+            let head = String::from_utf8_lossy(s.up_out.pending()).into_owned();
+            assert!(
+                head.contains("If-None-Match: \"e\"\r\n"),
+                "validates L1's entry: {head}"
+            );
+        }
+    }
 }
 
 #[test]
