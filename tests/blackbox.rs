@@ -1402,10 +1402,10 @@ fn cache_l2_refreshes_an_entry_another_instance_revalidated(bin: &PathBuf) {
     let m = wait_metric(a_admin, "trireme_cache_l2_writes_total", 1);
     assert_eq!(metric(&m, "trireme_cache_l2_writes_total"), 1, "{m}");
     assert_eq!(status(&o), "trireme; hit; detail=l2");
-    // Both copies age out; `a` validates its own with the origin (the demo backend
-    // answers 200 again) and writes the refreshed entry to Redis.
+    // Both copies age out; `a` validates its own with the origin (a 304) and writes the
+    // refreshed entry to Redis.
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(status(&a), "trireme; fwd=miss; stored");
+    assert_eq!(status(&a), "trireme; fwd=stale; fwd-status=304");
     let m = wait_metric(a_admin, "trireme_cache_l2_writes_total", 2);
     assert_eq!(metric(&m, "trireme_cache_l2_writes_total"), 2, "{m}");
     // `o` takes the refreshed copy from Redis instead of asking the origin again.

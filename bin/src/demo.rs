@@ -47,6 +47,7 @@ pub struct Backend {
 /// ([`Backend::close_gate`]): the returned offset is where the answer waits for it.
 /// Anything else: 200 with `hello from NAME`. Query parameters add caching fields:
 /// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`.
+/// A GET or HEAD whose `If-None-Match` names that ETag (or `*`) is answered 304.
 fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
     let path = r.target.split('?').next().unwrap_or("");
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
@@ -73,12 +74,28 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
         "echo" => body = r.body.clone(),
         _ => {}
     }
-    let reason = if status == 200 { "OK" } else { "Status" };
+    let query = r.target.split_once('?').map_or("", |(_, q)| q);
+    let etag = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("etag="))
+        .map(|v| format!("\"{v}\""));
+    let matched = r.header("if-none-match").is_some_and(|inm| {
+        inm.split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || Some(t.trim_start_matches("W/")) == etag.as_deref())
+    });
+    if status == 200 && etag.is_some() && matched && (r.method == "GET" || r.method == "HEAD") {
+        status = 304;
+    }
+    let reason = match status {
+        200 => "OK",
+        304 => "Not Modified",
+        _ => "Status",
+    };
     out.extend_from_slice(
         format!("HTTP/1.1 {status} {reason}\r\nX-Backend: {name}\r\nContent-Type: text/plain\r\n")
             .as_bytes(),
     );
-    let query = r.target.split_once('?').map_or("", |(_, q)| q);
     for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
         let v = v.replace("%20", " ");
         match k {
