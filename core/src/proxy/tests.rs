@@ -1127,14 +1127,20 @@ fn ask_l2(s: &mut Session, pool: &mut BufPool, path: &str, now: Instant) {
 
 /// A failed lookup: the Redis connection is closed and the request goes to the backend.
 fn assert_falls_through_to_the_backend(s: &mut Session) {
-    assert!(matches!(
-        s.poll_action(),
+    assert_l2_released_then_backend(s, Some(false));
+}
+
+/// The lookup ended: the Redis connection goes back (pooled when `reuse` says so; either
+/// way when `None`) and the request goes to the backend.
+fn assert_l2_released_then_backend(s: &mut Session, reuse: Option<bool>) {
+    match s.poll_action() {
         Some(Action::ReleaseUpstream {
             upstream: 1,
-            reuse: false,
+            reuse: r,
             ..
-        })
-    ));
+        }) => assert!(reuse.is_none_or(|want| want == r), "reuse {r}"),
+        other => panic!("expected the Redis connection released, got {other:?}"),
+    }
     assert!(matches!(
         s.poll_action(),
         Some(Action::Connect { upstream: 0, .. })
@@ -1299,18 +1305,7 @@ fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
     assert!(cmd.ends_with("e:accept-encoding:gzip\n\r\n"), "{cmd:?}");
     s2.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
     s2.on_upstream_read(now);
-    assert!(matches!(
-        s2.poll_action(),
-        Some(Action::ReleaseUpstream {
-            upstream: 1,
-            reuse: true,
-            ..
-        })
-    ));
-    assert!(matches!(
-        s2.poll_action(),
-        Some(Action::Connect { upstream: 0, .. })
-    ));
+    assert_l2_released_then_backend(&mut s2, Some(true));
     assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 1);
     assert_eq!(l2.stats.misses.load(Ordering::Relaxed), 1);
     assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 0);
@@ -1339,14 +1334,7 @@ fn l2_hit_for_a_key_invalidated_meanwhile_is_not_used() {
         s.reserve_up_in(&mut pool)
             .extend_from_slice(&l2_hit_reply(b"old"));
         s.on_upstream_read(now);
-        assert!(matches!(
-            s.poll_action(),
-            Some(Action::ReleaseUpstream { upstream: 1, .. })
-        ));
-        assert!(matches!(
-            s.poll_action(),
-            Some(Action::Connect { upstream: 0, .. })
-        ));
+        assert_l2_released_then_backend(&mut s, None);
         assert!(s.client_out.is_empty());
         assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 0);
         assert_eq!(cache.store.len(), 0, "not filled into L1 (peer: {peer})");
@@ -1820,18 +1808,7 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
         s.reserve_up_in(&mut pool).extend_from_slice(piece);
         s.on_upstream_read(now);
     }
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::ReleaseUpstream {
-            upstream: 1,
-            reuse: true,
-            ..
-        })
-    ));
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::Connect { upstream: 0, .. })
-    ));
+    assert_l2_released_then_backend(&mut s, Some(true));
     // A pooled connection is logged in already: just the lookup.
     let mut s2 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     s2.reserve_client_in(&mut pool)
