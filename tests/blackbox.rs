@@ -39,6 +39,7 @@ matrix!(
     failover_with_zero_failed_gets,
     streaming_large_bodies_with_bounded_memory,
     slow_reader_streaming_keeps_memory_bounded,
+    pipelined_hits_of_a_large_cached_object_keep_memory_bounded,
     rejected_requests_reach_no_backend,
     proxy_errors_502_503_504,
     headers_forwarded_and_hop_by_hop_removed,
@@ -266,6 +267,53 @@ fn slow_reader_streaming_keeps_memory_bounded(bin: &PathBuf) {
         peak - idle_rss < 16 * 1024,
         "proxy RSS grew from {idle_rss} KiB to {peak} KiB streaming 48 MiB to a slow reader"
     );
+}
+
+/// One write of 40 pipelined requests for a 4 MB cached object, then a client that does not
+/// read for a while: the proxy answers them one at a time as its output drains, never 40
+/// bodies at once.
+fn pipelined_hits_of_a_large_cached_object_keep_memory_bounded(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "64MB"]);
+    let n = 4_000_000;
+    let path = format!("/bytes/{n}?cc=max-age=60");
+    let first = get(p.addr, &path);
+    assert_eq!((first.status, first.body.len()), (200, n));
+    let cached_rss = p.peak_rss_kib();
+    let mut c = p.client();
+    c.send(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
+            .repeat(40)
+            .as_bytes(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let peak = p.peak_rss_kib();
+    assert!(
+        peak - cached_rss < 24 * 1024,
+        "proxy RSS grew from {cached_rss} KiB to {peak} KiB holding pipelined hits"
+    );
+    for i in 0..40 {
+        let r = c.read_response(false).unwrap();
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")), "{i}");
+        assert!(r.body == first.body, "{i}: body differs");
+    }
+    // Three pipelined, then the client's half-close: all three answered whole, then EOF.
+    let s = std::net::TcpStream::connect(p.addr).unwrap();
+    let mut c = Client::from_stream(s.try_clone().unwrap());
+    c.send(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
+            .repeat(3)
+            .as_bytes(),
+    );
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    for i in 0..3 {
+        let r = c
+            .read_response(false)
+            .unwrap_or_else(|| panic!("response {i} after half-close"));
+        assert_eq!((r.status, r.body.len()), (200, n), "{i}");
+    }
+    assert!(c.closed_within(Duration::from_secs(5)));
+    assert_eq!(b.requests().len(), 1);
 }
 
 fn rejected_requests_reach_no_backend(bin: &PathBuf) {

@@ -447,10 +447,19 @@ impl Session {
     }
 
     pub fn on_client_written(&mut self, n: usize, now: Instant) {
+        let before = self.client_out.len();
         self.client_out.consume(n);
         self.last_client_io = now;
         if self.follow.is_some() {
             self.pump_follow(now);
+        }
+        // A pipelined request held back by the output (see `process_client`).
+        if before >= HIGH_WATER
+            && self.client_out.len() < HIGH_WATER
+            && self.state == State::Idle
+            && !self.client_in.is_empty()
+        {
+            self.process_client(now);
         }
     }
 
@@ -462,8 +471,17 @@ impl Session {
                 // A complete head waits on the cache: it is answered, then the connection
                 // closes.
             }
+            State::Idle if !self.client_in.is_empty() => {
+                // Requests held back while the last answer drains (or a partial head):
+                // `process_client` answers the complete ones, then closes.
+                self.process_client(now);
+            }
+            State::Idle if !self.client_out.is_empty() => {
+                // The last answer is still going out: close once it has.
+                self.state = State::Closing;
+            }
             State::Idle => {
-                // Nothing or a partial head: nothing to answer.
+                // Nothing to answer.
                 self.state = State::Closed;
             }
             State::Active => {
@@ -471,11 +489,14 @@ impl Session {
                     tracing::debug!(client = %self.client_ip, "client closed during request body");
                     self.abort(now);
                 }
-                // Otherwise the response still goes out; the connection closes after it.
-                if let Some(r) = self.req.as_mut() {
-                    r.close_after = true;
+                // Otherwise the response still goes out; the connection closes after it,
+                // or after the requests pipelined before the half-close.
+                if self.client_in.is_empty() {
+                    if let Some(r) = self.req.as_mut() {
+                        r.close_after = true;
+                    }
+                    self.follow_close_after();
                 }
-                self.follow_close_after();
             }
             State::Closing | State::Closed => {}
         }
@@ -714,15 +735,38 @@ impl Session {
             match self.state {
                 State::Idle => {
                     if self.client_in.is_empty() {
+                        if self.client_eof {
+                            // Everything the client sent before its half-close is answered.
+                            self.state = if self.client_out.is_empty() {
+                                State::Closed
+                            } else {
+                                State::Closing
+                            };
+                        }
                         return;
                     }
                     if self.cache_wait.is_some_and(|w| now < w.next) || self.l2.is_some() {
+                        return;
+                    }
+                    // The previous answer is still going out: a pipelined request waits
+                    // until it drains (`on_client_written`), so a burst of pipelined
+                    // requests answered from the cache never piles up their bodies.
+                    if self.client_out.len() >= HIGH_WATER {
                         return;
                     }
                     let parsed = head::parse_request(&self.client_in, &self.ctx.limits);
                     match parsed {
                         Err(e) => {
                             self.client_error(e);
+                            return;
+                        }
+                        Ok(Parsed::Partial) if self.client_eof => {
+                            // The client is done sending: the rest never comes.
+                            self.state = if self.client_out.is_empty() {
+                                State::Closed
+                            } else {
+                                State::Closing
+                            };
                             return;
                         }
                         Ok(Parsed::Partial) => {
@@ -754,13 +798,19 @@ impl Session {
         }
     }
 
-    /// The connection closes after the response to `h`: the client asked, a drain, the
-    /// client's half-close, or the per-connection request limit.
+    /// The connection closes after the response to `h` (its head still in `client_in`):
+    /// the client asked, a drain, the client's half-close with nothing sent after `h`, or
+    /// the per-connection request limit.
     fn closes_after(&self, h: &RequestHead) -> bool {
         !h.keep_alive
             || self.draining
-            || self.client_eof
+            || (self.client_eof && self.client_in.len() <= h.len)
             || self.requests_done + 1 >= self.ctx.max_requests_per_connection
+    }
+
+    /// The client half-closed and nothing it sent is left to answer.
+    fn client_finished(&self) -> bool {
+        self.client_eof && self.client_in.is_empty()
     }
 
     /// Answer a request from the cache: no backend involved.
@@ -1486,9 +1536,10 @@ impl Session {
         up_reusable: bool,
         now: Instant,
     ) {
+        let finished = self.client_finished();
         let Some(req) = self.req.as_mut() else { return };
         req.response_started = true;
-        let close = req.close_after || self.draining || self.client_eof;
+        let close = req.close_after || self.draining || finished;
         let head_only = req.method == Method::Head;
         let http10 = req.version == Version::Http10;
         self.ctx.metrics.count_status(stored.facts.status);
@@ -1527,7 +1578,7 @@ impl Session {
         let close = self.req.as_ref().is_none_or(|r| r.close_after)
             || !req_done
             || self.draining
-            || self.client_eof;
+            || self.client_finished();
         self.req = None;
         self.req_body = ReqBody::Done;
         self.resp = Resp::Done;
@@ -1560,7 +1611,7 @@ impl Session {
             return;
         }
         self.ctx.metrics.count_status(status.code());
-        let close = close || self.draining || self.client_eof;
+        let close = close || self.draining || self.client_finished();
         error_response(self.client_out.vec(), status, close);
         self.requests_done += 1;
         self.req = None;
@@ -1630,7 +1681,7 @@ impl Session {
         };
         let (head_only, http10) = (req.method == Method::Head, req.version == Version::Http10);
         self.release_upstream(false);
-        let close = close || self.draining || self.client_eof;
+        let close = close || self.draining || self.client_finished();
         self.ctx.metrics.count_status(stored.facts.status);
         write_hit(
             self.client_out.vec(),

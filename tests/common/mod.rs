@@ -169,7 +169,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect(addr).expect("connect to proxy");
+        Client::from_stream(TcpStream::connect(addr).expect("connect to proxy"))
+    }
+
+    /// A client on a connected stream (keep a clone to shut a side down).
+    pub fn from_stream(s: TcpStream) -> Client {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.set_nodelay(true).unwrap();
         Client {

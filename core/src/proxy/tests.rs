@@ -1506,6 +1506,43 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
 }
 
 #[test]
+fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
+    let now = crate::test_origin();
+    let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 16MB\n{L2_CFG}"));
+    let ctx = ctx_from(&yaml, now);
+    let cache = ctx.cache.as_ref().unwrap();
+    let l2 = cache.l2.as_ref().unwrap();
+    let body: &'static [u8] = Box::leak(vec![b'x'; 100_000].into_boxed_slice());
+    let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
+    let Ok(Some(crate::cache::l2::Reply::Hit(e))) = l2.parse_get_reply(&mut b) else {
+        panic!()
+    };
+    assert!(cache.fill_from_l2(b"GET http://example.com/big", *e, l2.generation()));
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s.reserve_client_in(&mut pool)
+        .extend_from_slice(&get("/big").repeat(3));
+    s.on_client_read(now);
+    s.on_client_eof(now);
+    // One answer at a time: the next waits until the output drained below the mark.
+    let mut sent = Vec::new();
+    while !s.client_out.is_empty() {
+        let pending = s.client_out.pending_parts();
+        assert!(pending.0.len() + pending.1.len() < HIGH_WATER + body.len() + 512);
+        assert!(!s.wants_close(), "not flushed yet");
+        // The client takes 16 KiB at a time.
+        let n = s.client_out.pending().len().min(16 * 1024);
+        sent.extend_from_slice(&s.client_out.pending()[..n]);
+        s.on_client_written(n, now);
+    }
+    let answers = sent.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count();
+    assert_eq!(answers, 3);
+    assert!(sent.len() > 3 * body.len(), "three whole bodies");
+    assert!(s.wants_close(), "closes after the last answer");
+    assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 3);
+}
+
+#[test]
 fn l2_hit_fills_l1_and_answers_without_the_backend() {
     let now = crate::test_origin();
     let reply = l2_hit_reply(b"from redis");
