@@ -13,6 +13,10 @@ pub const INITIAL_CAPACITY: usize = 4096;
 /// ([`OutBuf::push_shared`]) instead of being copied.
 pub const SHARE_MIN: usize = 2048;
 
+/// [`OutBuf::lend`] copies shared bytes up to this long into the lent buffer (one write);
+/// longer ones stay shared and go out in writes of their own ([`OutBuf::shared_alone`]).
+pub const LEND_COPY_MAX: usize = 64 * 1024;
+
 #[derive(Debug, Default)]
 pub struct OutBuf {
     buf: Vec<u8>,
@@ -102,32 +106,49 @@ impl OutBuf {
     /// allocation with the pending bytes (they start at the returned offset) and put
     /// `spare` in its place for bytes appended meanwhile. Give it back with
     /// [`unlend`](Self::unlend) before reporting how much was written.
+    /// Shared bytes longer than [`LEND_COPY_MAX`] are not lent: they stay, to be written on
+    /// their own once the lent bytes are out. Lend only when the owned part is not empty
+    /// (see [`shared_alone`](Self::shared_alone)).
     pub fn lend(&mut self, mut spare: Vec<u8>) -> (Vec<u8>, usize) {
-        self.own_shared();
+        if self
+            .shared
+            .as_ref()
+            .is_some_and(|s| s.len() <= LEND_COPY_MAX)
+        {
+            self.own_shared();
+        }
         spare.clear();
         let pos = std::mem::replace(&mut self.pos, 0);
         (std::mem::replace(&mut self.buf, spare), pos)
     }
 
     /// Take back a lent buffer: its bytes from `pos` come first again, before anything
-    /// appended while it was away. Returns the spare, emptied, for the pool.
+    /// appended while it was away (and before the shared bytes, which stay shared).
+    /// Returns the spare, emptied, for the pool.
     pub fn unlend(&mut self, mut lent: Vec<u8>, mut pos: usize) -> Vec<u8> {
-        let (own, shared) = self.pending_parts();
+        let own = &self.buf[self.pos..];
         // Drop the bytes written before the lend when appending would grow the allocation
         // (as `vec` does): a peer that keeps taking part of each write would otherwise
         // have every byte ever sent kept in front of `pos`. Offsets of the write reported
         // next count from `pos`, so they hold.
-        if pos > 0 && lent.len() + own.len() + shared.len() > lent.capacity() {
+        if pos > 0 && lent.len() + own.len() > lent.capacity() {
             lent.drain(..pos.min(lent.len()));
             pos = 0;
         }
         lent.extend_from_slice(own);
-        lent.extend_from_slice(shared);
-        self.shared = None;
         let mut spare = std::mem::replace(&mut self.buf, lent);
         self.pos = pos.min(self.buf.len());
         spare.clear();
         spare
+    }
+
+    /// Nothing owned is pending, only shared bytes: those, to write without copying them
+    /// (report with [`consume`](Self::consume)). For runtimes that must own what they write.
+    pub fn shared_alone(&self) -> Option<Bytes> {
+        if self.pos < self.buf.len() {
+            return None;
+        }
+        self.shared.clone()
     }
 
     /// Use `v` (emptied) as the allocation. Pending bytes, if any, are kept.
@@ -280,6 +301,39 @@ mod tests {
             sent.iter().enumerate().all(|(i, &b)| b == i as u8),
             "bytes in order"
         );
+    }
+
+    /// io_uring: a long shared body is not copied into the lent buffer; it goes out on its
+    /// own after the lent bytes, in order, and bytes appended meanwhile follow it.
+    #[test]
+    fn long_shared_bytes_are_written_alone_after_the_lent_ones() {
+        let body = Bytes::from(vec![b'b'; LEND_COPY_MAX + 1]);
+        let mut o = OutBuf::new();
+        o.vec().extend_from_slice(b"head");
+        o.push_shared(body.clone());
+        assert!(o.shared_alone().is_none(), "owned bytes first");
+        let (v, pos) = o.lend(Vec::new());
+        assert_eq!(&v[pos..], b"head", "the body is not copied in");
+        let spare = o.unlend(v, pos);
+        assert!(spare.is_empty());
+        o.consume(4);
+        let alone = o.shared_alone().expect("the body, alone");
+        assert_eq!(alone.len(), body.len());
+        assert_eq!(alone.as_ptr(), body.as_ptr(), "the same bytes");
+        o.consume(1000);
+        o.vec().extend_from_slice(b"next");
+        let mut rest = o.pending().to_vec();
+        o.consume(rest.len());
+        rest.extend_from_slice(o.pending());
+        assert_eq!(rest.len(), body.len() - 1000 + 4);
+        assert!(rest.ends_with(b"bnext"));
+        // A short one is copied in: one write.
+        let mut o = OutBuf::new();
+        o.vec().extend_from_slice(b"head");
+        o.push_shared(Bytes::from(vec![b'b'; SHARE_MIN]));
+        let (v, pos) = o.lend(Vec::new());
+        assert_eq!(v.len() - pos, 4 + SHARE_MIN);
+        assert!(o.is_empty());
     }
 
     #[test]

@@ -853,7 +853,7 @@ impl Session {
             Served::Hit
         };
         write_hit(
-            self.client_out.vec(),
+            &mut self.client_out,
             stored,
             HitReply {
                 age,
@@ -1544,7 +1544,7 @@ impl Session {
         let http10 = req.version == Version::Http10;
         self.ctx.metrics.count_status(stored.facts.status);
         write_hit(
-            self.client_out.vec(),
+            &mut self.client_out,
             stored,
             HitReply {
                 age: crate::cache::current_age(&stored.facts, wall).as_secs(),
@@ -1684,7 +1684,7 @@ impl Session {
         let close = close || self.draining || self.client_finished();
         self.ctx.metrics.count_status(stored.facts.status);
         write_hit(
-            self.client_out.vec(),
+            &mut self.client_out,
             &stored,
             HitReply {
                 age,

@@ -324,13 +324,46 @@ async fn read_owned<R: AsyncReadRent>(
 }
 
 /// A write of `buf[pos..]` that owns its half and buffer and hands both back.
-async fn write_owned<W: AsyncWriteRent>(
-    mut half: W,
-    buf: Vec<u8>,
-    pos: usize,
-) -> (W, io::Result<usize>, Vec<u8>, usize) {
-    let (r, slice) = half.write(buf.slice(pos..)).await;
-    (half, r, slice.into_inner(), pos)
+/// What one write owns while the ring has it: a lent output buffer from an offset, or
+/// shared bytes (a stored body) written as they are.
+enum Out {
+    Lent(Vec<u8>, usize),
+    Shared(bytes::Bytes),
+}
+
+impl Out {
+    /// The next write of `o`: its shared bytes alone when nothing owned is pending (not
+    /// copied), else its owned bytes lent (`spare` takes their place meanwhile).
+    fn take(o: &mut trireme_core::buf::OutBuf, spare: impl FnOnce() -> Vec<u8>) -> Out {
+        match o.shared_alone() {
+            Some(b) => Out::Shared(b),
+            None => {
+                let (v, pos) = o.lend(spare());
+                Out::Lent(v, pos)
+            }
+        }
+    }
+
+    /// Back after the write: a lent buffer returns to `o`; the spare goes to the pool.
+    fn give_back(self, o: &mut trireme_core::buf::OutBuf) -> Option<Vec<u8>> {
+        match self {
+            Out::Lent(v, pos) => Some(o.unlend(v, pos)),
+            Out::Shared(_) => None,
+        }
+    }
+}
+
+async fn write_owned<W: AsyncWriteRent>(mut half: W, out: Out) -> (W, io::Result<usize>, Out) {
+    match out {
+        Out::Lent(buf, pos) => {
+            let (r, slice) = half.write(buf.slice(pos..)).await;
+            (half, r, Out::Lent(slice.into_inner(), pos))
+        }
+        Out::Shared(b) => {
+            let (r, b) = half.write(b).await;
+            (half, r, Out::Shared(b))
+        }
+    }
 }
 
 /// Wait until the socket is readable, without a buffer (io_uring: a PollAdd).
@@ -347,9 +380,9 @@ async fn readable_owned(
 enum Ev {
     ClientReadable(OwnedReadHalf<TcpStream>, io::Result<()>),
     ClientRead(OwnedReadHalf<TcpStream>, io::Result<usize>, BytesMut),
-    ClientWritten(OwnedWriteHalf<TcpStream>, io::Result<usize>, Vec<u8>, usize),
+    ClientWritten(OwnedWriteHalf<TcpStream>, io::Result<usize>, Out),
     UpRead(OwnedReadHalf<TcpStream>, io::Result<usize>, BytesMut),
-    UpWritten(OwnedWriteHalf<TcpStream>, io::Result<usize>, Vec<u8>, usize),
+    UpWritten(OwnedWriteHalf<TcpStream>, io::Result<usize>, Out),
     Connected(io::Result<TcpStream>),
     Timer,
     Drain,
@@ -457,16 +490,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
         // Start writes.
         if cwrite.is_none() && !s.client_out.is_empty() {
             if let Some(h) = cwr.take() {
-                let spare = local.bufs.borrow_mut().out_buf();
-                let (v, pos) = s.client_out.lend(spare);
-                cwrite.set(Some(write_owned(h, v, pos)));
+                let out = Out::take(&mut s.client_out, || local.bufs.borrow_mut().out_buf());
+                cwrite.set(Some(write_owned(h, out)));
             }
         }
         if uwrite.is_none() && !s.up_out.is_empty() {
             if let Some(h) = uwr.take() {
-                let spare = local.bufs.borrow_mut().out_buf();
-                let (v, pos) = s.up_out.lend(spare);
-                uwrite.set(Some(write_owned(h, v, pos)));
+                let out = Out::take(&mut s.up_out, || local.bufs.borrow_mut().out_buf());
+                uwrite.set(Some(write_owned(h, out)));
             }
         }
         if s.wants_close() && cwrite.is_none() {
@@ -500,11 +531,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
         }
 
         let ev = poll_fn(|cx| {
-            if let Some((h, r, v, pos)) = poll_slot(&mut cwrite, cx) {
-                return Poll::Ready(Ev::ClientWritten(h, r, v, pos));
+            if let Some((h, r, out)) = poll_slot(&mut cwrite, cx) {
+                return Poll::Ready(Ev::ClientWritten(h, r, out));
             }
-            if let Some((h, r, v, pos)) = poll_slot(&mut uwrite, cx) {
-                return Poll::Ready(Ev::UpWritten(h, r, v, pos));
+            if let Some((h, r, out)) = poll_slot(&mut uwrite, cx) {
+                return Poll::Ready(Ev::UpWritten(h, r, out));
             }
             if let Some((h, r, b)) = poll_slot(&mut uread, cx) {
                 return Poll::Ready(Ev::UpRead(h, r, b));
@@ -530,19 +561,21 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
 
         let now = Instant::now();
         match ev {
-            Ev::ClientWritten(h, r, v, pos) => {
+            Ev::ClientWritten(h, r, out) => {
                 cwr = Some(h);
-                let spare = s.client_out.unlend(v, pos);
-                local.bufs.borrow_mut().put_out(spare);
+                if let Some(spare) = out.give_back(&mut s.client_out) {
+                    local.bufs.borrow_mut().put_out(spare);
+                }
                 match r {
                     Ok(n) if n > 0 => s.on_client_written(n, now),
                     _ => s.on_client_error(now),
                 }
             }
-            Ev::UpWritten(h, r, v, pos) => {
+            Ev::UpWritten(h, r, out) => {
                 uwr = Some(h);
-                let spare = s.up_out.unlend(v, pos);
-                local.bufs.borrow_mut().put_out(spare);
+                if let Some(spare) = out.give_back(&mut s.up_out) {
+                    local.bufs.borrow_mut().put_out(spare);
+                }
                 match r {
                     Ok(n) if n > 0 => s.on_upstream_written(n, now),
                     _ => s.on_upstream_eof(true, now),

@@ -1147,10 +1147,11 @@ pub struct HitReply {
 
 /// Write a response from the store: the stored head, `Age`, framing, what happened,
 /// the connection's fate, then the body (not for HEAD, not for a 304).
-pub fn write_hit(out: &mut Vec<u8>, stored: &Stored, r: HitReply) {
-    write_hit_head(out, &stored.head, stored.body.len() as u64, r);
+pub fn write_hit(out: &mut crate::buf::OutBuf, stored: &Stored, r: HitReply) {
+    write_hit_head(out.vec(), &stored.head, stored.body.len() as u64, r);
     if !r.head_only && !r.not_modified {
-        out.extend_from_slice(&stored.body);
+        // The stored body itself, not a copy (short ones are copied in).
+        out.push_shared(stored.body.clone());
     }
 }
 
