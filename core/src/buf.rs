@@ -142,13 +142,15 @@ impl OutBuf {
         spare
     }
 
-    /// Nothing owned is pending, only shared bytes: those, to write without copying them
-    /// (report with [`consume`](Self::consume)). For runtimes that must own what they write.
+    /// Nothing owned is pending, only shared bytes longer than [`LEND_COPY_MAX`]: those, to
+    /// write without copying them (report with [`consume`](Self::consume)). For runtimes
+    /// that must own what they write; shorter ones are lent (copied), which frees their
+    /// read buffer at once.
     pub fn shared_alone(&self) -> Option<Bytes> {
         if self.pos < self.buf.len() {
             return None;
         }
-        self.shared.clone()
+        self.shared.clone().filter(|s| s.len() > LEND_COPY_MAX)
     }
 
     /// Use `v` (emptied) as the allocation. Pending bytes, if any, are kept.

@@ -332,7 +332,7 @@ enum Out {
 }
 
 impl Out {
-    /// The next write of `o`: its shared bytes alone when nothing owned is pending (not
+    /// The next write of `o`: long shared bytes alone when nothing owned is pending (not
     /// copied), else its owned bytes lent (`spare` takes their place meanwhile).
     fn take(o: &mut trireme_core::buf::OutBuf, spare: impl FnOnce() -> Vec<u8>) -> Out {
         match o.shared_alone() {
@@ -353,17 +353,30 @@ impl Out {
     }
 }
 
-async fn write_owned<W: AsyncWriteRent>(mut half: W, out: Out) -> (W, io::Result<usize>, Out) {
-    match out {
-        Out::Lent(buf, pos) => {
-            let (r, slice) = half.write(buf.slice(pos..)).await;
-            (half, r, Out::Lent(slice.into_inner(), pos))
-        }
-        Out::Shared(b) => {
-            let (r, b) = half.write(b).await;
-            (half, r, Out::Shared(b))
+// SAFETY: both variants point into heap memory that does not move while the value is
+// moved around (a `Vec`'s allocation, a `Bytes`' shared buffer) and is not touched while the
+// ring owns the value; `bytes_init` stays within it.
+unsafe impl IoBuf for Out {
+    fn read_ptr(&self) -> *const u8 {
+        match self {
+            Out::Lent(v, pos) => v[(*pos).min(v.len())..].as_ptr(),
+            Out::Shared(b) => b.as_ptr(),
         }
     }
+
+    fn bytes_init(&self) -> usize {
+        match self {
+            Out::Lent(v, pos) => v.len().saturating_sub(*pos),
+            Out::Shared(b) => b.len(),
+        }
+    }
+}
+
+/// One write of `out`: a single op type whatever it holds (the future sits in every
+/// connection's task, so its size counts per idle connection).
+async fn write_owned<W: AsyncWriteRent>(mut half: W, out: Out) -> (W, io::Result<usize>, Out) {
+    let (r, out) = half.write(out).await;
+    (half, r, out)
 }
 
 /// Wait until the socket is readable, without a buffer (io_uring: a PollAdd).
