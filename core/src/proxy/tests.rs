@@ -1198,12 +1198,37 @@ fn l2_miss_goes_to_the_backend_and_the_stored_response_is_queued_for_l2() {
 
 /// Redis's reply to a GET: an entry (`max-age=60`, ETag "e") as another instance wrote it.
 fn l2_hit_reply(body: &'static [u8]) -> Vec<u8> {
-    let enc = l2_entry(body, "", b"");
-    // HMGET's answer: no Vary, the entry.
-    let mut reply = format!("*2\r\n$0\r\n\r\n${}\r\n", enc.len()).into_bytes();
-    reply.extend_from_slice(&enc);
-    reply.extend_from_slice(b"\r\n");
+    hmget_hit(&l2_entry(body, "", b""))
+}
+
+/// HMGET's answer for an encoded entry without `Vary`: an empty `v`, then the entry.
+fn hmget_hit(enc: &[u8]) -> Vec<u8> {
+    let mut reply = b"*2\r\n$0\r\n\r\n".to_vec();
+    reply.extend_from_slice(&resp_bulk(enc));
     reply
+}
+
+/// A RESP bulk string.
+fn resp_bulk(b: &[u8]) -> Vec<u8> {
+    let mut r = format!("${}\r\n", b.len()).into_bytes();
+    r.extend_from_slice(b);
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+/// The lookup answered: the Redis connection goes back to the pool, no backend is asked,
+/// and the answer is queued for the client (returned).
+fn assert_answered_from_l2(s: &mut Session) -> String {
+    assert!(matches!(
+        s.poll_action(),
+        Some(Action::ReleaseUpstream {
+            upstream: 1,
+            reuse: true,
+            ..
+        })
+    ));
+    assert!(s.poll_action().is_none(), "no backend connection");
+    String::from_utf8_lossy(s.client_out.pending()).into_owned()
 }
 
 /// An entry as L2 holds it, with `Vary: vary` (when not empty) and the secondary key of
@@ -1280,21 +1305,10 @@ fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
         "*3\r\n$4\r\nHGET\r\n$32\r\ntrireme:GET http://example.com/v\r\n$21\r\ne:accept-encoding:br\n\r\n"
     );
     let enc = l2_entry(b"brotli", "Accept-Encoding", b"accept-encoding:br\n");
-    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-    reply.extend_from_slice(&enc);
-    reply.extend_from_slice(b"\r\n");
-    s.reserve_up_in(&mut pool).extend_from_slice(&reply);
+    s.reserve_up_in(&mut pool)
+        .extend_from_slice(&resp_bulk(&enc));
     s.on_upstream_read(now);
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::ReleaseUpstream {
-            upstream: 1,
-            reuse: true,
-            ..
-        })
-    ));
-    assert!(s.poll_action().is_none(), "no backend connection");
-    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    let out = assert_answered_from_l2(&mut s);
     assert!(
         out.contains("Cache-Status: trireme; hit; detail=l2") && out.ends_with("brotli"),
         "{out}"
@@ -1433,12 +1447,6 @@ fn peer_invalidation_drops_l1_entries_and_a_racing_fill() {
 fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one() {
     let t0 = crate::test_origin();
     let wall0 = crate::test_wall();
-    let reply = |enc: Vec<u8>| {
-        let mut r = format!("*2\r\n$0\r\n\r\n${}\r\n", enc.len()).into_bytes();
-        r.extend_from_slice(&enc);
-        r.extend_from_slice(b"\r\n");
-        r
-    };
     for (cc, l2_newer, asks_l2, from_l2) in [
         // Aged out; Redis has a copy another instance refreshed 10 s ago: answered from it.
         ("max-age=60", true, true, true),
@@ -1451,7 +1459,7 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
         let cache = ctx.cache.as_ref().unwrap();
         let l2 = cache.l2.as_ref().unwrap();
         // L1 holds what it stored at t0.
-        let mut b = bytes::BytesMut::from(&reply(l2_entry_at(b"old", "", b"", cc, wall0))[..]);
+        let mut b = bytes::BytesMut::from(&hmget_hit(&l2_entry_at(b"old", "", b"", cc, wall0))[..]);
         let Ok(Some(crate::cache::l2::Reply::Hit(old))) = l2.parse_get_reply(&mut b) else {
             panic!()
         };
@@ -1477,7 +1485,7 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
             wall0
         };
         s.reserve_up_in(&mut pool)
-            .extend_from_slice(&reply(l2_entry_at(b"new", "", b"", cc, at)));
+            .extend_from_slice(&hmget_hit(&l2_entry_at(b"new", "", b"", cc, at)));
         s.on_upstream_read(later);
         assert!(matches!(
             s.poll_action(),
@@ -1559,16 +1567,7 @@ fn l2_hit_fills_l1_and_answers_without_the_backend() {
     assert!(s.poll_action().is_none() && s.client_out.is_empty());
     s.reserve_up_in(&mut pool).extend_from_slice(b);
     s.on_upstream_read(later);
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::ReleaseUpstream {
-            upstream: 1,
-            reuse: true,
-            ..
-        })
-    ));
-    assert!(s.poll_action().is_none(), "no backend connection");
-    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    let out = assert_answered_from_l2(&mut s);
     assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
     assert!(
         out.contains("Cache-Status: trireme; hit; detail=l2"),
