@@ -476,14 +476,8 @@ impl Session {
                 // `process_client` answers the complete ones, then closes.
                 self.process_client(now);
             }
-            State::Idle if !self.client_out.is_empty() => {
-                // The last answer is still going out: close once it has.
-                self.state = State::Closing;
-            }
-            State::Idle => {
-                // Nothing to answer.
-                self.state = State::Closed;
-            }
+            // Nothing to answer: close once the last answer is out.
+            State::Idle => self.close_when_flushed(),
             State::Active => {
                 if !matches!(self.req_body, ReqBody::Done) {
                     tracing::debug!(client = %self.client_ip, "client closed during request body");
@@ -737,11 +731,7 @@ impl Session {
                     if self.client_in.is_empty() {
                         if self.client_eof {
                             // Everything the client sent before its half-close is answered.
-                            self.state = if self.client_out.is_empty() {
-                                State::Closed
-                            } else {
-                                State::Closing
-                            };
+                            self.close_when_flushed();
                         }
                         return;
                     }
@@ -762,11 +752,7 @@ impl Session {
                         }
                         Ok(Parsed::Partial) if self.client_eof => {
                             // The client is done sending: the rest never comes.
-                            self.state = if self.client_out.is_empty() {
-                                State::Closed
-                            } else {
-                                State::Closing
-                            };
+                            self.close_when_flushed();
                             return;
                         }
                         Ok(Parsed::Partial) => {
@@ -811,6 +797,15 @@ impl Session {
     /// The client half-closed and nothing it sent is left to answer.
     fn client_finished(&self) -> bool {
         self.client_eof && self.client_in.is_empty()
+    }
+
+    /// Close now, or once the output still queued has gone out.
+    fn close_when_flushed(&mut self) {
+        self.state = if self.client_out.is_empty() {
+            State::Closed
+        } else {
+            State::Closing
+        };
     }
 
     /// Answer a request from the cache: no backend involved.
