@@ -129,6 +129,16 @@ impl Proxy {
             .unwrap_or(0)
     }
 
+    /// Assert the proxy's peak RSS grew by less than `max_kib` since `from_kib` (an earlier
+    /// [`peak_rss_kib`](Self::peak_rss_kib)) while doing `what`.
+    pub fn assert_rss_growth_below(&self, from_kib: u64, max_kib: u64, what: &str) {
+        let peak = self.peak_rss_kib();
+        assert!(
+            peak - from_kib < max_kib,
+            "proxy RSS grew from {from_kib} KiB to {peak} KiB {what}"
+        );
+    }
+
     pub fn client(&self) -> Client {
         Client::connect(self.addr)
     }
