@@ -34,6 +34,8 @@ macro_rules! matrix {
 }
 
 matrix!(
+    stray_backend_bytes_never_reach_another_request,
+    backend_closing_idle_connections_fails_no_post,
     round_robin_and_weights,
     keep_alive_reuses_backend_connections,
     failover_with_zero_failed_gets,
@@ -70,6 +72,166 @@ matrix!(
     cache_l2_logs_in_to_a_password_protected_redis,
     cache_l2_deletes_for_an_acl_user_refused_the_channel,
 );
+
+/// A complete response of its own, sent where no response was asked for.
+const INJECTED: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Injected: yes\r\nCache-Control: max-age=600\r\n\r\nINJECTED";
+
+fn ok_answer(target: &str) -> Vec<u8> {
+    let body = format!("answer to {target}");
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=600\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A backend that breaks framing in every way the outside probe found: bytes after a HEAD
+/// answer, past Content-Length, after the last chunk, a body on 204 and 304, and a whole
+/// unsolicited response on an idle connection; each arrives 30 ms after the answer, while
+/// the connection sits in the pool. Anything else is answered `answer to TARGET`.
+fn stray_bytes_backend() -> Rogue {
+    Rogue::start(|r| {
+        let late = |answer: &[u8]| {
+            vec![
+                Step::Send(answer.to_vec()),
+                Step::Sleep(Duration::from_millis(30)),
+                Step::Send(INJECTED.to_vec()),
+            ]
+        };
+        match r.target.as_str() {
+            "/head-extra" => late(b"HTTP/1.1 200 OK\r\nContent-Length: 102\r\n\r\n"),
+            "/length-extra" => {
+                // The extra bytes in the same write as the body.
+                let mut a = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+                a.extend_from_slice(INJECTED);
+                vec![Step::Send(a)]
+            }
+            "/chunk-extra" => late(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ),
+            "/204-body" => late(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            "/304-body" => late(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n"),
+            "/unsolicited" => late(&ok_answer("/unsolicited")),
+            t => vec![Step::Send(ok_answer(t))],
+        }
+    })
+}
+
+fn stray_backend_bytes_never_reach_another_request(bin: &PathBuf) {
+    let rogue = stray_bytes_backend();
+    for cache in [false, true] {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "--listen".to_string(),
+            "{listen}".into(),
+            "--backend".into(),
+            format!("http://{}", rogue.addr),
+            // One worker: the poisoned connection is in the pool the next client draws from.
+            "--workers".into(),
+            "1".into(),
+            "--admin".into(),
+            admin.clone(),
+        ];
+        if cache {
+            args.extend(["--cache".to_string(), "1MB".into()]);
+        }
+        let p = Proxy::start(bin, &args);
+        let mut n = 0;
+        for (method, trigger) in [
+            ("HEAD", "/head-extra"),
+            ("GET", "/length-extra"),
+            ("GET", "/chunk-extra"),
+            ("GET", "/204-body"),
+            ("GET", "/304-body"),
+            ("GET", "/unsolicited"),
+        ] {
+            let mut c = p.client();
+            c.send(format!("{method} {trigger} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            let r = c
+                .read_response(method == "HEAD")
+                .expect("an answer to the trigger");
+            assert!(r.header("x-injected").is_none(), "{trigger}: {r:?}");
+            // The stray bytes reach the pooled connection meanwhile (well under 500 ms).
+            std::thread::sleep(Duration::from_millis(100));
+            // Other clients, each on a new connection, then again on the same one.
+            for _ in 0..2 {
+                let mut c = p.client();
+                for _ in 0..2 {
+                    n += 1;
+                    let target = format!("/victim/{n}");
+                    let r = c.get(&target);
+                    assert_eq!(
+                        (r.status, r.text()),
+                        (200, format!("answer to {target}")),
+                        "after {trigger} (cache: {cache}): a response went to the wrong request: {r:?}"
+                    );
+                    assert!(r.header("x-injected").is_none());
+                }
+            }
+        }
+        if cache {
+            // Nothing injected was stored under a victim's URL: hits serve the real answers.
+            let r = get(p.addr, "/victim/1");
+            assert_eq!(r.header("x-cache"), Some("HIT"));
+            assert_eq!(r.text(), "answer to /victim/1");
+        }
+        // Every connection that received stray bytes was closed, and counted.
+        let m = admin_metrics(admin.parse().unwrap());
+        assert!(
+            metric(&m, "trireme_upstream_idle_unread_total") >= 4,
+            "late stray bytes on idle connections are counted:\n{m}"
+        );
+    }
+}
+
+fn backend_closing_idle_connections_fails_no_post(bin: &PathBuf) {
+    // Keep-alive answers without `Connection: close`, then the backend closes the idle
+    // connection 20 ms later (a short keep-alive timeout on its side).
+    let rogue = Rogue::start(|r| {
+        let body = format!("got {} bytes", r.body.len());
+        vec![
+            Step::Send(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            ),
+            Step::Sleep(Duration::from_millis(20)),
+            Step::Close,
+        ]
+    });
+    let p = Proxy::start(
+        bin,
+        &[
+            "--listen".into(),
+            "{listen}".into(),
+            "--backend".into(),
+            format!("http://{}", rogue.addr),
+            "--workers".into(),
+            "1".into(),
+        ],
+    );
+    let mut c = p.client();
+    for i in 0..10 {
+        c.send(b"POST /form HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+        let r = c.read_response(false).expect("answer");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "got 5 bytes".into()),
+            "POST {i}"
+        );
+        // The backend has closed the pooled connection by the next POST.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        rogue.requests().len(),
+        10,
+        "each POST reached the backend once"
+    );
+    assert_eq!(rogue.connections(), 10);
+}
 
 fn round_robin_and_weights(bin: &PathBuf) {
     let b: Vec<Backend> = (1..=3)

@@ -22,6 +22,11 @@ pub struct Metrics {
     pub retries: AtomicU64,
     /// New connections closed at accept because `max_connections` were open.
     pub connections_rejected: AtomicU64,
+    /// Idle pooled upstream connections closed because bytes arrived on them (broken
+    /// framing or unsolicited data from the backend).
+    pub upstream_idle_unread: AtomicU64,
+    /// Idle pooled upstream connections found closed by the backend.
+    pub upstream_idle_closed: AtomicU64,
 }
 
 /// At most one log line per interval for a repeated event; the line carries how many
@@ -107,6 +112,14 @@ impl Metrics {
                 (
                     "trireme_connections_rejected_total",
                     &self.connections_rejected,
+                ),
+                (
+                    "trireme_upstream_idle_unread_total",
+                    &self.upstream_idle_unread,
+                ),
+                (
+                    "trireme_upstream_idle_closed_total",
+                    &self.upstream_idle_closed,
                 ),
             ],
         );

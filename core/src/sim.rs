@@ -9,7 +9,7 @@ use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{parse_request, Parsed};
 use crate::http1::{BodyKind, Limits};
 use crate::proxy::{Action, ProxyContext, Session};
-use crate::upstream::{ConnMeta, Pool};
+use crate::upstream::{ConnMeta, Liveness, Pool};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
@@ -32,6 +32,9 @@ pub struct Reply {
     pub die_after: Option<usize>,
     /// Time between the pieces of the response (zero: all at once).
     pub drip: Duration,
+    /// Bytes the backend sends this long after the response, unasked (broken framing or
+    /// an unsolicited response).
+    pub then: Option<(Duration, Vec<u8>)>,
 }
 
 impl Reply {
@@ -46,6 +49,7 @@ impl Reply {
             delay: Duration::ZERO,
             die_after: None,
             drip: Duration::ZERO,
+            then: None,
         }
     }
     pub fn status(status: u16) -> Reply {
@@ -132,6 +136,25 @@ struct UpConn {
     client: Option<usize>,
     id: usize,
     head_request: bool,
+    /// Bytes that reached the proxy's socket while nobody read it (idle in the pool): the
+    /// kernel's receive queue. A session that takes the connection reads them first.
+    unread: Vec<u8>,
+    /// The backend closed it while it sat idle (not yet noticed by the proxy).
+    peer_closed: bool,
+    meta: ConnMeta,
+}
+
+impl UpConn {
+    /// What the runtime's peek at this socket would find.
+    fn liveness(&self) -> Liveness {
+        if !self.unread.is_empty() {
+            Liveness::Unread
+        } else if self.peer_closed || !self.alive {
+            Liveness::Closed
+        } else {
+            Liveness::Quiet
+        }
+    }
 }
 
 pub struct SimClient {
@@ -176,6 +199,10 @@ pub struct Sim {
     pub max_piece: usize,
     /// Latency of every hop.
     pub latency: Duration,
+    /// The runtime watches idle pooled sockets and closes one as soon as it turns readable
+    /// (mio). Off: nothing looks at them until a request takes one (monoio, tokio between
+    /// sweeps), so only the check at take time keeps their bytes from a request.
+    pub watch_idle: bool,
 }
 
 impl Sim {
@@ -187,11 +214,7 @@ impl Sim {
         seed: u64,
         now: Instant,
     ) -> Sim {
-        let pool = ctx
-            .upstreams
-            .iter()
-            .map(|u| Pool::new(u.backends.len(), u.cfg.pool.clone()))
-            .collect();
+        let pool = Pool::for_each_upstream(&ctx);
         Sim {
             now,
             ctx,
@@ -213,6 +236,7 @@ impl Sim {
             rng: seed | 1,
             max_piece: usize::MAX,
             latency: Duration::from_micros(100),
+            watch_idle: true,
         }
     }
 
@@ -312,12 +336,32 @@ impl Sim {
                     let pooled = if fresh {
                         None
                     } else {
-                        self.pool[upstream as usize].take(backend as usize, now, |_| {})
+                        let conns = &self.conns;
+                        let mut closed = Vec::new();
+                        let got = self.pool[upstream as usize].take(
+                            backend as usize,
+                            now,
+                            |&id| conns[id].liveness(),
+                            |id| closed.push(id),
+                        );
+                        for id in closed {
+                            self.conns[id].alive = false;
+                        }
+                        got
                     };
-                    if let Some((id, _)) = pooled {
-                        self.conns[id].client = Some(c);
+                    if let Some((id, meta)) = pooled {
+                        let conn = &mut self.conns[id];
+                        conn.client = Some(c);
+                        conn.meta = meta;
+                        let unread = std::mem::take(&mut conn.unread);
                         self.clients[c].up = Some(id);
-                        self.clients[c].session.on_upstream_connected(true, now);
+                        let s = &mut self.clients[c].session;
+                        s.on_upstream_connected(true, now);
+                        if !unread.is_empty() {
+                            // What the runtime's first read would return.
+                            s.up_in.extend_from_slice(&unread);
+                            s.on_upstream_read(now);
+                        }
                         continue;
                     }
                     let b = self.backend_index(addr);
@@ -337,6 +381,12 @@ impl Sim {
                                 client: Some(c),
                                 id: n,
                                 head_request: false,
+                                unread: Vec::new(),
+                                peer_closed: false,
+                                meta: ConnMeta {
+                                    created: now,
+                                    requests: 0,
+                                },
                             });
                             self.schedule(
                                 now + self.latency,
@@ -356,10 +406,8 @@ impl Sim {
                     if let Some(id) = self.clients[c].up.take() {
                         self.conns[id].client = None;
                         let alive = self.conns[id].alive;
-                        let meta = ConnMeta {
-                            created: now,
-                            requests: 0,
-                        };
+                        self.conns[id].meta.requests += 1;
+                        let meta = self.conns[id].meta;
                         if !(reuse
                             && alive
                             && self.pool[upstream as usize]
@@ -492,6 +540,9 @@ impl Sim {
                 rest = &rest[n..];
                 at += reply.drip;
             }
+            if let Some((after, data)) = reply.then {
+                self.schedule(at + after, Ev::UpData { conn: id, data });
+            }
             if die {
                 self.schedule(at, Ev::UpEof { conn: id });
                 return;
@@ -532,39 +583,60 @@ impl Sim {
                 if !self.conns[conn].alive {
                     return;
                 }
-                if let Some(c) = self.conns[conn].client {
-                    let s = &mut self.clients[c].session;
-                    s.up_in.extend_from_slice(&data);
-                    s.on_upstream_read(now);
+                match self.conns[conn].client {
+                    Some(c) => {
+                        let s = &mut self.clients[c].session;
+                        s.up_in.extend_from_slice(&data);
+                        s.on_upstream_read(now);
+                    }
+                    None => {
+                        // Idle in the pool: the bytes wait in the socket.
+                        self.conns[conn].unread.extend_from_slice(&data);
+                        self.idle_readable(conn);
+                    }
                 }
             }
             Ev::UpEof { conn } => {
-                let was_alive = self.conns[conn].alive;
-                self.conns[conn].alive = false;
-                if !was_alive {
+                if !self.conns[conn].alive || self.conns[conn].peer_closed {
                     return;
                 }
                 match self.conns[conn].client {
                     Some(c) if !self.clients[c].closed => {
+                        self.conns[conn].alive = false;
                         self.clients[c].session.on_upstream_eof(false, now)
                     }
-                    _ => {
-                        // Idle in the pool: the runtime would see EOF; remove it.
-                        for p in &mut self.pool {
-                            for b in 0..self
-                                .ctx
-                                .upstreams
-                                .iter()
-                                .map(|u| u.backends.len())
-                                .max()
-                                .unwrap_or(0)
-                            {
-                                p.remove(b, |&x| x == conn);
-                            }
-                        }
+                    Some(_) => self.conns[conn].alive = false,
+                    None => {
+                        self.conns[conn].peer_closed = true;
+                        self.idle_readable(conn);
                     }
                 }
             }
+        }
+    }
+
+    /// An idle pooled connection turned readable: a runtime that watches idle sockets
+    /// (`watch_idle`) hands it to the pool's check, which closes it.
+    fn idle_readable(&mut self, conn: usize) {
+        if !self.watch_idle {
+            return;
+        }
+        let now = self.now;
+        let conns = &self.conns;
+        let b = conns[conn].backend;
+        let Some((up, backend)) = self.ctx.upstreams.iter().find_map(|u| {
+            let i = u
+                .backends
+                .iter()
+                .position(|x| x.addr == self.backends[b].addr)?;
+            Some((u.id as usize, i))
+        }) else {
+            return;
+        };
+        let gone =
+            self.pool[up].on_idle_readable(backend, now, |&x| x == conn, |&x| conns[x].liveness());
+        if let Some(id) = gone {
+            self.conns[id].alive = false;
         }
     }
 

@@ -300,6 +300,20 @@ pub struct ConnMeta {
     pub requests: u32,
 }
 
+/// What a runtime sees when it looks at an idle pooled connection without consuming
+/// anything (a non-blocking `recv` with `MSG_PEEK`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// Nothing to read and not closed: it may carry the next request.
+    Quiet,
+    /// Bytes arrived while it sat idle: the backend sent more than its last response
+    /// declared, or something nobody asked for. Those bytes would be read as the next
+    /// request's response, so the connection is never reused.
+    Unread,
+    /// The backend closed it (FIN or reset), or the socket failed.
+    Closed,
+}
+
 struct Idle<C> {
     conn: C,
     meta: ConnMeta,
@@ -308,17 +322,35 @@ struct Idle<C> {
 
 /// Idle upstream connections of one worker, per backend. `C` is the runtime's connection
 /// (a socket, or a token for one); the pool decides what to keep, reuse and expire.
+///
+/// The rule that keeps responses with their requests lives here, whatever the runtime: a
+/// connection is handed out only after the runtime's probe found it [`Liveness::Quiet`]
+/// at that moment, and one that turns readable while idle goes at once
+/// ([`on_idle_readable`](Self::on_idle_readable)) or at the next
+/// [`sweep`](Self::sweep), for runtimes that do not watch idle sockets.
 pub struct Pool<C> {
     cfg: PoolConfig,
     per_backend: Vec<VecDeque<Idle<C>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+    unread_log: crate::metrics::Throttle,
 }
 
 impl<C> Pool<C> {
-    pub fn new(backends: usize, cfg: PoolConfig) -> Self {
+    pub fn new(backends: usize, cfg: PoolConfig, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Pool {
             cfg,
             per_backend: (0..backends).map(|_| VecDeque::new()).collect(),
+            metrics,
+            unread_log: crate::metrics::Throttle::new(Duration::from_secs(10)),
         }
+    }
+
+    /// One pool per upstream of `ctx` (a worker's set).
+    pub fn for_each_upstream(ctx: &crate::proxy::ProxyContext) -> Vec<Pool<C>> {
+        ctx.upstreams
+            .iter()
+            .map(|u| Pool::new(u.backends.len(), u.cfg.pool.clone(), ctx.metrics.clone()))
+            .collect()
     }
 
     fn usable(cfg: &PoolConfig, meta: &ConnMeta, since: Instant, now: Instant) -> bool {
@@ -327,37 +359,52 @@ impl<C> Pool<C> {
             && meta.requests < cfg.max_requests
     }
 
-    /// Most recently used idle connection to `backend` that is still within limits.
-    /// Expired ones met on the way are handed to `discard` (the runtime closes them).
+    /// Count (and log, throttled) an idle connection found readable.
+    fn note(&mut self, why: Liveness, backend: usize, now: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match why {
+            Liveness::Quiet => {}
+            Liveness::Closed => {
+                self.metrics.upstream_idle_closed.fetch_add(1, Relaxed);
+            }
+            Liveness::Unread => {
+                self.metrics.upstream_idle_unread.fetch_add(1, Relaxed);
+                if let Some(more) = self.unread_log.hit(now) {
+                    tracing::warn!(
+                        backend,
+                        more,
+                        "backend sent bytes on an idle keep-alive connection (more than its \
+                         response declared, or unasked); connection closed, never reused"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The most recently used idle connection to `backend` that is within its limits and
+    /// that `probe` finds [`Liveness::Quiet`] now. Every other candidate met on the way is
+    /// handed to `discard` (the runtime closes it).
     pub fn take(
         &mut self,
         backend: usize,
         now: Instant,
-        discard: impl FnMut(C),
-    ) -> Option<(C, ConnMeta)> {
-        self.take_idle(backend, now, discard)
-            .map(|(c, m, _)| (c, m))
-    }
-
-    /// As [`take`](Self::take), also saying how long the connection sat idle.
-    pub fn take_idle(
-        &mut self,
-        backend: usize,
-        now: Instant,
+        mut probe: impl FnMut(&C) -> Liveness,
         mut discard: impl FnMut(C),
-    ) -> Option<(C, ConnMeta, Duration)> {
-        let q = self.per_backend.get_mut(backend)?;
-        while let Some(idle) = q.pop_back() {
-            if Self::usable(&self.cfg, &idle.meta, idle.since, now) {
-                return Some((
-                    idle.conn,
-                    idle.meta,
-                    now.saturating_duration_since(idle.since),
-                ));
+    ) -> Option<(C, ConnMeta)> {
+        loop {
+            let idle = self.per_backend.get_mut(backend)?.pop_back()?;
+            if !Self::usable(&self.cfg, &idle.meta, idle.since, now) {
+                discard(idle.conn);
+                continue;
             }
-            discard(idle.conn);
+            match probe(&idle.conn) {
+                Liveness::Quiet => return Some((idle.conn, idle.meta)),
+                why => {
+                    self.note(why, backend, now);
+                    discard(idle.conn);
+                }
+            }
         }
-        None
     }
 
     /// Offer a connection whose last exchange completed cleanly. Returns it back when it
@@ -380,11 +427,25 @@ impl<C> Pool<C> {
         None
     }
 
-    /// Remove one specific idle connection (the runtime saw it close while idle).
-    pub fn remove(&mut self, backend: usize, mut is_it: impl FnMut(&C) -> bool) -> Option<C> {
+    /// The runtime saw an idle connection turn readable: `probe` it, and when it holds
+    /// bytes or was closed, take it out of the pool (returned, for the runtime to close).
+    /// A spurious wake-up ([`Liveness::Quiet`]) leaves it pooled.
+    pub fn on_idle_readable(
+        &mut self,
+        backend: usize,
+        now: Instant,
+        mut is_it: impl FnMut(&C) -> bool,
+        probe: impl FnOnce(&C) -> Liveness,
+    ) -> Option<C> {
         let q = self.per_backend.get_mut(backend)?;
         let pos = q.iter().position(|i| is_it(&i.conn))?;
-        q.remove(pos).map(|i| i.conn)
+        let why = probe(&q[pos].conn);
+        if why == Liveness::Quiet {
+            return None;
+        }
+        let conn = q.remove(pos).map(|i| i.conn)?;
+        self.note(why, backend, now);
+        Some(conn)
     }
 
     /// Close idle connections past their idle timeout or lifetime.
@@ -397,6 +458,32 @@ impl<C> Pool<C> {
                 }
                 if let Some(i) = q.pop_front() {
                     discard(i.conn);
+                }
+            }
+        }
+    }
+
+    /// [`evict_expired`](Self::evict_expired), then probe every idle connection and close
+    /// those the backend closed or wrote to: for runtimes that keep no read armed on idle
+    /// sockets, so such connections do not linger (they are never handed out either way).
+    pub fn sweep(
+        &mut self,
+        now: Instant,
+        mut probe: impl FnMut(&C) -> Liveness,
+        mut discard: impl FnMut(C),
+    ) {
+        self.evict_expired(now, &mut discard);
+        for b in 0..self.per_backend.len() {
+            let mut i = 0;
+            while i < self.per_backend[b].len() {
+                let why = probe(&self.per_backend[b][i].conn);
+                if why == Liveness::Quiet {
+                    i += 1;
+                    continue;
+                }
+                self.note(why, b, now);
+                if let Some(idle) = self.per_backend[b].remove(i) {
+                    discard(idle.conn);
                 }
             }
         }

@@ -1,11 +1,41 @@
 //! What trireme's runtime crates share below the session: a read into a buffer's spare
-//! capacity, and worker threads joined with one drain report. (Decisions live in
-//! trireme-core; this crate only touches the OS.)
+//! capacity, the liveness probe of idle pooled connections, and worker threads joined with
+//! one drain report. (Decisions live in trireme-core; this crate only touches the OS.)
 
 use bytes::BytesMut;
 use std::io;
 use std::os::fd::RawFd;
 use std::thread::JoinHandle;
+use trireme_core::upstream::Liveness;
+
+/// Look at an idle socket without consuming anything: one non-blocking `recv` of a byte
+/// with `MSG_PEEK`. Bytes waiting: [`Liveness::Unread`]; end of stream, a reset or any
+/// other error: [`Liveness::Closed`]; would block: [`Liveness::Quiet`]. One system call,
+/// paid on every reuse of a pooled connection (core's [`trireme_core::upstream::Pool`]
+/// asks for it).
+pub fn peek_idle(fd: RawFd) -> Liveness {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: a one-byte peek into a local.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        return match n {
+            1.. => Liveness::Unread,
+            0 => Liveness::Closed,
+            _ => match io::Error::last_os_error().kind() {
+                io::ErrorKind::WouldBlock => Liveness::Quiet,
+                io::ErrorKind::Interrupted => continue,
+                _ => Liveness::Closed,
+            },
+        };
+    }
+}
 
 /// One `read(2)` from `fd` into the spare capacity of `b`. `Ok((n, room))`: the bytes read
 /// and the room that was offered (`n < room` on a stream socket: its queue is drained).
@@ -52,6 +82,21 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn peek_tells_quiet_unread_and_closed_apart() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = b.as_raw_fd();
+        assert_eq!(peek_idle(fd), Liveness::Quiet);
+        a.write_all(b"x").unwrap();
+        assert_eq!(peek_idle(fd), Liveness::Unread);
+        assert_eq!(peek_idle(fd), Liveness::Unread, "a peek consumes nothing");
+        let mut got = [0u8; 1];
+        std::io::Read::read(&mut &b, &mut got).unwrap();
+        assert_eq!(peek_idle(fd), Liveness::Quiet);
+        drop(a);
+        assert_eq!(peek_idle(fd), Liveness::Closed);
+    }
 
     #[test]
     fn short_read_reports_room() {

@@ -20,7 +20,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
-use trireme_rt_support::read_spare;
+use trireme_rt_support::{peek_idle, read_spare};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -110,7 +110,8 @@ struct Io {
     registry: Registry,
     bufs: BufPool,
     ups: Slab<Up>,
-    pools: Vec<Pool<usize>>,
+    /// Idle connections by slab key, with their descriptor for the liveness probe.
+    pools: Vec<Pool<(usize, RawFd)>>,
 }
 
 impl Io {
@@ -119,28 +120,23 @@ impl Io {
         self.ups.try_remove(u);
     }
 
-    /// An idle pooled connection to `backend` that the backend has not closed meanwhile.
+    /// An idle pooled connection to `backend`, checked by core's pool: one with unread
+    /// bytes or a closed peer is never handed out (it is closed instead).
     fn take_pooled(&mut self, upstream: u16, backend: u16, now: Instant) -> Option<usize> {
         let Io { ups, pools, .. } = self;
-        loop {
-            let (u, meta) = pools[upstream as usize].take(backend as usize, now, |u| {
+        let ((u, _), meta) = pools[upstream as usize].take(
+            backend as usize,
+            now,
+            |&(_, fd)| peek_idle(fd),
+            |(u, _)| {
                 ups.try_remove(u);
-            })?;
-            let up = &mut ups[u];
-            if up.readable || up.read_closed {
-                // Readiness while idle: a FIN, a reset or stray bytes, unless it is the
-                // leftover flag of the last read that happened to fill the buffer exactly.
-                let mut b = [0u8; 1];
-                let probe = io::Read::read(&mut up.stream, &mut b);
-                if !matches!(probe, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock) {
-                    ups.remove(u);
-                    continue;
-                }
-                up.readable = false;
-            }
-            up.meta = meta;
-            return Some(u);
-        }
+            },
+        )?;
+        let up = &mut ups[u];
+        // The peek found nothing to read: any readiness flag left over is stale.
+        up.readable = false;
+        up.meta = meta;
+        Some(u)
     }
 }
 
@@ -186,12 +182,7 @@ impl Worker {
         shutdown.on_request(move || {
             let _ = w2.wake();
         });
-        let pools = sh
-            .ctx
-            .upstreams
-            .iter()
-            .map(|u| Pool::new(u.backends.len(), u.cfg.pool.clone()))
-            .collect();
+        let pools = Pool::for_each_upstream(&sh.ctx);
         Ok(Worker {
             id,
             io: Io {
@@ -272,7 +263,7 @@ impl Worker {
                 self.next_evict = now + EVICT_EVERY;
                 let Io { ups, pools, .. } = &mut self.io;
                 for p in pools.iter_mut() {
-                    p.evict_expired(now, |u| {
+                    p.evict_expired(now, |(u, _)| {
                         ups.try_remove(u);
                     });
                 }
@@ -385,11 +376,23 @@ impl Worker {
         up.read_closed |= ev.is_read_closed();
         up.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
         let Some(k) = up.owner else {
-            // Idle in the pool: the backend closed it or sent something unasked. Drop it.
+            // Idle in the pool: the backend closed it or sent something unasked. Core's
+            // pool checks and lets it go; it is closed at once.
             if up.readable {
                 let (upstream, backend) = (up.upstream as usize, up.backend as usize);
-                self.io.pools[upstream].remove(backend, |&x| x == u);
-                self.io.ups.remove(u);
+                let fd = up.stream.as_raw_fd();
+                let gone = self.io.pools[upstream].on_idle_readable(
+                    backend,
+                    now,
+                    |&(x, _)| x == u,
+                    |_| peek_idle(fd),
+                );
+                match gone {
+                    Some((u, _)) => {
+                        self.io.ups.remove(u);
+                    }
+                    None => self.io.ups[u].readable = false,
+                }
             }
             return;
         };
@@ -500,9 +503,13 @@ impl Worker {
                             up.owner = None;
                             let mut meta = up.meta;
                             meta.requests += 1;
-                            if let Some(r) =
-                                io.pools[upstream as usize].put(backend as usize, u, meta, now)
-                            {
+                            let fd = up.stream.as_raw_fd();
+                            if let Some((r, _)) = io.pools[upstream as usize].put(
+                                backend as usize,
+                                (u, fd),
+                                meta,
+                                now,
+                            ) {
                                 io.close_up(r);
                             }
                         } else {

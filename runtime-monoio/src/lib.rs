@@ -38,12 +38,11 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_rt_support::peek_idle;
 
 /// How often an idle worker looks at the shutdown flag (set from the signal thread).
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 const EVICT_EVERY: Duration = Duration::from_secs(1);
-/// Pooled connections idle longer than this are checked before reuse.
-const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 4096;
 
@@ -144,31 +143,16 @@ struct Local {
 }
 
 impl Local {
-    /// An idle pooled connection the backend has not closed meanwhile. No read watches
-    /// idle connections under io_uring, so one that sat idle a while is checked with a
-    /// non-blocking peek; a recently used one is taken as is (under load: no syscall), and
-    /// should the backend have closed it after all, the session retries on a fresh one.
-    fn take_pooled(&self, upstream: u16, backend: u16, now: Instant) -> Option<UpConn> {
-        let mut pools = self.pools.borrow_mut();
-        loop {
-            let (c, _, idle) = pools[upstream as usize].take_idle(backend as usize, now, drop)?;
-            if idle < PEEK_AFTER_IDLE {
-                return Some(c);
-            }
-            let mut b = 0u8;
-            // SAFETY: a one-byte peek into a local.
-            let n = unsafe {
-                libc::recv(
-                    c.fd,
-                    (&mut b as *mut u8).cast(),
-                    1,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
-                return Some(c);
-            }
-        }
+    /// An idle pooled connection, checked by core's pool: one with unread bytes or a
+    /// closed peer is never handed out. No read watches idle connections under io_uring,
+    /// so the check is a peek at the socket, on every reuse.
+    fn take_pooled(&self, upstream: u16, backend: u16, now: Instant) -> Option<(UpConn, ConnMeta)> {
+        self.pools.borrow_mut()[upstream as usize].take(
+            backend as usize,
+            now,
+            |c| peek_idle(c.fd),
+            drop,
+        )
     }
 }
 
@@ -213,13 +197,7 @@ async fn worker(
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let local = Rc::new(Local {
-        pools: RefCell::new(
-            sh.ctx
-                .upstreams
-                .iter()
-                .map(|u| Pool::new(u.backends.len(), u.cfg.pool.clone()))
-                .collect(),
-        ),
+        pools: RefCell::new(Pool::for_each_upstream(&sh.ctx)),
         sh: sh.clone(),
         bufs: RefCell::new(BufPool::default()),
         drain: Drain::default(),
@@ -231,8 +209,9 @@ async fn worker(
             while !local.drain.on.get() {
                 monoio::time::sleep(EVICT_EVERY).await;
                 let now = Instant::now();
+                // Expired connections, and idle ones the backend closed or wrote to.
                 for p in local.pools.borrow_mut().iter_mut() {
-                    p.evict_expired(now, drop);
+                    p.sweep(now, |c| peek_idle(c.fd), drop);
                 }
             }
         });
@@ -464,8 +443,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
                         local.take_pooled(upstream, backend, now)
                     };
                     match pooled {
-                        Some(c) => {
-                            (urd, uwr, ufd) = (Some(c.rd), Some(c.wr), c.fd);
+                        Some((c, meta)) => {
+                            (urd, uwr, ufd, umeta) = (Some(c.rd), Some(c.wr), c.fd, meta);
                             s.on_upstream_connected(true, now);
                         }
                         // Boxed: connects are rare on pooled connections, and the

@@ -27,23 +27,19 @@ struct Pools {
 impl Pools {
     fn new(ctx: &ProxyContext) -> Self {
         Pools {
-            by_upstream: ctx
-                .upstreams
-                .iter()
-                .map(|u| Mutex::new(Pool::new(u.backends.len(), u.cfg.pool.clone())))
+            by_upstream: Pool::for_each_upstream(ctx)
+                .into_iter()
+                .map(Mutex::new)
                 .collect(),
         }
     }
 
-    /// An idle connection the backend has not closed meanwhile.
+    /// An idle connection, checked by core's pool: one with unread bytes or a closed peer
+    /// is never handed out (it is dropped, which closes it).
     fn take(&self, upstream: u16, backend: u16, now: Instant) -> Option<(TcpStream, ConnMeta)> {
-        let pool = &self.by_upstream[upstream as usize];
-        loop {
-            let (s, meta) = pool.lock().take(backend as usize, now, drop)?;
-            if idle_conn_usable(&s) {
-                return Some((s, meta));
-            }
-        }
+        self.by_upstream[upstream as usize]
+            .lock()
+            .take(backend as usize, now, probe, drop)
     }
 
     fn put(&self, upstream: u16, backend: u16, s: TcpStream, meta: ConnMeta, now: Instant) {
@@ -54,40 +50,20 @@ impl Pools {
         drop(rejected);
     }
 
-    fn evict(&self, now: Instant) {
+    /// Expired connections, and idle ones the backend closed or wrote to (no task reads
+    /// an idle socket here, so they are looked at on every tick).
+    fn sweep(&self, now: Instant) {
         for p in &self.by_upstream {
-            p.lock().evict_expired(now, drop);
+            p.lock().sweep(now, probe, drop);
         }
     }
 }
 
-/// An idle upstream connection is usable when reading from it would block: no FIN, no RST,
-/// no stray bytes. Tokio caches read readiness until a read returns WouldBlock, and the
-/// last response read usually leaves it set, so confirm with one non-blocking read then.
-/// (A close still in flight is caught by the session's retry on a fresh connection.)
-fn idle_conn_usable(s: &TcpStream) -> bool {
-    use std::task::{Context, Poll};
-    let waker = noop_waker();
-    let mut cx = Context::from_waker(&waker);
-    match s.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut b = [0u8; 1];
-            matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        }
-    }
-}
-
-fn noop_waker() -> std::task::Waker {
-    use std::task::{RawWaker, RawWakerVTable, Waker};
-    fn clone(_: *const ()) -> RawWaker {
-        RawWaker::new(std::ptr::null(), &VTABLE)
-    }
-    fn noop(_: *const ()) {}
-    static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, noop, noop, noop);
-    // SAFETY: every vtable function ignores the data pointer.
-    unsafe { Waker::from_raw(RawWaker::new(std::ptr::null(), &VTABLE)) }
+/// The liveness probe of a pooled socket: a peek at the kernel's receive queue (tokio's
+/// cached readiness may lag behind what has arrived).
+fn probe(s: &TcpStream) -> trireme_core::upstream::Liveness {
+    use std::os::fd::AsRawFd;
+    trireme_rt_support::peek_idle(s.as_raw_fd())
 }
 
 /// Run the proxy on `listeners` until `shutdown` is requested, then drain. Blocks the
@@ -180,7 +156,7 @@ async fn serve(
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => sh.pools.evict(Instant::now()),
+                    _ = tick.tick() => sh.pools.sweep(Instant::now()),
                     _ = drain.changed() => break,
                 }
             }

@@ -424,3 +424,102 @@ pub fn admin_call(admin: SocketAddr, req: &str) -> Response {
     c.send(req.as_bytes());
     c.read_response(false).expect("admin answers")
 }
+
+/// What a [`Rogue`] backend does for one request: bytes to send, pauses, a close.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Send(Vec<u8>),
+    Sleep(Duration),
+    Close,
+}
+
+/// A backend that breaks the rules on purpose: each request is answered by the steps its
+/// script returns (bytes past the framing, late bytes, closes without saying so). Records
+/// requests and connections like [`Backend`]; stops (by its own flag) when dropped.
+pub struct Rogue {
+    pub addr: SocketAddr,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<trireme::demo::Received>>>,
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Rogue {
+    pub fn start(
+        script: impl Fn(&trireme::demo::Received) -> Vec<Step> + Send + Sync + 'static,
+    ) -> Rogue {
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let r = Rogue {
+            addr: l.local_addr().unwrap(),
+            received: Default::default(),
+            connections: Default::default(),
+            stop: Default::default(),
+        };
+        let (received, connections, stop) =
+            (r.received.clone(), r.connections.clone(), r.stop.clone());
+        let script = std::sync::Arc::new(script);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((s, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let id = connections.fetch_add(1, Ordering::SeqCst);
+                let (received, stop, script) = (received.clone(), stop.clone(), script.clone());
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut rd = BufReader::new(s);
+                    while let Some((line, headers)) = trireme::demo::read_head(&mut rd) {
+                        let body =
+                            trireme::demo::read_body(&mut rd, &headers, false).unwrap_or_default();
+                        let mut it = line.split_whitespace();
+                        let req = trireme::demo::Received {
+                            method: it.next().unwrap_or("").to_string(),
+                            target: it.next().unwrap_or("").to_string(),
+                            headers,
+                            body,
+                            conn: id,
+                        };
+                        let steps = script(&req);
+                        received.lock().unwrap().push(req);
+                        for st in steps {
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            match st {
+                                Step::Send(b) => {
+                                    if w.write_all(&b).is_err() {
+                                        return;
+                                    }
+                                }
+                                Step::Sleep(d) => std::thread::sleep(d),
+                                Step::Close => {
+                                    let _ = w.shutdown(std::net::Shutdown::Both);
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        r
+    }
+
+    pub fn requests(&self) -> Vec<trireme::demo::Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -1956,3 +1956,89 @@ fn concurrent_requests_for_one_key_all_get_the_whole_response_as_it_drips_in() {
         "waiters streamed the fetch as it arrived: {streamed}"
     );
 }
+
+/// The backend breaks framing while the connection sits in the pool: bytes after a HEAD
+/// answer (its Content-Length names a body that never belongs to it), after a complete
+/// body, after the last chunk, on a 204 and a 304. Whether the runtime watches idle
+/// sockets (mio) or not (monoio, tokio between sweeps), no request ever receives them:
+/// core's pool hands out only connections whose peek finds nothing.
+#[test]
+fn stray_bytes_on_a_pooled_connection_never_reach_the_next_request() {
+    const INJECTED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED";
+    let yaml = format!(
+        "server:\n  timeout: 5s\nload_balancing:\n  response_timeout: 2s\nbackends:\n  - url: http://{B1}\n"
+    );
+    for watch_idle in [true, false] {
+        for trigger in ["/head", "/length", "/chunked", "/204", "/304"] {
+            let now = crate::test_origin();
+            let b = Behavior::Serve(Box::new(|r: &SimRequest| {
+                let late = Some((Duration::from_millis(30), INJECTED.to_vec()));
+                let mut reply = match r.target() {
+                    "/chunked" => Reply {
+                        chunked: true,
+                        ..Reply::ok(b"hello")
+                    },
+                    "/204" => Reply::status(204),
+                    "/304" => Reply::status(304),
+                    "/head" | "/length" => Reply::ok(b"hello"),
+                    t => return Reply::ok(format!("answer to {t}").as_bytes()),
+                };
+                reply.then = late;
+                reply
+            }));
+            let mut sim = Sim::new(ctx_from(&yaml, now), vec![(B1.parse().unwrap(), b)], 1, now);
+            sim.watch_idle = watch_idle;
+            let c = sim.connect_client(CLIENT.parse().unwrap());
+            let head = trigger == "/head";
+            let method = if head { "HEAD" } else { "GET" };
+            sim.send(
+                c,
+                format!("{method} {trigger} HTTP/1.1\r\nHost: example.com\r\n\r\n").as_bytes(),
+            );
+            sim.run_for(Duration::from_millis(100));
+            assert_eq!(sim.backends[0].connections, 1);
+            // Later clients: none receives the stray bytes as its answer.
+            let mut flags = vec![head];
+            for i in 0..3 {
+                sim.send(c, &get(&format!("/victim{i}")));
+                sim.run_for(Duration::from_millis(50));
+                flags.push(false);
+            }
+            let resp = parse_responses(&sim.clients[c].received, &flags);
+            assert_eq!(resp.len(), 4, "{trigger} (watch_idle {watch_idle})");
+            for (i, r) in resp[1..].iter().enumerate() {
+                assert_eq!(
+                    String::from_utf8_lossy(&r.2),
+                    format!("answer to /victim{i}"),
+                    "{trigger} (watch_idle {watch_idle}): a response went to the wrong request"
+                );
+            }
+            assert_eq!(
+                sim.backends[0].connections, 2,
+                "{trigger}: the poisoned connection was closed, one new one carries the rest"
+            );
+            let unread = sim.ctx.metrics.upstream_idle_unread.load(Ordering::Relaxed);
+            assert_eq!(unread, 1, "{trigger}: counted once");
+        }
+    }
+}
+
+/// The pool's limits hold in the simulator too: `max_requests` retires a connection after
+/// that many exchanges (the simulator used to reset a connection's count on release).
+#[test]
+fn pooled_connections_retire_after_max_requests() {
+    let yaml = two_backends("").replace(
+        "server:\n",
+        "server:\n  connection_pool:\n    max_requests: 3\n",
+    );
+    let mut sim = sim_with(&yaml, echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    for i in 0..12 {
+        sim.send(c, &get(&format!("/r{i}")));
+        sim.run_for(Duration::from_millis(10));
+    }
+    assert_eq!(statuses(&sim.clients[c].received, 12), vec![200; 12]);
+    // Six requests per backend, three per connection.
+    assert_eq!(sim.backends[0].connections, 2);
+    assert_eq!(sim.backends[1].connections, 2);
+}

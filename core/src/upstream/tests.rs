@@ -1,5 +1,6 @@
 use super::*;
 use crate::balance::PickInput;
+use std::sync::atomic::Ordering;
 
 fn upstream(n: usize, now: Instant) -> Arc<Upstream> {
     let cfg = UpstreamConfig {
@@ -103,7 +104,7 @@ fn pool_limits() {
         max_lifetime: Duration::from_secs(60),
         max_requests: 3,
     };
-    let mut p: Pool<u32> = Pool::new(2, cfg);
+    let mut p: Pool<u32> = Pool::new(2, cfg, Default::default());
     let fresh = ConnMeta {
         created: t0,
         requests: 1,
@@ -130,7 +131,10 @@ fn pool_limits() {
         "max_lifetime"
     );
     // LIFO: the most recently used comes back first.
-    assert_eq!(p.take(0, t0, |_| {}).map(|x| x.0), Some(2));
+    assert_eq!(
+        p.take(0, t0, |_| Liveness::Quiet, |_| {}).map(|x| x.0),
+        Some(2)
+    );
     assert_eq!(p.put(0, 2, fresh, t0 + Duration::from_secs(3)), None);
     let mut closed = Vec::new();
     p.evict_expired(t0 + Duration::from_secs(6), |c| closed.push(c));
@@ -138,8 +142,70 @@ fn pool_limits() {
     assert_eq!(p.next_expiry(), Some(t0 + Duration::from_secs(8)));
     let mut closed = Vec::new();
     assert!(p
-        .take(0, t0 + Duration::from_secs(9), |c| closed.push(c))
+        .take(
+            0,
+            t0 + Duration::from_secs(9),
+            |_| unreachable!("expired connections are not probed"),
+            |c| closed.push(c)
+        )
         .is_none());
+    assert_eq!(closed, vec![2]);
+    assert_eq!(p.idle_count(), 0);
+}
+
+fn pool_of(conns: &[u32], t0: Instant) -> (Pool<u32>, Arc<crate::metrics::Metrics>) {
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let mut p = Pool::new(1, PoolConfig::default(), metrics.clone());
+    let meta = ConnMeta {
+        created: t0,
+        requests: 0,
+    };
+    for &c in conns {
+        assert!(p.put(0, c, meta, t0).is_none());
+    }
+    (p, metrics)
+}
+
+/// The rule that keeps a response with its request: a pooled connection with unread bytes
+/// or a closed peer is never handed out, whatever the runtime; the next quiet one is.
+#[test]
+fn take_never_hands_out_a_connection_with_unread_bytes_or_a_closed_peer() {
+    let t0 = crate::test_origin();
+    let (mut p, metrics) = pool_of(&[1, 2, 3], t0);
+    let state = |c: &u32| match c {
+        3 => Liveness::Unread,
+        2 => Liveness::Closed,
+        _ => Liveness::Quiet,
+    };
+    let mut closed = Vec::new();
+    let got = p.take(0, t0, state, |c| closed.push(c));
+    assert_eq!(got.map(|x| x.0), Some(1));
+    assert_eq!(closed, vec![3, 2], "both are closed, most recent first");
+    assert_eq!(metrics.upstream_idle_unread.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.upstream_idle_closed.load(Ordering::Relaxed), 1);
+    // Nothing quiet left: no connection, and the caller opens a new one.
+    let (mut p, _) = pool_of(&[4], t0);
+    assert!(p.take(0, t0, |_| Liveness::Unread, drop).is_none());
+    assert_eq!(p.idle_count(), 0);
+}
+
+#[test]
+fn an_idle_connection_that_turns_readable_leaves_the_pool() {
+    let t0 = crate::test_origin();
+    let (mut p, _) = pool_of(&[1, 2], t0);
+    assert_eq!(
+        p.on_idle_readable(0, t0, |&c| c == 1, |_| Liveness::Quiet),
+        None,
+        "a spurious wake-up keeps it"
+    );
+    assert_eq!(
+        p.on_idle_readable(0, t0, |&c| c == 1, |_| Liveness::Unread),
+        Some(1)
+    );
+    assert_eq!(p.idle_count(), 1);
+    // The sweep (runtimes that watch no idle socket) finds the rest.
+    let mut closed = Vec::new();
+    p.sweep(t0, |_| Liveness::Closed, |c| closed.push(c));
     assert_eq!(closed, vec![2]);
     assert_eq!(p.idle_count(), 0);
 }
