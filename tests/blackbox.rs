@@ -55,6 +55,7 @@ matrix!(
     graceful_shutdown_under_load_loses_nothing,
     max_connections_enforced_at_accept,
     cache_hits_misses_and_invalidation,
+    cache_never_replays_one_clients_cookie,
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
     cache_coalesces_concurrent_misses,
@@ -1157,6 +1158,64 @@ fn cache_hits_misses_and_invalidation(bin: &PathBuf) {
     assert_eq!(c.read_response(false).unwrap().status, 200);
     assert_eq!(c.get(path).header("x-cache"), Some("MISS"));
     assert_eq!(b.requests().len(), 7);
+}
+
+fn cache_never_replays_one_clients_cookie(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "1MB"]);
+    // Only Last-Modified (heuristically fresh for a day) and a session cookie: not stored.
+    let heuristic = "/h?lm=1&setcookie=session=alice";
+    let r = get(p.addr, heuristic);
+    assert_eq!(
+        r.header("set-cookie"),
+        Some("session=alice"),
+        "the fetching client gets it"
+    );
+    let r = get(p.addr, heuristic);
+    assert_eq!(r.header("x-cache"), Some("MISS"), "not stored: {r:?}");
+    assert_eq!(
+        r.header("set-cookie"),
+        Some("session=alice"),
+        "from the origin again"
+    );
+    assert_eq!(b.requests().len(), 2);
+    // Explicit shared freshness: stored, but the cookie stays with the client that fetched it.
+    for shared in [
+        "/s?cc=s-maxage=60&setcookie=session=bob",
+        "/p?cc=public,max-age=60&setcookie=session=bob",
+    ] {
+        let r = get(p.addr, shared);
+        assert_eq!(r.header("set-cookie"), Some("session=bob"));
+        let hit = get(p.addr, shared);
+        assert_eq!(hit.header("x-cache"), Some("HIT"), "{shared}: {hit:?}");
+        assert!(
+            hit.header("set-cookie").is_none(),
+            "{shared}: cookie replayed: {hit:?}"
+        );
+        assert_eq!(hit.body, r.body);
+    }
+    drop(p);
+    // The other policies, by name.
+    for (policy, stored) in [("no_store", false), ("replay", true)] {
+        let yaml = format!(
+            "server:\n  listen: \"{{listen}}\"\ncache:\n  size: 1MB\n  set_cookie: {policy}\nbackends:\n  - url: http://{{b0}}\n"
+        );
+        let p = Proxy::with_config(bin, &yaml, &[&b]);
+        let path = format!("/{policy}?cc=s-maxage=60&setcookie=session=carol");
+        get(p.addr, &path);
+        let r = get(p.addr, &path);
+        assert_eq!(
+            r.header("x-cache") == Some("HIT"),
+            stored,
+            "{policy}: {r:?}"
+        );
+        // no_store: from the origin again; replay: the stored cookie, replayed.
+        assert_eq!(
+            r.header("set-cookie"),
+            Some("session=carol"),
+            "{policy}: {r:?}"
+        );
+    }
 }
 
 fn cache_serves_stale_when_the_backend_dies(bin: &PathBuf) {

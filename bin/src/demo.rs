@@ -46,7 +46,9 @@ pub struct Backend {
 /// `/gated/N` answers N bytes, the second half only once the gate is open
 /// ([`Backend::close_gate`]): the returned offset is where the answer waits for it.
 /// Anything else: 200 with `hello from NAME`. Query parameters add caching fields:
-/// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`.
+/// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`,
+/// `lm=1` (a `Last-Modified` a year back: heuristically fresh for a day), `setcookie=a=b`
+/// (Set-Cookie: a=b).
 /// A GET or HEAD whose `If-None-Match` names that ETag (or `*`) is answered 304.
 fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
     let path = r.target.split('?').next().unwrap_or("");
@@ -102,6 +104,12 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
             "cc" => out.extend_from_slice(format!("Cache-Control: {v}\r\n").as_bytes()),
             "etag" => out.extend_from_slice(format!("ETag: \"{v}\"\r\n").as_bytes()),
             "vary" => out.extend_from_slice(format!("Vary: {v}\r\n").as_bytes()),
+            "setcookie" => out.extend_from_slice(format!("Set-Cookie: {v}\r\n").as_bytes()),
+            "lm" => {
+                let a_year_ago = std::time::SystemTime::now() - Duration::from_secs(365 * 86400);
+                let lm = trireme_core::cache::format_date(a_year_ago);
+                out.extend_from_slice(format!("Last-Modified: {lm}\r\n").as_bytes());
+            }
             _ => {}
         }
     }

@@ -213,6 +213,8 @@ pub struct ResponseFacts {
     pub has_etag: bool,
     /// `Vary: *`: never reused.
     pub vary_star: bool,
+    /// It carries `Set-Cookie` (see [`SetCookie`]).
+    pub set_cookie: bool,
     /// When the request that fetched it was sent, and when the response arrived.
     pub request_time: SystemTime,
     pub response_time: SystemTime,
@@ -242,6 +244,38 @@ pub enum NotStored {
     NoFreshness,
     /// Zero freshness and no validator: it could never be reused.
     Useless,
+    /// `Set-Cookie` without explicit shared-cache freshness, or `set_cookie: no_store`.
+    SetCookie,
+}
+
+/// What the cache does with responses that set cookies (`cache.set_cookie`). A cookie is
+/// usually one user's: replaying it to everyone who gets a hit hands out their session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SetCookie {
+    /// Store such a response only when the origin gave explicit shared-cache freshness
+    /// (`s-maxage`, or `public` with `max-age`), and store it without its `Set-Cookie`
+    /// fields: only the client whose request fetched it receives them.
+    #[default]
+    Strip,
+    /// Never store a response with `Set-Cookie` (nginx's behaviour).
+    NoStore,
+    /// Store it under the same rule as `Strip`, `Set-Cookie` included, and replay the
+    /// cookie to every client served from the cache (for cookies that are the same for
+    /// everyone).
+    Replay,
+}
+
+impl SetCookie {
+    pub const NAMES: [&'static str; 3] = ["strip", "no_store", "replay"];
+
+    pub fn from_name(s: &str) -> Option<SetCookie> {
+        match s {
+            "strip" => Some(SetCookie::Strip),
+            "no_store" => Some(SetCookie::NoStore),
+            "replay" => Some(SetCookie::Replay),
+            _ => None,
+        }
+    }
 }
 
 /// Limits from the config that shape storage decisions.
@@ -255,6 +289,7 @@ pub struct Policy {
     pub max_ttl: Duration,
     /// Freshness for cacheable responses that state none (0: heuristics only).
     pub default_ttl: Duration,
+    pub set_cookie: SetCookie,
 }
 
 impl Default for Policy {
@@ -264,6 +299,7 @@ impl Default for Policy {
             heuristic_max: Duration::from_secs(24 * 3600),
             max_ttl: Duration::from_secs(365 * 24 * 3600),
             default_ttl: Duration::ZERO,
+            set_cookie: SetCookie::Strip,
         }
     }
 }
@@ -294,6 +330,14 @@ pub fn storable(
     }
     if resp.vary_star {
         return Err(NotStored::VaryStar);
+    }
+    if resp.set_cookie {
+        // Heuristic freshness (or a default TTL) is no licence to hand one user's cookie
+        // response to others: the origin must say a shared cache may keep it.
+        let shared = resp.cc.s_maxage.is_some() || (resp.cc.public && resp.cc.max_age.is_some());
+        if policy.set_cookie == SetCookie::NoStore || !shared {
+            return Err(NotStored::SetCookie);
+        }
     }
     let explicit =
         resp.cc.s_maxage.is_some() || resp.cc.max_age.is_some() || resp.expires.is_some();

@@ -8,7 +8,7 @@
 
 use crate::balance::{Algorithm, HashMethod};
 use crate::cache::store::Store;
-use crate::cache::{HttpCache, Policy, WallClock};
+use crate::cache::{HttpCache, Policy, SetCookie, WallClock};
 use crate::http1::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::ProxyContext;
@@ -152,6 +152,22 @@ impl<'de> Deserialize<'de> for AlgorithmName {
             de::Error::custom(format!(
                 "unknown algorithm `{s}` (expected one of: {})",
                 Algorithm::NAMES.join(", ")
+            ))
+        })
+    }
+}
+
+/// `cache.set_cookie:` `strip`, `no_store` or `replay`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetCookieName(pub SetCookie);
+
+impl<'de> Deserialize<'de> for SetCookieName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SetCookie::from_name(&s).map(SetCookieName).ok_or_else(|| {
+            de::Error::custom(format!(
+                "unknown set_cookie policy `{s}` (expected one of: {})",
+                SetCookie::NAMES.join(", ")
             ))
         })
     }
@@ -332,6 +348,9 @@ pub struct CacheSection {
     /// Concurrent misses for one key wait this long for the first one's response before
     /// going to the backend themselves (nginx: `proxy_cache_lock_timeout`).
     pub lock_timeout: Dur,
+    /// Responses with `Set-Cookie`: `strip` (default: stored only with explicit shared
+    /// freshness, without the cookie), `no_store`, or `replay` (stored with the cookie).
+    pub set_cookie: SetCookieName,
     pub l1: Option<L1Section>,
     /// The shared tier: a Redis that several trireme instances use.
     pub l2: Option<L2Section>,
@@ -442,6 +461,7 @@ impl Default for CacheSection {
             key_headers: Vec::new(),
             shards: 16,
             lock_timeout: Dur(Duration::from_secs(5)),
+            set_cookie: SetCookieName::default(),
             l1: None,
             l2: None,
             warming: None,
@@ -1155,6 +1175,7 @@ impl Config {
                                 .as_ref()
                                 .and_then(|l| l.ttl)
                                 .map_or(c.default_ttl.0, |t| t.0),
+                            set_cookie: c.set_cookie.0,
                             ..Policy::default()
                         },
                         c.key_headers.clone(),

@@ -760,7 +760,8 @@ impl HttpCache {
         }
         for (name, line) in stored_fields(&old.head) {
             let replaced = h.headers.iter().any(|f| {
-                !not_stored_field(h, buf, f) && f.name.get(buf).eq_ignore_ascii_case(name)
+                !not_stored_field(h, buf, f, &self.policy)
+                    && f.name.get(buf).eq_ignore_ascii_case(name)
             });
             if !replaced {
                 head.extend_from_slice(line);
@@ -768,7 +769,7 @@ impl HttpCache {
             }
         }
         for f in &h.headers {
-            if !not_stored_field(h, buf, f) {
+            if !not_stored_field(h, buf, f, &self.policy) {
                 head.extend_from_slice(f.name.get(buf));
                 head.extend_from_slice(b": ");
                 head.extend_from_slice(f.value.get(buf));
@@ -851,7 +852,7 @@ impl HttpCache {
             _ => None,
         };
         let grow = Arc::new(Growing {
-            head: Bytes::from(stored_head(h, buf)),
+            head: Bytes::from(stored_head(h, buf, &self.policy)),
             length: length.unwrap_or(0),
             facts,
             etag,
@@ -1071,6 +1072,7 @@ pub fn response_facts(
         has_etag: header(h, buf, b"etag").is_some(),
         vary_star: response_values(h, buf, b"vary")
             .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii() == b"*")),
+        set_cookie: header(h, buf, b"set-cookie").is_some(),
         cc,
         request_time,
         response_time,
@@ -1078,8 +1080,13 @@ pub fn response_facts(
 }
 
 /// Fields never stored with a response: hop-by-hop ones, framing (the cache re-frames),
-/// and `Age` (computed when served).
-fn not_stored_field(h: &ResponseHead, buf: &[u8], f: &crate::http1::head::HeaderSpan) -> bool {
+/// `Age` (computed when served), and `Set-Cookie` unless the policy replays cookies.
+fn not_stored_field(
+    h: &ResponseHead,
+    buf: &[u8],
+    f: &crate::http1::head::HeaderSpan,
+    policy: &Policy,
+) -> bool {
     let n = f.name.get(buf);
     h.is_hop(buf, f)
         || n.eq_ignore_ascii_case(b"content-length")
@@ -1087,6 +1094,7 @@ fn not_stored_field(h: &ResponseHead, buf: &[u8], f: &crate::http1::head::Header
         || n.eq_ignore_ascii_case(b"age")
         || n.eq_ignore_ascii_case(b"x-cache")
         || n.eq_ignore_ascii_case(b"cache-status")
+        || (policy.set_cookie != super::SetCookie::Replay && n.eq_ignore_ascii_case(b"set-cookie"))
 }
 
 /// The field lines of a stored head (after its status line), each with its field name,
@@ -1099,11 +1107,11 @@ fn stored_fields(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 }
 
 /// Status line and the header fields to store, each line with its CRLF.
-pub fn stored_head(h: &ResponseHead, buf: &[u8]) -> Vec<u8> {
+pub fn stored_head(h: &ResponseHead, buf: &[u8], policy: &Policy) -> Vec<u8> {
     let mut out = Vec::with_capacity(h.len);
     crate::proxy::write_status_line(&mut out, h.status, h.reason.get(buf));
     for f in &h.headers {
-        if !not_stored_field(h, buf, f) {
+        if !not_stored_field(h, buf, f, policy) {
             out.extend_from_slice(f.name.get(buf));
             out.extend_from_slice(b": ");
             out.extend_from_slice(f.value.get(buf));

@@ -21,6 +21,7 @@ fn resp(directives: &str) -> ResponseFacts {
         age: 0,
         has_etag: true,
         vary_star: false,
+        set_cookie: false,
         request_time: t(0),
         response_time: t(0),
     }
@@ -525,4 +526,44 @@ mod store_tests {
             }
         }
     }
+}
+
+/// A response that sets a cookie is one user's unless the origin says a shared cache may
+/// keep it: heuristics and a default TTL are not enough.
+#[test]
+fn set_cookie_needs_explicit_shared_freshness() {
+    let with_cookie = |d: &str| ResponseFacts {
+        set_cookie: true,
+        has_etag: false,
+        last_modified: Some(t(0) - Duration::from_secs(86_400 * 30)),
+        ..resp(d)
+    };
+    let p = Policy {
+        default_ttl: Duration::from_secs(300),
+        ..Policy::default()
+    };
+    for d in ["", "max-age=60", "public", "must-revalidate"] {
+        assert_eq!(
+            storable(&get(), &with_cookie(d), &p),
+            Err(NotStored::SetCookie),
+            "`{d}`"
+        );
+    }
+    for d in ["s-maxage=60", "public, max-age=60"] {
+        assert_eq!(storable(&get(), &with_cookie(d), &p), Ok(()), "`{d}`");
+        let never = Policy {
+            set_cookie: SetCookie::NoStore,
+            ..p.clone()
+        };
+        assert_eq!(
+            storable(&get(), &with_cookie(d), &never),
+            Err(NotStored::SetCookie)
+        );
+    }
+    // Without a cookie, heuristics still apply.
+    let plain = ResponseFacts {
+        set_cookie: false,
+        ..with_cookie("")
+    };
+    assert_eq!(storable(&get(), &plain, &p), Ok(()));
 }
