@@ -56,6 +56,7 @@ matrix!(
     max_connections_enforced_at_accept,
     cache_hits_misses_and_invalidation,
     cache_never_replays_one_clients_cookie,
+    forwarding_fields_cannot_poison_the_cache,
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
     cache_coalesces_concurrent_misses,
@@ -557,9 +558,13 @@ fn headers_forwarded_and_hop_by_hop_removed(bin: &PathBuf) {
     let got = &b.requests()[0];
     assert_eq!(got.target, "/x?y=1");
     assert_eq!(got.header("host"), Some("app.example"));
+    // The client is not a trusted proxy: its X-Forwarded-For is replaced.
+    assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(got.header("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(got.header("x-forwarded-host"), Some("app.example"));
     assert_eq!(
-        got.header("x-forwarded-for"),
-        Some("203.0.113.9, 127.0.0.1")
+        got.header("forwarded"),
+        Some("for=127.0.0.1;host=\"app.example\";proto=http")
     );
     assert_eq!(got.header("x-forwarded-proto"), Some("http"));
     assert_eq!(got.header("via"), Some("1.1 trireme"));
@@ -1216,6 +1221,48 @@ fn cache_never_replays_one_clients_cookie(bin: &PathBuf) {
             "{policy}: {r:?}"
         );
     }
+}
+
+fn forwarding_fields_cannot_poison_the_cache(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "1MB"]);
+    // A backend that builds links from X-Forwarded-Host (or trusts X-Real-IP, Forwarded).
+    for (field, spoof, honest) in [
+        ("x-forwarded-host", "evil.example", "test"),
+        ("x-real-ip", "203.0.113.66", "127.0.0.1"),
+        (
+            "forwarded",
+            "for=203.0.113.66",
+            "for=127.0.0.1;host=\"test\";proto=http",
+        ),
+        ("x-original-url", "/admin", "-"),
+    ] {
+        let path = format!("/poison?reflect={field}&cc=max-age=60");
+        let mut c = p.client();
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{field}: {spoof}\r\n\r\n").as_bytes());
+        let r = c.read_response(false).unwrap();
+        assert_eq!(
+            r.text(),
+            format!("{field}: {honest}\n"),
+            "what the backend saw"
+        );
+        let victim = get(p.addr, &path);
+        assert_eq!(victim.header("x-cache"), Some("HIT"));
+        assert!(!victim.text().contains(spoof), "{field}: {}", victim.text());
+    }
+    drop(p);
+    // A trusted proxy in front (here: loopback) keeps its fields; this hop is appended.
+    let yaml = "server:\n  listen: \"{listen}\"\n  trusted_proxies: [127.0.0.0/8, \"::1\"]\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let mut c = p.client();
+    c.send(b"GET /t HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    let got = b.requests().into_iter().find(|r| r.target == "/t").unwrap();
+    assert_eq!(
+        got.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(got.header("x-forwarded-proto"), Some("https"));
 }
 
 fn cache_serves_stale_when_the_backend_dies(bin: &PathBuf) {

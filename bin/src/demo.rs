@@ -48,7 +48,8 @@ pub struct Backend {
 /// Anything else: 200 with `hello from NAME`. Query parameters add caching fields:
 /// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`,
 /// `lm=1` (a `Last-Modified` a year back: heuristically fresh for a day), `setcookie=a=b`
-/// (Set-Cookie: a=b).
+/// (Set-Cookie: a=b); `reflect=NAME` answers `NAME: value` of the request (a backend that
+/// trusts a forwarding field, for cache-poisoning tests).
 /// A GET or HEAD whose `If-None-Match` names that ETag (or `*`) is answered 304.
 fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
     let path = r.target.split('?').next().unwrap_or("");
@@ -77,6 +78,9 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
         _ => {}
     }
     let query = r.target.split_once('?').map_or("", |(_, q)| q);
+    if let Some(name) = query.split('&').find_map(|kv| kv.strip_prefix("reflect=")) {
+        body = format!("{name}: {}\n", r.header(name).unwrap_or("-")).into_bytes();
+    }
     let etag = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("etag="))

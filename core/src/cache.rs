@@ -527,10 +527,14 @@ pub fn write_primary_key(
 /// The secondary key of a response with `Vary` (RFC 9111 §4.1): for each field named, in
 /// lower case and sorted, the request's values with whitespace around commas removed.
 /// `None` for `Vary: *` (never matches).
-pub fn vary_key<'a, 'b>(
+pub fn vary_key<'a, V, I>(
     vary_lines: impl IntoIterator<Item = &'a [u8]>,
-    request_field: impl Fn(&[u8]) -> Vec<&'b [u8]>,
-) -> Option<Vec<u8>> {
+    request_field: impl Fn(&[u8]) -> V,
+) -> Option<Vec<u8>>
+where
+    V: IntoIterator<Item = I>,
+    I: AsRef<[u8]>,
+{
     let mut names: Vec<Vec<u8>> = Vec::new();
     for line in vary_lines {
         for name in split_list(line) {
@@ -550,7 +554,7 @@ pub fn vary_key<'a, 'b>(
         k.push(b':');
         let mut first = true;
         for v in request_field(n) {
-            for item in split_list(v) {
+            for item in split_list(v.as_ref()) {
                 if !first {
                     k.push(b',');
                 }

@@ -548,6 +548,10 @@ pub struct ServerSection {
     /// trireme-tokio only: one multi-thread runtime (work stealing), or one current-thread
     /// runtime per worker with its own listener (thread-per-core, like trireme-mio).
     pub tokio_flavor: TokioFlavor,
+    /// Client addresses or ranges (`10.0.0.0/8`, `::1`) whose `X-Forwarded-For`,
+    /// `Forwarded`, `X-Real-IP`, `X-Forwarded-Host` and `X-Forwarded-Proto` are kept and
+    /// appended to; from every other client they are replaced. Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `server.max_connections` when unset and the open-files limit allows it.
@@ -593,6 +597,7 @@ impl Default for ServerSection {
             shutdown_timeout: Dur(Duration::from_secs(30)),
             connection_pool: PoolSection::default(),
             tokio_flavor: TokioFlavor::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -808,6 +813,23 @@ fn locate_under(file: &str, src: &str, parent: &str, key: &str) -> String {
     format!("{file}: `{parent}.{key}`")
 }
 
+/// As [`locate`], for an item of the list under `key` (inline or one per line).
+fn locate_item(file: &str, src: &str, key: &str, item: &str) -> String {
+    let start = src.lines().position(|l| {
+        l.trim_start()
+            .strip_prefix(key)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    });
+    if let Some(start) = start {
+        for (i, line) in src.lines().enumerate().skip(start) {
+            if line.contains(item) {
+                return format!("{file}:{}: `{key}`", i + 1);
+            }
+        }
+    }
+    format!("{file}: `{key}`")
+}
+
 impl Config {
     /// Parse and validate YAML text. `file` names the source in error messages.
     pub fn from_yaml(src: &str, file: &str) -> Result<Config, ConfigError> {
@@ -962,6 +984,14 @@ impl Config {
                 return Err(ConfigError(format!(
                     "{}: must be above 0",
                     locate(file, src, "max_object_size", "")
+                )));
+            }
+        }
+        for t in &fc.server.trusted_proxies {
+            if let Err(e) = crate::forward::Cidr::parse(t) {
+                return Err(ConfigError(format!(
+                    "{}: {e}",
+                    locate_item(file, src, "trusted_proxies", t)
                 )));
             }
         }
@@ -1162,6 +1192,12 @@ impl Config {
             router: Router { routes, default },
             metrics: Arc::new(Metrics::default()),
             via_name: "trireme".into(),
+            trusted_proxies: crate::forward::TrustedProxies(
+                s.trusted_proxies
+                    .iter()
+                    .filter_map(|t| crate::forward::Cidr::parse(t).ok())
+                    .collect(),
+            ),
             clock: WallClock { base, wall },
             cache: fc.cache.as_ref().and_then(|c| {
                 let size = c.l1_size() as usize;

@@ -9,6 +9,7 @@ pub mod buf;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod forward;
 pub mod http1;
 pub mod metrics;
 pub mod proxy;

@@ -27,6 +27,7 @@ use crate::buf::{BufPool, OutBuf};
 use crate::cache::http::{write_hit, Capture, HitReply, Lookup, Pending, Refresh, Served};
 use crate::cache::store::Stored;
 use crate::error::{HttpError, Status};
+use crate::forward::{ForwardFields, Peer};
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{self, Method, Parsed, RequestHead};
 use crate::http1::write::{error_response, push_chunk, push_dec, LAST_CHUNK};
@@ -37,7 +38,6 @@ use crate::upstream::{HashKey, Upstream};
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,6 +69,8 @@ pub struct ProxyContext {
     pub clock: crate::cache::WallClock,
     /// The shared HTTP cache, when configured.
     pub cache: Option<Arc<crate::cache::HttpCache>>,
+    /// Clients whose forwarding fields (`X-Forwarded-For`, `Forwarded`, ...) are kept.
+    pub trusted_proxies: crate::forward::TrustedProxies,
 }
 
 /// What the session asks of the runtime.
@@ -170,7 +172,8 @@ struct Req {
 
 pub struct Session {
     ctx: Arc<ProxyContext>,
-    client_ip: IpAddr,
+    /// The client, and whether its forwarding fields are believed.
+    peer: Peer,
     /// Bytes read from the client, not yet consumed.
     pub client_in: BytesMut,
     /// Bytes to write to the client.
@@ -239,8 +242,8 @@ impl Session {
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
         Session {
+            peer: ctx.trusted_proxies.peer(client.ip()),
             ctx,
-            client_ip: client.ip(),
             client_in: BytesMut::new(),
             client_out: OutBuf::new(),
             up_in: BytesMut::new(),
@@ -480,7 +483,7 @@ impl Session {
             State::Idle => self.close_when_flushed(),
             State::Active => {
                 if !matches!(self.req_body, ReqBody::Done) {
-                    tracing::debug!(client = %self.client_ip, "client closed during request body");
+                    tracing::debug!(client = %self.peer.ip, "client closed during request body");
                     self.abort(now);
                 }
                 // Otherwise the response still goes out; the connection closes after it,
@@ -627,7 +630,7 @@ impl Session {
                 self.finish_exchange(false, now);
             }
             Resp::Body { .. } => {
-                tracing::warn!(client = %self.client_ip, "backend closed the connection mid-response");
+                tracing::warn!(client = %self.peer.ip, "backend closed the connection mid-response");
                 self.report_backend_failure(now);
                 self.abort(now);
             }
@@ -654,7 +657,7 @@ impl Session {
         match self.state {
             State::Idle => {
                 if self.head_started.is_some() || !self.client_in.is_empty() {
-                    tracing::debug!(client = %self.client_ip, "client request head timed out");
+                    tracing::debug!(client = %self.peer.ip, "client request head timed out");
                     self.client_error(HttpError::new(
                         Status::RequestTimeout,
                         "request head not received in time",
@@ -666,7 +669,7 @@ impl Session {
             State::Active if self.follow.is_some() => {
                 if !self.client_out.is_empty() && now >= self.last_client_io + self.ctx.idle_timeout
                 {
-                    tracing::debug!(client = %self.client_ip, "client stalled; closing");
+                    tracing::debug!(client = %self.peer.ip, "client stalled; closing");
                     self.abort(now);
                 } else {
                     self.pump_follow(now);
@@ -703,7 +706,7 @@ impl Session {
                             "request body not received in time",
                         ));
                     } else {
-                        tracing::debug!(client = %self.client_ip, "client stalled; closing");
+                        tracing::debug!(client = %self.peer.ip, "client stalled; closing");
                         self.abort(now);
                     }
                 }
@@ -769,7 +772,7 @@ impl Session {
                         if let Err(e) = self.forward_request_body() {
                             let started = self.req.as_ref().is_some_and(|r| r.response_started);
                             if started {
-                                tracing::debug!(client = %self.client_ip, error = %e, "bad request body after response started");
+                                tracing::debug!(client = %self.peer.ip, error = %e, "bad request body after response started");
                                 self.abort(now);
                             } else {
                                 self.release_upstream(false);
@@ -937,7 +940,7 @@ impl Session {
         else {
             let body = h.body != BodyKind::None;
             self.client_in.advance(h.len);
-            tracing::debug!(client = %self.client_ip, "404: no route for this host and path");
+            tracing::debug!(client = %self.peer.ip, "404: no route for this host and path");
             self.reply_error(Status::NotFound, body || !h.keep_alive);
             return;
         };
@@ -948,7 +951,7 @@ impl Session {
         } else if let Some(cache) = &ctx.cache {
             let since = waited.map_or(now, |w| w.since);
             let may_wait = now < since + cache.lock_timeout;
-            match cache.lookup(&h, buf, ctx.clock.at(now), may_wait) {
+            match cache.lookup(&h, buf, self.peer, ctx.clock.at(now), may_wait) {
                 Lookup::Wait => {
                     // The head stays in `client_in`; the timer looks again.
                     self.cache_wait = Some(CacheWait {
@@ -984,7 +987,7 @@ impl Session {
                             &mut request,
                             hb,
                             hh,
-                            self.client_ip,
+                            self.peer,
                             &ctx.upstreams[up_id].backends[0].host,
                             &ctx.via_name,
                         );
@@ -1053,7 +1056,7 @@ impl Session {
 
         let Some(backend) = self.pick(&req, upstream, now) else {
             self.client_in.advance(h.len);
-            tracing::warn!(client = %self.client_ip, upstream = %upstream.cfg.name, "503: no healthy backend");
+            tracing::warn!(client = %self.peer.ip, upstream = %upstream.cfg.name, "503: no healthy backend");
             let close = req.has_body || req.close_after;
             self.req = Some(req);
             if self.serve_stale_on_error(close, now) {
@@ -1069,7 +1072,7 @@ impl Session {
             &mut self.up_head,
             buf,
             &h,
-            self.client_ip,
+            self.peer,
             &upstream.backends[backend].host,
             &ctx.via_name,
         );
@@ -1111,7 +1114,7 @@ impl Session {
 
     fn pick(&self, req: &Req, upstream: &Upstream, now: Instant) -> Option<usize> {
         let mut ipb = [0u8; 16];
-        let client: &[u8] = match self.client_ip {
+        let client: &[u8] = match self.peer.ip {
             IpAddr::V4(a) => {
                 ipb[..4].copy_from_slice(&a.octets());
                 &ipb[..4]
@@ -1152,7 +1155,7 @@ impl Session {
             if self.connect_again(now, false, true) {
                 return;
             }
-            tracing::warn!(client = %self.client_ip, "{}: {why}; no other backend to retry on", status.code());
+            tracing::warn!(client = %self.peer.ip, "{}: {why}; no other backend to retry on", status.code());
             self.reply_upstream_error(status, now);
             return;
         }
@@ -1475,7 +1478,7 @@ impl Session {
                                 let (used, chunk) = match r {
                                     Ok(x) => x,
                                     Err(e) => {
-                                        tracing::warn!(client = %self.client_ip, error = %e, "invalid chunked response from backend");
+                                        tracing::warn!(client = %self.peer.ip, error = %e, "invalid chunked response from backend");
                                         self.up_in.clear();
                                         self.report_backend_failure(now);
                                         self.abort(now);
@@ -1594,7 +1597,7 @@ impl Session {
             .metrics
             .client_errors
             .fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(client = %self.client_ip, status = e.status.code(), why = e.why, "rejecting request");
+        tracing::debug!(client = %self.peer.ip, status = e.status.code(), why = e.why, "rejecting request");
         self.reply_error(e.status, true);
     }
 
@@ -1631,7 +1634,7 @@ impl Session {
                 .backend
                 .map(|b| up.backends[b as usize].addr.to_string())
                 .unwrap_or_default();
-            tracing::warn!(client = %self.client_ip, upstream = %up.cfg.name, backend = %backend, status = status.code(), "{why}");
+            tracing::warn!(client = %self.peer.ip, upstream = %up.cfg.name, backend = %backend, status = status.code(), "{why}");
         }
         self.release_upstream(false);
         if started {
@@ -1690,7 +1693,7 @@ impl Session {
                 http10_keep_alive: http10 && !close,
             },
         );
-        tracing::info!(client = %self.client_ip, "origin failed; served a stale response (stale-if-error)");
+        tracing::info!(client = %self.peer.ip, "origin failed; served a stale response (stale-if-error)");
         self.requests_done += 1;
         self.req = None;
         self.resp = Resp::Done;
@@ -1757,12 +1760,12 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Serialize the request head sent to the backend: origin-form target, hop-by-hop fields
-/// removed, `X-Forwarded-For` / `X-Forwarded-Proto` / `Via` added, framing regenerated.
+/// removed, the forwarding fields set by [`crate::forward`]'s rules, framing regenerated.
 fn write_upstream_head(
     out: &mut Vec<u8>,
     buf: &[u8],
     h: &RequestHead,
-    client: IpAddr,
+    peer: Peer,
     backend_host: &str,
     via: &str,
 ) {
@@ -1775,48 +1778,30 @@ fn write_upstream_head(
         out.extend_from_slice(path);
     }
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    let host = h.effective_host(buf);
-    if host.is_empty() {
-        out.extend_from_slice(backend_host.as_bytes());
-    } else {
-        out.extend_from_slice(host);
-    }
+    let host = match h.effective_host(buf) {
+        b"" => backend_host.as_bytes(),
+        h => h,
+    };
+    out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
-    let mut xff: SmallVec<[&[u8]; 2]> = SmallVec::new();
-    let mut prev_via: SmallVec<[&[u8]; 2]> = SmallVec::new();
+    let mut fwd = ForwardFields::default();
     for hd in &h.headers {
-        let name = hd.name.get(buf);
-        if h.is_hop(buf, hd) || lower_eq(name, b"host") || lower_eq(name, b"x-forwarded-proto") {
+        let (name, value) = (hd.name.get(buf), hd.value.get(buf));
+        if h.is_hop(buf, hd) || fwd.note(peer, name, value) {
             continue;
         }
-        if lower_eq(name, b"x-forwarded-for") {
-            xff.push(hd.value.get(buf));
-            continue;
-        }
-        if lower_eq(name, b"via") {
-            prev_via.push(hd.value.get(buf));
-            continue;
-        }
-        push_header(out, name, hd.value.get(buf));
+        push_header(out, name, value);
     }
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    for v in &xff {
-        out.extend_from_slice(v);
-        out.extend_from_slice(b", ");
-    }
-    let _ = write!(out, "{client}");
-    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nVia: ");
-    for v in &prev_via {
-        out.extend_from_slice(v);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(if h.version == Version::Http10 {
+    let via_self: &[u8] = if h.version == Version::Http10 {
         b"1.0 "
     } else {
         b"1.1 "
-    });
-    out.extend_from_slice(via.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    };
+    // "1.1 trireme": the version the client spoke, then this proxy's name.
+    let mut via_buf: SmallVec<[u8; 32]> = SmallVec::new();
+    via_buf.extend_from_slice(via_self);
+    via_buf.extend_from_slice(via.as_bytes());
+    fwd.write(out, peer, host, &via_buf);
     match h.body {
         BodyKind::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");

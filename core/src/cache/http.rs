@@ -7,6 +7,7 @@ use super::{
     current_age, not_modified, primary_key, reuse, same_origin_target, storable, vary_key,
     Directives, Policy, RequestFacts, ResponseFacts, Reuse,
 };
+use crate::forward::{vary_values, Peer};
 use crate::http1::head::{Method, RequestHead, ResponseHead};
 use crate::http1::write::push_dec;
 use bytes::Bytes;
@@ -210,6 +211,8 @@ pub struct Pending {
     head_bytes: Vec<u8>,
     head: RequestHead,
     facts: RequestFacts,
+    /// The client, for the values its request is forwarded with (`Vary`).
+    peer: Peer,
     request_time: SystemTime,
     /// A stored response that needs validation (or may answer if the origin fails).
     stale: Option<Arc<Stored>>,
@@ -227,6 +230,14 @@ impl Pending {
     /// The request head this pending fetch was made for: its bytes and spans into them.
     pub fn request_head(&self) -> (&[u8], &RequestHead) {
         (&self.head_bytes, &self.head)
+    }
+
+    /// The request's secondary key under a response's `Vary` (`None` for `Vary: *`),
+    /// from the values it was forwarded with.
+    pub fn vary_key(&self, vary: &[u8]) -> Option<Vec<u8>> {
+        vary_key([vary], |n| {
+            vary_values(&self.head, &self.head_bytes, self.peer, n)
+        })
     }
 
     /// A background refresh validates whenever the stored entry has a validator, whatever
@@ -475,6 +486,7 @@ impl HttpCache {
             head_bytes: request.clone(),
             head: h,
             facts,
+            peer: Peer::LOCAL,
             request_time: now,
             stale,
             validating: false,
@@ -626,6 +638,7 @@ impl HttpCache {
         g: &Growing,
         h: &RequestHead,
         buf: &[u8],
+        peer: Peer,
         facts: &RequestFacts,
         now: SystemTime,
     ) -> bool {
@@ -633,19 +646,21 @@ impl HttpCache {
             return false;
         }
         if !g.vary.is_empty()
-            && vary_key([&g.vary[..]], |n| field_values(h, buf, n)).as_ref() != Some(&g.secondary)
+            && vary_key([&g.vary[..]], |n| vary_values(h, buf, peer, n)).as_ref()
+                != Some(&g.secondary)
         {
             return false;
         }
         reuse(facts, &g.facts, &self.policy, now) == Reuse::Fresh
     }
 
-    /// What to do with a request. `may_wait`: it has not yet waited `lock_timeout` for
-    /// another request's fetch of the same key.
+    /// What to do with a request from `peer`. `may_wait`: it has not yet waited
+    /// `lock_timeout` for another request's fetch of the same key.
     pub fn lookup(
         self: &Arc<Self>,
         h: &RequestHead,
         buf: &[u8],
+        peer: Peer,
         now: SystemTime,
         may_wait: bool,
     ) -> Lookup {
@@ -664,7 +679,7 @@ impl HttpCache {
             return Lookup::Bypass;
         }
         let key = self.key(h, buf);
-        let stored = self.store.get(&key, |name| field_values(h, buf, name));
+        let stored = self.store.get(&key, |name| vary_values(h, buf, peer, name));
         if let Some(stored) = &stored {
             let decision = reuse(&facts, &stored.facts, &self.policy, now);
             if decision != Reuse::Validate {
@@ -684,6 +699,7 @@ impl HttpCache {
                                 head_bytes: buf[..h.len].to_vec(),
                                 head: h.clone(),
                                 facts: facts.clone(),
+                                peer,
                                 request_time: now,
                                 stale: Some(stored.clone()),
                                 validating: false,
@@ -719,7 +735,7 @@ impl HttpCache {
         };
         let lead = match flight {
             Ok(l) => l,
-            Err(Flight::Fetching(Some(g))) if self.may_follow(&g, h, buf, &facts, now) => {
+            Err(Flight::Fetching(Some(g))) if self.may_follow(&g, h, buf, peer, &facts, now) => {
                 return Lookup::Follow(g);
             }
             Err(Flight::Fetching(_)) if may_wait => return Lookup::Wait,
@@ -734,6 +750,7 @@ impl HttpCache {
             head_bytes: buf[..h.len].to_vec(),
             head: h.clone(),
             facts,
+            peer,
             request_time: now,
             stale: stored,
             validating: false,
@@ -842,7 +859,7 @@ impl HttpCache {
         let secondary = if vary.is_empty() {
             Vec::new()
         } else {
-            vary_key([&vary[..]], |n| field_values(&p.head, &p.head_bytes, n))?
+            p.vary_key(&vary)?
         };
         let etag = header(h, buf, b"etag").map(Bytes::copy_from_slice);
         let limit = self.store.max_object();

@@ -222,11 +222,11 @@ impl Store {
 
     /// The stored variant of `key` that matches the request (its `Vary` fields taken from
     /// `request_field`), marked most recently used.
-    pub fn get<'b>(
-        &self,
-        key: &[u8],
-        request_field: impl Fn(&[u8]) -> Vec<&'b [u8]>,
-    ) -> Option<Arc<Stored>> {
+    pub fn get<V, I>(&self, key: &[u8], request_field: impl Fn(&[u8]) -> V) -> Option<Arc<Stored>>
+    where
+        V: IntoIterator<Item = I>,
+        I: AsRef<[u8]>,
+    {
         let mut s = self.shard(key).lock();
         // Copied out of the map (the loop reorders the LRU list); on the stack for up to
         // four variants.

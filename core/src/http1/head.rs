@@ -137,7 +137,12 @@ pub struct RequestHead {
 impl RequestHead {
     /// Is this header one the proxy must not forward (hop-by-hop, or named in Connection)?
     pub fn is_hop(&self, buf: &[u8], h: &HeaderSpan) -> bool {
-        let name = h.name.get(buf);
+        self.is_hop_name(buf, h.name.get(buf))
+    }
+
+    /// Is a field of this name one the proxy must not forward (hop-by-hop, or named in
+    /// Connection)?
+    pub fn is_hop_name(&self, buf: &[u8], name: &[u8]) -> bool {
         is_hop_by_hop(name)
             || self
                 .connection_tokens

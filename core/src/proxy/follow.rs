@@ -93,7 +93,7 @@ impl Session {
                 }
             }
             Grown::Failed => {
-                tracing::debug!(client = %self.client_ip, "the fetch this response streamed from failed; closing");
+                tracing::debug!(client = %self.peer.ip, "the fetch this response streamed from failed; closing");
                 self.follow = None;
                 self.abort(now);
             }

@@ -153,10 +153,7 @@ impl Session {
             Ok(None) => {}
             Ok(Some(Reply::Vary(vary))) => {
                 let Some(f) = self.l2.as_mut() else { return };
-                let (hb, h) = f.pending.request_head();
-                match crate::cache::vary_key([&vary[..]], |name| {
-                    crate::cache::http::field_values(h, hb, name)
-                }) {
+                match f.pending.vary_key(&vary) {
                     Some(secondary) if self.up_in.is_empty() => {
                         f.variant = true;
                         self.up_out.clear();

@@ -93,12 +93,10 @@ fn pipelined_requests_are_answered_in_order() {
 
 #[test]
 fn headers_are_rewritten_for_the_backend() {
+    let spoof = b"GET /h HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nX-Real-IP: 1.1.1.1\r\nForwarded: for=1.1.1.1\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nX-End: kept\r\n\r\n";
     let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), 1);
     let c = sim.connect_client(CLIENT.parse().unwrap());
-    sim.send(
-        c,
-        b"GET /h HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nX-End: kept\r\n\r\n",
-    );
+    sim.send(c, spoof);
     sim.run_for(Duration::from_millis(10));
     let r = &sim.backends[0].requests[0];
     for gone in [
@@ -108,15 +106,106 @@ fn headers_are_rewritten_for_the_backend() {
         "proxy-connection",
         "te",
         "upgrade",
+        "x-original-url",
+        "x-rewrite-url",
     ] {
         assert!(r.header(gone).is_none(), "{gone} forwarded:\n{}", r.head);
     }
-    assert_eq!(r.header("x-forwarded-for"), Some("1.1.1.1, 10.1.2.3"));
+    // An untrusted client's forwarding fields are replaced by what the proxy saw.
+    assert_eq!(r.header("x-forwarded-for"), Some("10.1.2.3"));
+    assert_eq!(r.header("x-real-ip"), Some("10.1.2.3"));
+    assert_eq!(r.header("x-forwarded-host"), Some("example.com"));
     assert_eq!(r.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        r.header("forwarded"),
+        Some("for=10.1.2.3;host=\"example.com\";proto=http")
+    );
+    for once in [
+        "x-forwarded-for",
+        "x-real-ip",
+        "forwarded",
+        "x-forwarded-host",
+    ] {
+        let n = r
+            .head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{once}:")))
+            .count();
+        assert_eq!(n, 1, "{once} sent once:\n{}", r.head);
+    }
     assert_eq!(r.header("via"), Some("1.1 trireme"));
     assert_eq!(r.header("host"), Some("example.com"));
     assert_eq!(r.header("x-end"), Some("kept"));
     assert!(r.head.starts_with("GET /h HTTP/1.1\r\n"));
+
+    // From a trusted proxy they are kept, and this hop is appended.
+    let yaml = two_backends("").replace("server:\n", "server:\n  trusted_proxies: [10.0.0.0/8]\n");
+    let mut sim = sim_with(&yaml, echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    sim.send(c, spoof);
+    sim.run_for(Duration::from_millis(10));
+    let r = &sim.backends[0].requests[0];
+    assert_eq!(r.header("x-forwarded-for"), Some("1.1.1.1, 10.1.2.3"));
+    assert_eq!(r.header("x-real-ip"), Some("1.1.1.1"));
+    assert_eq!(r.header("x-forwarded-host"), Some("evil.example"));
+    assert_eq!(r.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        r.header("forwarded"),
+        Some("for=1.1.1.1, for=10.1.2.3;host=\"example.com\";proto=http")
+    );
+    assert!(r.header("x-original-url").is_none(), "never forwarded");
+}
+
+/// The cache chooses a `Vary` variant by what the backend received: a field the client
+/// names in `Connection` is not forwarded, so it does not select a variant either (else a
+/// client could store the field-less answer under another variant's key).
+#[test]
+fn vary_variant_is_chosen_from_the_forwarded_request() {
+    let yaml = two_backends("cache:\n  size: 1MB\n");
+    let lang = || {
+        Behavior::Serve(Box::new(|r: &SimRequest| Reply {
+            headers: vec![
+                ("Cache-Control".into(), "max-age=60".into()),
+                ("Vary".into(), "X-Lang".into()),
+            ],
+            ..Reply::ok(format!("lang={}", r.header("x-lang").unwrap_or("none")).as_bytes())
+        }))
+    };
+    let mut sim = sim_with(&yaml, lang(), lang(), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    // The attacker: X-Lang: fr, but listed in Connection, so the backend sees none.
+    sim.send(
+        c,
+        b"GET /v HTTP/1.1\r\nHost: example.com\r\nX-Lang: fr\r\nConnection: X-Lang\r\n\r\n",
+    );
+    sim.run_for(Duration::from_millis(10));
+    // A French client must get the French answer, not the stored field-less one.
+    sim.send(
+        c,
+        b"GET /v HTTP/1.1\r\nHost: example.com\r\nX-Lang: fr\r\n\r\n",
+    );
+    sim.run_for(Duration::from_millis(10));
+    // And a client without X-Lang is answered from the stored field-less variant.
+    sim.send(c, &get("/v"));
+    sim.run_for(Duration::from_millis(10));
+    let resp = parse_responses(&sim.clients[c].received, &[false; 3]);
+    let bodies: Vec<String> = resp
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.2).into_owned())
+        .collect();
+    assert_eq!(bodies, ["lang=none", "lang=fr", "lang=none"]);
+    let xcache = |i: usize| {
+        resp[i]
+            .1
+            .iter()
+            .find(|(n, _)| n == "X-Cache")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(xcache(2).as_deref(), Some("HIT"));
+    assert_eq!(
+        sim.backends[0].requests.len() + sim.backends[1].requests.len(),
+        2
+    );
 }
 
 #[test]
