@@ -57,6 +57,7 @@ matrix!(
     cache_hits_misses_and_invalidation,
     cache_never_replays_one_clients_cookie,
     forwarding_fields_cannot_poison_the_cache,
+    routes_match_the_normalised_path_and_host,
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
     cache_coalesces_concurrent_misses,
@@ -1263,6 +1264,47 @@ fn forwarding_fields_cannot_poison_the_cache(bin: &PathBuf) {
         Some("203.0.113.9, 127.0.0.1")
     );
     assert_eq!(got.header("x-forwarded-proto"), Some("https"));
+}
+
+fn routes_match_the_normalised_path_and_host(bin: &PathBuf) {
+    let public = Backend::start("public").unwrap();
+    let internal = Backend::start("internal").unwrap();
+    let admin = Backend::start("admin-host").unwrap();
+    let yaml = "server:\n  listen: \"{listen}\"\nbackends:\n  - url: http://{b0}\nupstreams:\n  internal:\n    backends:\n      - url: http://{b1}\n  adminhost:\n    backends:\n      - url: http://{b2}\nroutes:\n  - path: /internal\n    upstream: internal\n  - host: admin.example\n    upstream: adminhost\n";
+    let p = Proxy::with_config(bin, yaml, &[&public, &internal, &admin]);
+    let mut c = p.client();
+    for (target, host, who, seen) in [
+        ("/internal", "t", "internal", "/internal"),
+        (
+            "/internal/x?q=/../y",
+            "t",
+            "internal",
+            "/internal/x?q=/../y",
+        ),
+        ("/internalfoo", "t", "public", "/internalfoo"),
+        ("/internal/../secret", "t", "public", "/secret"),
+        ("/%69nternal/x", "t", "internal", "/internal/x"),
+        ("/%2e%2e/internal/./x", "t", "internal", "/internal/x"),
+        ("//internal//x", "t", "internal", "/internal/x"),
+        ("/a", "ADMIN.example.", "admin-host", "/a"),
+        ("/a", "admin.example:80", "admin-host", "/a"),
+    ] {
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.header("x-backend"), Some(who), "{host}{target}");
+        let b = match who {
+            "internal" => &internal,
+            "public" => &public,
+            _ => &admin,
+        };
+        let got = b.requests().pop().unwrap();
+        assert_eq!(got.target, seen, "forwarded form of {target}");
+    }
+    let host = admin.requests().pop().unwrap();
+    assert_eq!(host.header("host"), Some("admin.example"));
+    // A malformed escape is the client's error.
+    c.send(b"GET /a%zz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 400);
 }
 
 fn cache_serves_stale_when_the_backend_dies(bin: &PathBuf) {

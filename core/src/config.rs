@@ -552,6 +552,10 @@ pub struct ServerSection {
     /// `Forwarded`, `X-Real-IP`, `X-Forwarded-Host` and `X-Forwarded-Proto` are kept and
     /// appended to; from every other client they are replaced. Default: none.
     pub trusted_proxies: Vec<String>,
+    /// Request paths are normalised (dot segments removed, needless escapes decoded) for
+    /// routing, the cache and the backend; this also merges `//` into `/` (nginx's
+    /// `merge_slashes`, on by default).
+    pub merge_slashes: bool,
 }
 
 /// `server.max_connections` when unset and the open-files limit allows it.
@@ -598,6 +602,7 @@ impl Default for ServerSection {
             connection_pool: PoolSection::default(),
             tokio_flavor: TokioFlavor::default(),
             trusted_proxies: Vec::new(),
+            merge_slashes: true,
         }
     }
 }
@@ -1192,6 +1197,7 @@ impl Config {
             router: Router { routes, default },
             metrics: Arc::new(Metrics::default()),
             via_name: "trireme".into(),
+            merge_slashes: s.merge_slashes,
             trusted_proxies: crate::forward::TrustedProxies(
                 s.trusted_proxies
                     .iter()

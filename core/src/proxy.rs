@@ -71,6 +71,8 @@ pub struct ProxyContext {
     pub cache: Option<Arc<crate::cache::HttpCache>>,
     /// Clients whose forwarding fields (`X-Forwarded-For`, `Forwarded`, ...) are kept.
     pub trusted_proxies: crate::forward::TrustedProxies,
+    /// Empty path segments are dropped when the target is normalised (`//` as `/`).
+    pub merge_slashes: bool,
 }
 
 /// What the session asks of the runtime.
@@ -924,13 +926,20 @@ impl Session {
         Ok(())
     }
 
-    fn start_request(&mut self, h: RequestHead, now: Instant) {
+    fn start_request(&mut self, mut h: RequestHead, now: Instant) {
         let ctx = self.ctx.clone();
         let waited = self.cache_wait.take();
         if waited.is_none() && !self.l2_resumed() {
             ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
         }
         self.head_started = None;
+        // One form of the target and host for routing, the cache key and the backend.
+        // (Idempotent: a head looked at again after a cache wait is unchanged.)
+        if let Err(e) = h.normalize(&mut self.client_in[..h.len], ctx.merge_slashes) {
+            self.client_in.advance(h.len);
+            self.client_error(e);
+            return;
+        }
         let buf: &[u8] = &self.client_in;
         let host = h.effective_host(buf);
         let path = h.path.get(buf);

@@ -38,14 +38,18 @@ pub struct Route {
 }
 
 /// Most specific host match wins (exact over wildcard over none), then the longest path
-/// prefix, then the first route in config order.
+/// prefix, then the first route in config order. A prefix matches whole segments: `/api`
+/// takes `/api`, `/api/x` and `/api?q`, not `/apix` (a prefix ending in `/` matches what
+/// starts with it). Paths and hosts come in normalised ([`RequestHead::normalize`]).
+///
+/// [`RequestHead::normalize`]: crate::http1::head::RequestHead::normalize
 #[derive(Clone, Debug, Default)]
 pub struct Router {
     pub routes: Vec<Route>,
     pub default: Option<usize>,
 }
 
-/// Host without port, for matching.
+/// Host without port (or a trailing dot), for matching.
 pub fn host_name(host: &[u8]) -> &[u8] {
     if host.first() == Some(&b'[') {
         // [v6]:port
@@ -54,10 +58,22 @@ pub fn host_name(host: &[u8]) -> &[u8] {
             None => host,
         };
     }
-    match host.iter().rposition(|&b| b == b':') {
+    let name = match host.iter().rposition(|&b| b == b':') {
         Some(i) => &host[..i],
         None => host,
+    };
+    match name {
+        [rest @ .., b'.'] if !rest.is_empty() => rest,
+        n => n,
     }
+}
+
+/// Does `path` start with the route prefix `prefix` on a segment boundary?
+fn prefix_matches(path: &[u8], prefix: &[u8]) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with(b"/")
+            || path.len() == prefix.len()
+            || matches!(path[prefix.len()], b'/' | b'?'))
 }
 
 impl Router {
@@ -72,7 +88,7 @@ impl Router {
                     None => continue,
                 },
             };
-            if !path.starts_with(r.path_prefix.as_bytes()) {
+            if !prefix_matches(path, r.path_prefix.as_bytes()) {
                 continue;
             }
             let cand = (hs, r.path_prefix.len(), r.upstream);
@@ -126,5 +142,10 @@ mod tests {
             "wildcard needs a subdomain"
         );
         assert_eq!(host_name(b"[::1]:8080"), b"[::1]");
+        // Whole segments only; a trailing-dot host matches its exact route.
+        assert_eq!(r.route(b"other", b"/apix"), Some(0));
+        assert_eq!(r.route(b"other", b"/api?x=1"), Some(1));
+        assert_eq!(r.route(b"api.example.com.", b"/v2"), Some(4));
+        assert_eq!(r.route(b"api.example.com.:8080", b"/v2x"), Some(3));
     }
 }

@@ -242,8 +242,11 @@ fn trusted_proxies_and_set_cookie_are_validated() {
     let e = err("server:\n  trusted_proxies:\n    - 10.0.0.0/8\n    - 10.0.0.0/40\nbackends:\n  - url: http://127.0.0.1:1\n");
     assert!(e.contains("lb.yaml:4: `trusted_proxies`"), "{e}");
     assert!(e.contains("prefix length must be 0-32"), "{e}");
-    let e = err("server:\n  trusted_proxies: [proxy.internal]\nbackends:\n  - url: http://127.0.0.1:1\n");
+    let e = err(
+        "server:\n  trusted_proxies: [proxy.internal]\nbackends:\n  - url: http://127.0.0.1:1\n",
+    );
     assert!(e.contains("lb.yaml:2:"), "{e}");
-    let e = err("cache:\n  size: 1MB\n  set_cookie: keep\nbackends:\n  - url: http://127.0.0.1:1\n");
+    let e =
+        err("cache:\n  size: 1MB\n  set_cookie: keep\nbackends:\n  - url: http://127.0.0.1:1\n");
     assert!(e.contains("strip, no_store, replay"), "{e}");
 }

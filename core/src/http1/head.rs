@@ -712,3 +712,151 @@ pub fn probe_status(buf: &[u8]) -> Parsed<Result<u16, ()>> {
         .iter()
         .fold(0u16, |a, &b| a * 10 + (b - b'0') as u16)))
 }
+
+/// RFC 3986 unreserved characters: the ones a percent-escape stands for needlessly.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalise a path in place (RFC 3986 §6.2.2): escapes of unreserved characters decoded,
+/// the others' hex digits upper-cased, dot segments removed (§5.2.4), and with
+/// `merge_slashes` empty segments dropped (`//` as `/`, nginx's default). Never longer
+/// than it was; returns the new length. `Err` for a malformed escape.
+pub fn normalize_path(p: &mut [u8], merge_slashes: bool) -> Result<usize, HttpError> {
+    let bad = || HttpError::new(Status::BadRequest, "invalid percent-encoding in the path");
+    // Escapes first (a `%2e%2e` segment is a `..` segment).
+    let mut n = p.len();
+    if p.contains(&b'%') {
+        let (mut r, mut w) = (0, 0);
+        while r < n {
+            if p[r] != b'%' {
+                p[w] = p[r];
+                (r, w) = (r + 1, w + 1);
+                continue;
+            }
+            if r + 2 >= n {
+                return Err(bad());
+            }
+            let (hi, lo) = match (hex_val(p[r + 1]), hex_val(p[r + 2])) {
+                (Some(h), Some(l)) => (h, l),
+                _ => return Err(bad()),
+            };
+            let v = hi * 16 + lo;
+            if unreserved(v) {
+                p[w] = v;
+                w += 1;
+            } else {
+                p[w] = b'%';
+                p[w + 1] = p[r + 1].to_ascii_uppercase();
+                p[w + 2] = p[r + 2].to_ascii_uppercase();
+                w += 3;
+            }
+            r += 3;
+        }
+        n = w;
+    }
+    let dirty = p[..n]
+        .windows(2)
+        .any(|w| (w[0] == b'/' && w[1] == b'.') || (merge_slashes && w[0] == b'/' && w[1] == b'/'));
+    if !dirty || p.first() != Some(&b'/') {
+        return Ok(n);
+    }
+    // Segment by segment; the output (at `o`) never overtakes the input (at `i`).
+    let mut o = 0;
+    let mut i = 0;
+    while i < n {
+        let start = i + 1;
+        let end = p[start..n]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(n, |k| start + k);
+        let last = end == n;
+        let pop = |o: &mut usize, p: &[u8]| {
+            *o = p[..*o].iter().rposition(|&b| b == b'/').unwrap_or(0);
+        };
+        match &p[start..end] {
+            b"." => {}
+            b".." => pop(&mut o, p),
+            b"" if merge_slashes && !last => {}
+            _ => {
+                p[o] = b'/';
+                p.copy_within(start..end, o + 1);
+                o += 1 + (end - start);
+                i = end;
+                continue;
+            }
+        }
+        // A trailing `.`, `..` or empty segment leaves the path ending in `/`.
+        if last {
+            p[o] = b'/';
+            o += 1;
+        }
+        i = end;
+    }
+    if o == 0 {
+        p[0] = b'/';
+        o = 1;
+    }
+    Ok(o)
+}
+
+/// Normalise the host in place: lower case, a trailing dot dropped (`example.com.`), the
+/// default port dropped (`:80`). Returns the new length.
+pub fn normalize_host(h: &mut [u8]) -> usize {
+    h.make_ascii_lowercase();
+    let mut n = h.len();
+    let port_at = if h.first() == Some(&b'[') {
+        h.iter().position(|&b| b == b']').map(|i| i + 1)
+    } else {
+        h.iter().rposition(|&b| b == b':')
+    };
+    let name_end = port_at.unwrap_or(n);
+    if &h[name_end..n] == b":80" {
+        n = name_end;
+    }
+    let mut name = name_end;
+    while name > 1 && h[name - 1] == b'.' {
+        name -= 1;
+    }
+    if name < name_end {
+        h.copy_within(name_end..n, name);
+        n -= name_end - name;
+    }
+    n
+}
+
+impl RequestHead {
+    /// Normalise the request target and host in `buf` (the bytes this head was parsed
+    /// from), so routing, the cache key and the backend all see one form of them: the path
+    /// by [`normalize_path`] (the query is kept as sent), the host by [`normalize_host`].
+    pub fn normalize(&mut self, buf: &mut [u8], merge_slashes: bool) -> Result<(), HttpError> {
+        let (start, end) = (self.path.start as usize, self.path.end as usize);
+        if end > start {
+            let t = &mut buf[start..end];
+            let q = t.iter().position(|&b| b == b'?').unwrap_or(t.len());
+            let n = normalize_path(&mut t[..q], merge_slashes)?;
+            if n < q {
+                t.copy_within(q.., n);
+            }
+            self.path.end = (start + n + (t.len() - q)) as u32;
+        }
+        for span in [self.target_authority.as_mut(), self.host.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let s = span.start as usize;
+            let n = normalize_host(&mut buf[s..span.end as usize]);
+            span.end = (s + n) as u32;
+        }
+        Ok(())
+    }
+}

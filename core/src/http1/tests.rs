@@ -369,3 +369,99 @@ proptest! {
         prop_assert_eq!(out, data);
     }
 }
+
+#[test]
+fn paths_and_hosts_normalise_in_place() {
+    let norm = |s: &str, merge: bool| -> Result<String, crate::HttpError> {
+        let mut b = s.as_bytes().to_vec();
+        let n = head::normalize_path(&mut b, merge)?;
+        Ok(String::from_utf8(b[..n].to_vec()).unwrap())
+    };
+    for (input, want) in [
+        ("/", "/"),
+        ("/a/b", "/a/b"),
+        ("/internal/../secret", "/secret"),
+        ("/a/./b/../c", "/a/c"),
+        ("/a/b/..", "/a/"),
+        ("/a/.", "/a/"),
+        ("/..", "/"),
+        ("/../../x", "/x"),
+        ("/%69nternal", "/internal"),
+        ("/%2e%2e/secret", "/secret"),
+        ("/a/%2E%2e/b", "/b"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/%252e%252e/x", "/%252e%252e/x"),
+        ("/x%00y", "/x%00y"),
+        ("/a//b", "/a/b"),
+        ("//internal", "/internal"),
+        ("/a/", "/a/"),
+        ("/a//", "/a/"),
+        ("/~user/%7Efile", "/~user/~file"),
+        ("/.hidden/..x", "/.hidden/..x"),
+    ] {
+        assert_eq!(norm(input, true).unwrap(), want, "{input}");
+    }
+    assert_eq!(norm("/a//b", false).unwrap(), "/a//b");
+    assert_eq!(norm("/a//../b", false).unwrap(), "/a/b");
+    for bad in ["/%", "/%4", "/%zz", "/a%g1"] {
+        assert_eq!(
+            norm(bad, true).unwrap_err().status,
+            Status::BadRequest,
+            "{bad}"
+        );
+    }
+    let host = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        let n = head::normalize_host(&mut b);
+        String::from_utf8(b[..n].to_vec()).unwrap()
+    };
+    assert_eq!(host("Example.COM"), "example.com");
+    assert_eq!(host("example.com."), "example.com");
+    assert_eq!(host("example.com.:8080"), "example.com:8080");
+    assert_eq!(host("example.com:80"), "example.com");
+    assert_eq!(host("[::1]:80"), "[::1]");
+    assert_eq!(host("[::1]:8080"), "[::1]:8080");
+}
+
+#[test]
+fn a_parsed_head_is_normalised_with_its_query_kept() {
+    let mut buf =
+        b"GET /a/../b/%7e?x=/../%41 HTTP/1.1\r\nHost: WWW.Example.com.:80\r\n\r\n".to_vec();
+    let mut h = match parse_request(&buf, &Limits::default()).unwrap() {
+        Parsed::Complete(h) => h,
+        Parsed::Partial => panic!("partial"),
+    };
+    h.normalize(&mut buf, true).unwrap();
+    assert_eq!(h.path.get(&buf), b"/b/~?x=/../%41");
+    assert_eq!(h.effective_host(&buf), b"www.example.com");
+    let mut buf = b"GET http://A.example./x/./y HTTP/1.1\r\nHost: other\r\n\r\n".to_vec();
+    let mut h = match parse_request(&buf, &Limits::default()).unwrap() {
+        Parsed::Complete(h) => h,
+        Parsed::Partial => panic!("partial"),
+    };
+    h.normalize(&mut buf, true).unwrap();
+    assert_eq!(h.path.get(&buf), b"/x/y");
+    assert_eq!(h.effective_host(&buf), b"a.example");
+}
+
+proptest! {
+    #[test]
+    fn normalised_paths_have_no_dot_segments_and_are_stable(
+        segs in proptest::collection::vec("[a.%2eE/]{0,4}", 0..8),
+        merge in any::<bool>(),
+    ) {
+        let input = format!("/{}", segs.join("/"));
+        let mut b = input.clone().into_bytes();
+        if let Ok(n) = head::normalize_path(&mut b, merge) {
+            prop_assert!(n <= input.len());
+            let out = b[..n].to_vec();
+            prop_assert_eq!(out[0], b'/');
+            for seg in out.split(|&c| c == b'/') {
+                prop_assert!(seg != b"." && seg != b"..", "{input} -> {:?}", String::from_utf8_lossy(&out));
+            }
+            let mut again = out.clone();
+            let m = head::normalize_path(&mut again, merge).unwrap();
+            prop_assert_eq!(&again[..m], &out[..], "idempotent");
+        }
+    }
+}
