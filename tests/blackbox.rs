@@ -35,6 +35,7 @@ macro_rules! matrix {
 
 matrix!(
     stray_backend_bytes_never_reach_another_request,
+    broken_backend_answers_and_trace_get_clean_errors,
     backend_closing_idle_connections_fails_no_post,
     round_robin_and_weights,
     keep_alive_reuses_backend_connections,
@@ -186,6 +187,44 @@ fn stray_backend_bytes_never_reach_another_request(bin: &PathBuf) {
             "late stray bytes on idle connections are counted:\n{m}"
         );
     }
+}
+
+fn broken_backend_answers_and_trace_get_clean_errors(bin: &PathBuf) {
+    let rogue = Rogue::start(|r| {
+        let raw: &[u8] = match r.target.as_str() {
+            "/status-000" => b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok",
+            "/status-099" => b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok",
+            "/gzip-chunked" => {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            }
+            // The malformed chunk arrives with the head, in one write.
+            "/bad-chunk" => {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n"
+            }
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        };
+        vec![Step::Send(raw.to_vec())]
+    });
+    // Passive ejection off: four 502s in a row would eject the only backend.
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\nload_balancing:\n  passive_health:\n    max_fails: 0\nbackends:\n  - url: http://{}\n",
+        rogue.addr
+    );
+    let p = Proxy::with_config(bin, &yaml, &[]);
+    for path in ["/status-000", "/status-099", "/gzip-chunked", "/bad-chunk"] {
+        let r = get(p.addr, path);
+        assert_eq!(r.status, 502, "{path}: {r:?}");
+    }
+    let mut c = p.client();
+    c.send(b"TRACE / HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 405);
+    assert!(
+        r.header("allow").is_some_and(|a| a.contains("GET")),
+        "{r:?}"
+    );
+    assert_eq!(c.get("/fine").status, 200, "the connection goes on");
+    assert!(rogue.requests().iter().all(|r| r.method != "TRACE"));
 }
 
 fn backend_closing_idle_connections_fails_no_post(bin: &PathBuf) {

@@ -23,6 +23,11 @@ pub struct OutBuf {
     pos: usize,
     /// Bytes shared with a read buffer, written after `buf`'s pending bytes (not copied).
     shared: Option<Bytes>,
+    /// Bytes written (consumed) over the buffer's life: with [`len`](Self::len), where in
+    /// the stream a message starts, to tell later whether any of it went out.
+    written: u64,
+    /// Pending bytes out on a lend (in a write in flight; not in `buf` meanwhile).
+    lent: usize,
 }
 
 impl OutBuf {
@@ -31,6 +36,8 @@ impl OutBuf {
             buf: Vec::new(),
             pos: 0,
             shared: None,
+            written: 0,
+            lent: 0,
         }
     }
     /// The next bytes to write, contiguous: the owned ones first, then the shared ones.
@@ -60,8 +67,39 @@ impl OutBuf {
     pub fn has_shared(&self) -> bool {
         self.shared.is_some()
     }
+    /// The stream offset just past the pending bytes: where bytes queued next begin.
+    pub fn end_offset(&self) -> u64 {
+        self.written + (self.lent + self.len()) as u64
+    }
+
+    /// Bytes written so far over the buffer's life.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// No byte from stream offset `at` on has been written or is in a write in flight.
+    pub fn untouched_from(&self, at: u64) -> bool {
+        at >= self.written + self.lent as u64
+    }
+
+    /// Drop the pending bytes from stream offset `at` on, which must be
+    /// [`untouched_from`](Self::untouched_from) (e.g. a response head that gives way to
+    /// an error response).
+    pub fn truncate_at(&mut self, at: u64) {
+        debug_assert!(self.untouched_from(at));
+        let keep = at.saturating_sub(self.written + self.lent as u64) as usize;
+        let own = self.buf.len() - self.pos;
+        if keep <= own {
+            self.buf.truncate(self.pos + keep);
+            self.shared = None;
+        } else if let Some(s) = self.shared.as_mut() {
+            s.truncate(keep - own);
+        }
+    }
+
     /// `n` bytes of [`pending_parts`](Self::pending_parts) were written.
     pub fn consume(&mut self, n: usize) {
+        self.written += n as u64;
         let own = self.buf.len() - self.pos;
         self.pos += n.min(own);
         if n > own {
@@ -119,6 +157,7 @@ impl OutBuf {
         }
         spare.clear();
         let pos = std::mem::replace(&mut self.pos, 0);
+        self.lent = self.buf.len() - pos;
         (std::mem::replace(&mut self.buf, spare), pos)
     }
 
@@ -126,6 +165,7 @@ impl OutBuf {
     /// appended while it was away (and before the shared bytes, which stay shared).
     /// Returns the spare, emptied, for the pool.
     pub fn unlend(&mut self, mut lent: Vec<u8>, mut pos: usize) -> Vec<u8> {
+        self.lent = 0;
         let own = &self.buf[self.pos..];
         // Drop the bytes written before the lend when appending would grow the allocation
         // (as `vec` does): a peer that keeps taking part of each write would otherwise
@@ -274,6 +314,29 @@ mod tests {
     /// A peer that takes part of every write while more keeps coming (io_uring lends the
     /// buffer each time): the allocation stays bounded by what is pending, not by what was
     /// ever sent (it grew to everything streamed, 64 MiB in a black-box test under load).
+    #[test]
+    fn stream_offsets_tell_whether_a_message_went_out_even_across_a_lend() {
+        let mut o = OutBuf::new();
+        o.vec().extend_from_slice(b"first");
+        let (lent, pos) = o.lend(Vec::new());
+        // While "first" is in a write in flight, a second message is queued.
+        let at = o.end_offset();
+        assert_eq!(at, 5);
+        o.vec().extend_from_slice(b"second");
+        assert!(o.untouched_from(at));
+        assert!(!o.untouched_from(2), "lent bytes may be on the wire");
+        let spare = o.unlend(lent, pos);
+        drop(spare);
+        o.consume(3);
+        assert!(o.untouched_from(at));
+        o.truncate_at(at);
+        assert_eq!(o.pending(), b"st", "the first message's rest stays");
+        o.vec().extend_from_slice(b"third");
+        o.consume(4);
+        assert!(!o.untouched_from(at), "part of what followed went out");
+        assert_eq!(o.written(), 7);
+    }
+
     #[test]
     fn lend_cycles_with_partial_writes_stay_bounded() {
         let mut o = OutBuf::new();

@@ -556,6 +556,8 @@ pub struct ServerSection {
     /// routing, the cache and the backend; this also merges `//` into `/` (nginx's
     /// `merge_slashes`, on by default).
     pub merge_slashes: bool,
+    /// Forward `TRACE` requests (default: answer 405, as nginx does).
+    pub allow_trace: bool,
 }
 
 /// `server.max_connections` when unset and the open-files limit allows it.
@@ -603,6 +605,7 @@ impl Default for ServerSection {
             tokio_flavor: TokioFlavor::default(),
             trusted_proxies: Vec::new(),
             merge_slashes: true,
+            allow_trace: false,
         }
     }
 }
@@ -1198,6 +1201,7 @@ impl Config {
             metrics: Arc::new(Metrics::default()),
             via_name: "trireme".into(),
             merge_slashes: s.merge_slashes,
+            allow_trace: s.allow_trace,
             trusted_proxies: crate::forward::TrustedProxies(
                 s.trusted_proxies
                     .iter()

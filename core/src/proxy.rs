@@ -73,6 +73,8 @@ pub struct ProxyContext {
     pub trusted_proxies: crate::forward::TrustedProxies,
     /// Empty path segments are dropped when the target is normalised (`//` as `/`).
     pub merge_slashes: bool,
+    /// Forward `TRACE` (off: 405, as nginx answers).
+    pub allow_trace: bool,
 }
 
 /// What the session asks of the runtime.
@@ -164,6 +166,10 @@ struct Req {
     stale_retry_used: bool,
     /// The client has been sent (part of) a final response head.
     response_started: bool,
+    /// Where that response begins in the client's output stream
+    /// ([`OutBuf::end_offset`]): while no byte from there has gone out, it can still give
+    /// way to an error response.
+    resp_at: u64,
     /// Bytes of the response received from the backend (retry only before any).
     resp_bytes: u64,
     /// Client connection closes after this exchange.
@@ -632,9 +638,7 @@ impl Session {
                 self.finish_exchange(false, now);
             }
             Resp::Body { .. } => {
-                tracing::warn!(client = %self.peer.ip, "backend closed the connection mid-response");
-                self.report_backend_failure(now);
-                self.abort(now);
+                self.broken_response("backend closed the connection mid-response", now);
             }
             Resp::Done => {}
         }
@@ -940,6 +944,13 @@ impl Session {
             self.client_error(e);
             return;
         }
+        if h.method == Method::Trace && !ctx.allow_trace {
+            // Reflecting a request back (with whatever a hop added) is for debugging.
+            let close = h.body != BodyKind::None || !h.keep_alive;
+            self.client_in.advance(h.len);
+            self.reply_error(Status::MethodNotAllowed, close);
+            return;
+        }
         let buf: &[u8] = &self.client_in;
         let host = h.effective_host(buf);
         let path = h.path.get(buf);
@@ -1057,6 +1068,7 @@ impl Session {
             retries_left: upstream.cfg.retries,
             stale_retry_used: false,
             response_started: false,
+            resp_at: 0,
             resp_bytes: 0,
             close_after: self.closes_after(&h),
             hash_key,
@@ -1373,6 +1385,7 @@ impl Session {
                         Some(RespBody::Chunked(_)) | Some(RespBody::UntilClose)
                     ) && req.version == Version::Http11;
                     // Client response head.
+                    req.resp_at = self.client_out.end_offset();
                     let out = self.client_out.vec();
                     let ub: &[u8] = &self.up_in;
                     write_status_line(out, h.status, h.reason.get(ub));
@@ -1487,10 +1500,12 @@ impl Session {
                                 let (used, chunk) = match r {
                                     Ok(x) => x,
                                     Err(e) => {
-                                        tracing::warn!(client = %self.peer.ip, error = %e, "invalid chunked response from backend");
+                                        tracing::debug!(client = %self.peer.ip, error = %e, "invalid chunk");
                                         self.up_in.clear();
-                                        self.report_backend_failure(now);
-                                        self.abort(now);
+                                        self.broken_response(
+                                            "invalid chunked response from backend",
+                                            now,
+                                        );
                                         return;
                                     }
                                 };
@@ -1709,6 +1724,33 @@ impl Session {
         self.req_body = ReqBody::Done;
         self.state = if close { State::Closing } else { State::Idle };
         true
+    }
+
+    /// The backend broke the response it was sending (a malformed chunk, a close before
+    /// the end). While none of it has reached the client (its head may still be queued,
+    /// even in the same read), the client gets a clean 502 instead; once some has, the
+    /// connection is cut, the only signal left.
+    fn broken_response(&mut self, why: &'static str, now: Instant) {
+        self.report_backend_failure(now);
+        let at = self.req.as_ref().map(|r| r.resp_at);
+        match at {
+            Some(at) if self.client_out.untouched_from(at) => {
+                self.client_out.truncate_at(at);
+                // An unfinished copy into the cache is abandoned (cutting off followers).
+                self.capture = None;
+                self.resp = Resp::Done;
+                if let Some(r) = self.req.as_mut() {
+                    r.response_started = false;
+                    // The backend's framing is lost: nothing more on this connection.
+                    r.close_after = true;
+                }
+                self.upstream_error(Status::BadGateway, why, now);
+            }
+            _ => {
+                tracing::warn!(client = %self.peer.ip, "{why}; closing the client connection");
+                self.abort(now);
+            }
+        }
     }
 
     /// Tear down: no more output, close the client and the upstream connection.

@@ -592,6 +592,10 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
         Version::Http11
     };
     let code = resp.code.unwrap_or(0);
+    if code < 100 {
+        // Three digits, but not a status (`000`, `099`): nothing a client could act on.
+        return Err(bad("invalid status code from backend"));
+    }
     let reason = reason_span(buf);
     let mut headers: SmallVec<[HeaderSpan; 24]> = SmallVec::new();
     let mut content_length: Option<u64> = None;
@@ -617,8 +621,14 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
             te_seen = true;
             for c in h.value.split(|&b| b == b',') {
                 let c = trim(c);
-                if !c.is_empty() {
-                    te_chunked_last = c.eq_ignore_ascii_case(b"chunked");
+                if c.is_empty() {
+                    continue;
+                }
+                te_chunked_last = c.eq_ignore_ascii_case(b"chunked");
+                if !te_chunked_last {
+                    // `gzip, chunked`: the proxy re-frames bodies and would drop the
+                    // coding, handing the client bytes it cannot know are compressed.
+                    return Err(bad("backend sent a transfer coding other than chunked"));
                 }
             }
         } else if name.eq_ignore_ascii_case(b"connection") {

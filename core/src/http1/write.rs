@@ -54,7 +54,12 @@ pub fn error_response(out: &mut Vec<u8>, status: Status, close: bool) {
     push_dec(out, status.code() as u64);
     out.push(b' ');
     out.extend_from_slice(status.reason().as_bytes());
-    out.extend_from_slice(b"\r\nServer: trireme\r\nContent-Type: text/plain\r\nContent-Length: ");
+    out.extend_from_slice(b"\r\nServer: trireme\r\nContent-Type: text/plain\r\n");
+    if status == Status::MethodNotAllowed {
+        // RFC 9110 §15.5.6: a 405 lists what is allowed (what trireme forwards).
+        out.extend_from_slice(b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n");
+    }
+    out.extend_from_slice(b"Content-Length: ");
     push_dec(out, body_len as u64);
     if close {
         out.extend_from_slice(b"\r\nConnection: close");

@@ -1840,9 +1840,14 @@ fn followers_are_cut_off_when_the_lead_fetch_fails() {
     assert!(String::from_utf8_lossy(f.client_out.pending()).ends_with("hel"));
     let n = f.client_out.len();
     f.on_client_written(n, now);
-    // The backend dies mid-body: the lead's client is cut off, and so is the follower.
+    // The backend dies mid-body. Nothing reached the lead's client yet: it gets a 502 in
+    // place of the queued head. The follower already has part of the body: cut off.
     lead.on_upstream_eof(true, now);
-    assert!(lead.wants_close());
+    let text = String::from_utf8_lossy(lead.client_out.pending()).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 502 ") && !text.contains("hel"),
+        "{text}"
+    );
     let t = f.deadline().unwrap();
     f.on_timeout(t);
     assert!(
@@ -2130,4 +2135,92 @@ fn pooled_connections_retire_after_max_requests() {
     // Six requests per backend, three per connection.
     assert_eq!(sim.backends[0].connections, 2);
     assert_eq!(sim.backends[1].connections, 2);
+}
+
+/// One request on a fresh session, answered by the backend with `raw`: what the client
+/// got, and whether the session closed.
+fn answer_with(raw: &[u8], yaml: &str) -> (Vec<u8>, bool) {
+    let now = crate::test_origin();
+    let mut s = Session::new(ctx_from(yaml, now), CLIENT.parse().unwrap(), now);
+    s.feed_client(&get("/"), now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    s.on_upstream_written(s.up_out.len(), now);
+    s.feed_upstream(raw, now);
+    let mut got = Vec::new();
+    while !s.client_out.is_empty() {
+        let (a, b) = s.client_out.pending_parts();
+        got.extend_from_slice(a);
+        got.extend_from_slice(b);
+        let n = a.len() + b.len();
+        s.on_client_written(n, now);
+    }
+    (got, s.wants_close())
+}
+
+#[test]
+fn broken_backend_answers_give_the_client_a_502() {
+    for raw in [
+        &b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n"[..],
+        b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz",
+        // A malformed chunk in the same read as the head: nothing went out yet.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let (got, closed) = answer_with(raw, &two_backends(""));
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 502 "),
+            "{:?} -> {text}",
+            String::from_utf8_lossy(raw)
+        );
+        assert_eq!(text.matches("HTTP/1.1").count(), 1, "only the 502: {text}");
+        if raw.windows(4).any(|w| w == b"\nzz\r") {
+            // The backend's framing is lost mid-body: the connection ends after the 502.
+            assert!(closed || text.contains("Connection: close"), "{text}");
+        }
+    }
+}
+
+#[test]
+fn a_malformed_chunk_after_the_head_went_out_cuts_the_connection() {
+    let now = crate::test_origin();
+    let mut s = Session::new(
+        ctx_from(&two_backends(""), now),
+        CLIENT.parse().unwrap(),
+        now,
+    );
+    s.feed_client(&get("/"), now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    s.on_upstream_written(s.up_out.len(), now);
+    s.feed_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        now,
+    );
+    // The head and the first chunk reach the client; then the framing breaks.
+    s.on_client_written(s.client_out.len(), now);
+    s.feed_upstream(b"zz\r\n", now);
+    assert!(s.wants_close(), "the only honest signal left");
+    assert!(s.client_out.is_empty());
+}
+
+#[test]
+fn trace_is_answered_405_unless_allowed() {
+    let now = crate::test_origin();
+    let mut s = Session::new(
+        ctx_from(&two_backends(""), now),
+        CLIENT.parse().unwrap(),
+        now,
+    );
+    s.feed_client(b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", now);
+    assert_eq!(s.poll_action(), None, "no backend involved");
+    let text = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+    assert!(text.contains("\r\nAllow: GET, HEAD"), "{text}");
+    let yaml = two_backends("").replace("server:\n", "server:\n  allow_trace: true\n");
+    let mut s = Session::new(ctx_from(&yaml, now), CLIENT.parse().unwrap(), now);
+    s.feed_client(b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
 }
