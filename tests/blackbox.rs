@@ -58,6 +58,7 @@ matrix!(
     cache_hits_misses_and_invalidation,
     cache_never_replays_one_clients_cookie,
     forwarding_fields_cannot_poison_the_cache,
+    cache_bounds_the_variants_of_one_url,
     routes_match_the_normalised_path_and_host,
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
@@ -1303,6 +1304,40 @@ fn forwarding_fields_cannot_poison_the_cache(bin: &PathBuf) {
         Some("203.0.113.9, 127.0.0.1")
     );
     assert_eq!(got.header("x-forwarded-proto"), Some("https"));
+}
+
+fn cache_bounds_the_variants_of_one_url(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\nadmin:\n  listen: \"{admin}\"\ncache:\n  size: 8MB\n  max_variants: 4\nbackends:\n  - url: http://{{b0}}\n"
+    );
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    let mut c = p.client();
+    let path = "/v?vary=Accept-Encoding&cc=max-age=600";
+    let ask = |c: &mut Client, ae: &str| {
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nAccept-Encoding: {ae}\r\n\r\n").as_bytes(),
+        );
+        c.read_response(false).unwrap()
+    };
+    for i in 0..10 {
+        assert_eq!(
+            ask(&mut c, &format!("x-{i}")).header("x-cache"),
+            Some("MISS")
+        );
+    }
+    // The four most recent variants are kept; older ones made room.
+    assert_eq!(ask(&mut c, "x-9").header("x-cache"), Some("HIT"));
+    assert_eq!(ask(&mut c, "x-6").header("x-cache"), Some("HIT"));
+    assert_eq!(ask(&mut c, "x-0").header("x-cache"), Some("MISS"));
+    let m = admin_metrics(admin.parse().unwrap());
+    assert_eq!(
+        metric(&m, "trireme_cache_variant_evictions_total"),
+        7,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "trireme_cache_entries"), 4);
 }
 
 fn routes_match_the_normalised_path_and_host(bin: &PathBuf) {

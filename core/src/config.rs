@@ -351,6 +351,9 @@ pub struct CacheSection {
     /// Responses with `Set-Cookie`: `strip` (default: stored only with explicit shared
     /// freshness, without the cookie), `no_store`, or `replay` (stored with the cookie).
     pub set_cookie: SetCookieName,
+    /// `Vary` variants kept per URL; a new one beyond that replaces the URL's least
+    /// recently used variant (a flood of distinct `Accept-Encoding` values stays bounded).
+    pub max_variants: usize,
     pub l1: Option<L1Section>,
     /// The shared tier: a Redis that several trireme instances use.
     pub l2: Option<L2Section>,
@@ -462,6 +465,7 @@ impl Default for CacheSection {
             shards: 16,
             lock_timeout: Dur(Duration::from_secs(5)),
             set_cookie: SetCookieName::default(),
+            max_variants: crate::cache::store::DEFAULT_MAX_VARIANTS,
             l1: None,
             l2: None,
             warming: None,
@@ -988,6 +992,12 @@ impl Config {
                     )));
                 }
             }
+            if c.max_variants == 0 {
+                return Err(ConfigError(format!(
+                    "{}: must be at least 1",
+                    locate(file, src, "max_variants", "")
+                )));
+            }
             if c.l1_size() > 0 && c.max_object_size.0 == 0 {
                 return Err(ConfigError(format!(
                     "{}: must be above 0",
@@ -1213,7 +1223,8 @@ impl Config {
                 let size = c.l1_size() as usize;
                 (size > 0).then(|| {
                     let mut hc = HttpCache::new(
-                        Store::new(size, c.shards.max(1), c.max_object_size.0 as usize),
+                        Store::new(size, c.shards.max(1), c.max_object_size.0 as usize)
+                            .with_max_variants(c.max_variants),
                         Policy {
                             max_ttl: c.max_ttl.0,
                             default_ttl: c

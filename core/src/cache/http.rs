@@ -961,6 +961,10 @@ impl HttpCache {
                 ("trireme_cache_stored_total", &st.stored),
                 ("trireme_cache_bytes_served_total", &st.bytes_served),
                 ("trireme_cache_evictions_total", &ss.evictions),
+                (
+                    "trireme_cache_variant_evictions_total",
+                    &ss.variant_evictions,
+                ),
                 ("trireme_cache_invalidations_total", &ss.invalidations),
                 ("trireme_cache_too_large_total", &ss.rejected_too_large),
             ],

@@ -5,6 +5,7 @@
 use super::{vary_key, ResponseFacts};
 use bytes::Bytes;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,9 +94,14 @@ pub struct StoreStats {
     pub evictions: AtomicU64,
     pub invalidations: AtomicU64,
     pub rejected_too_large: AtomicU64,
+    /// Variants dropped to make room for a newer one of the same key (`max_variants`).
+    pub variant_evictions: AtomicU64,
 }
 
 const NIL: u32 = u32::MAX;
+
+/// Variants kept per primary key unless configured (`cache.max_variants`).
+pub const DEFAULT_MAX_VARIANTS: usize = 32;
 
 struct Node {
     key: Arc<[u8]>,
@@ -103,18 +109,40 @@ struct Node {
     charge: usize,
     prev: u32,
     next: u32,
+    /// The shard's tick when last stored or served: the least recent variant of a key
+    /// makes room when the key has `max_variants`.
+    used: u64,
+}
+
+/// The variants stored under one primary key.
+#[derive(Default)]
+struct Variants {
+    /// Their nodes, sorted by secondary key (binary search, no scan).
+    nodes: SmallVec<[u32; 1]>,
+    /// The distinct `Vary` values among them, with how many variants have each: a lookup
+    /// computes the request's secondary key once per value, not once per variant.
+    varies: SmallVec<[(Bytes, u32); 1]>,
+}
+
+/// Where the variant with `secondary` is (or would go) in `v.nodes`.
+fn find(nodes: &[Option<Node>], v: &Variants, secondary: &[u8]) -> Result<usize, usize> {
+    v.nodes.binary_search_by(|&i| {
+        let n = nodes[i as usize].as_ref().expect("live node");
+        n.entry.secondary.as_slice().cmp(secondary)
+    })
 }
 
 #[derive(Default)]
 struct Shard {
-    /// Primary key -> nodes of its variants.
-    map: HashMap<Arc<[u8]>, Vec<u32>, ahash::RandomState>,
+    /// Primary key -> its variants.
+    map: HashMap<Arc<[u8]>, Variants, ahash::RandomState>,
     nodes: Vec<Option<Node>>,
     free: Vec<u32>,
     /// Most recently used first.
     head: u32,
     tail: u32,
     bytes: usize,
+    tick: u64,
 }
 
 impl Shard {
@@ -126,8 +154,16 @@ impl Shard {
         }
     }
 
-    fn node(&mut self, i: u32) -> &mut Node {
+    fn node(&self, i: u32) -> &Node {
+        self.nodes[i as usize].as_ref().expect("live node")
+    }
+
+    fn node_mut(&mut self, i: u32) -> &mut Node {
         self.nodes[i as usize].as_mut().expect("live node")
+    }
+
+    fn find(&self, v: &Variants, secondary: &[u8]) -> Result<usize, usize> {
+        find(&self.nodes, v, secondary)
     }
 
     fn unlink(&mut self, i: u32) {
@@ -138,42 +174,67 @@ impl Shard {
         if prev == NIL {
             self.head = next;
         } else {
-            self.node(prev).next = next;
+            self.node_mut(prev).next = next;
         }
         if next == NIL {
             self.tail = prev;
         } else {
-            self.node(next).prev = prev;
+            self.node_mut(next).prev = prev;
         }
     }
 
     fn push_front(&mut self, i: u32) {
         let old = self.head;
+        self.tick += 1;
+        let tick = self.tick;
         {
-            let n = self.node(i);
+            let n = self.node_mut(i);
             n.prev = NIL;
             n.next = old;
+            n.used = tick;
         }
         if old != NIL {
-            self.node(old).prev = i;
+            self.node_mut(old).prev = i;
         } else {
             self.tail = i;
         }
         self.head = i;
     }
 
+    /// Node `i` was used: most recent now.
+    fn touch(&mut self, i: u32) {
+        self.unlink(i);
+        self.push_front(i);
+    }
+
     /// Remove node `i` entirely (map, list, slot).
     fn remove(&mut self, i: u32) -> Node {
         self.unlink(i);
-        let n = self.nodes[i as usize].take().expect("live node");
-        self.free.push(i);
-        self.bytes -= n.charge;
-        if let Some(v) = self.map.get_mut(&n.key) {
-            v.retain(|&x| x != i);
-            if v.is_empty() {
-                self.map.remove(&n.key);
+        let Shard {
+            map,
+            nodes,
+            free,
+            bytes,
+            ..
+        } = self;
+        let n = nodes[i as usize].as_ref().expect("live node");
+        if let Some(v) = map.get_mut(&n.key) {
+            if let Ok(pos) = find(nodes, v, &n.entry.secondary) {
+                v.nodes.remove(pos);
+            }
+            if let Some(k) = v.varies.iter().position(|(b, _)| *b == n.entry.vary) {
+                v.varies[k].1 -= 1;
+                if v.varies[k].1 == 0 {
+                    v.varies.swap_remove(k);
+                }
+            }
+            if v.nodes.is_empty() {
+                map.remove(&n.key);
             }
         }
+        let n = nodes[i as usize].take().expect("live node");
+        free.push(i);
+        *bytes -= n.charge;
         n
     }
 }
@@ -183,6 +244,7 @@ pub struct Store {
     hasher: ahash::RandomState,
     shard_cap: usize,
     max_object: usize,
+    max_variants: usize,
     pub stats: StoreStats,
 }
 
@@ -207,8 +269,16 @@ impl Store {
             hasher: ahash::RandomState::with_seeds(1, 2, 3, 4),
             shard_cap: capacity / shards,
             max_object: max_object.min(capacity / shards),
+            max_variants: DEFAULT_MAX_VARIANTS,
             stats: StoreStats::default(),
         }
+    }
+
+    /// At most `n` `Vary` variants per primary key; a new one beyond that replaces the
+    /// least recently used one of that key.
+    pub fn with_max_variants(mut self, n: usize) -> Store {
+        self.max_variants = n.max(1);
+        self
     }
 
     pub fn max_object(&self) -> usize {
@@ -221,34 +291,57 @@ impl Store {
     }
 
     /// The stored variant of `key` that matches the request (its `Vary` fields taken from
-    /// `request_field`), marked most recently used.
+    /// `request_field`), marked most recently used. The request's secondary key is
+    /// computed outside the shard's lock, once per distinct `Vary` of the key's variants;
+    /// the variant is then found by binary search.
     pub fn get<V, I>(&self, key: &[u8], request_field: impl Fn(&[u8]) -> V) -> Option<Arc<Stored>>
     where
         V: IntoIterator<Item = I>,
         I: AsRef<[u8]>,
     {
-        let mut s = self.shard(key).lock();
-        // Copied out of the map (the loop reorders the LRU list); on the stack for up to
-        // four variants.
-        let ids: smallvec::SmallVec<[u32; 4]> = smallvec::SmallVec::from_slice(s.map.get(key)?);
-        for i in ids {
-            let entry = s.node(i).entry.clone();
-            let matches = if entry.vary.is_empty() {
-                true
-            } else {
-                vary_key([&entry.vary[..]], &request_field).as_deref() == Some(&entry.secondary[..])
+        let shard = self.shard(key);
+        let varies: SmallVec<[Bytes; 2]> = {
+            let mut s = shard.lock();
+            let v = s.map.get(key)?;
+            if let [(vary, _)] = &v.varies[..] {
+                if vary.is_empty() {
+                    // No Vary (the common case): one lock, one variant.
+                    let i = *v.nodes.first()?;
+                    s.touch(i);
+                    return Some(s.node(i).entry.clone());
+                }
+            }
+            v.varies.iter().map(|(b, _)| b.clone()).collect()
+        };
+        let wanted: SmallVec<[(Bytes, Vec<u8>); 2]> = varies
+            .into_iter()
+            .filter_map(|vary| {
+                let k = if vary.is_empty() {
+                    Vec::new()
+                } else {
+                    vary_key([&vary[..]], &request_field)?
+                };
+                Some((vary, k))
+            })
+            .collect();
+        let mut s = shard.lock();
+        for (vary, secondary) in &wanted {
+            let v = s.map.get(key)?;
+            let Ok(pos) = s.find(v, secondary) else {
+                continue;
             };
-            if matches {
-                s.unlink(i);
-                s.push_front(i);
-                return Some(entry);
+            let i = v.nodes[pos];
+            if s.node(i).entry.vary == *vary {
+                s.touch(i);
+                return Some(s.node(i).entry.clone());
             }
         }
         None
     }
 
-    /// Store `entry` under `key`, replacing the variant with the same secondary key, and
-    /// evict least recently used entries beyond the bound. `false` when too large.
+    /// Store `entry` under `key`, replacing the variant with the same secondary key (and
+    /// past `max_variants` the key's least recently used one), and evict least recently
+    /// used entries beyond the bound. `false` when too large.
     pub fn insert(&self, key: &[u8], entry: Stored) -> bool {
         let charge = entry.charge(key.len());
         if entry.body.len() > self.max_object || charge > self.shard_cap {
@@ -258,24 +351,35 @@ impl Store {
             return false;
         }
         let mut s = self.shard(key).lock();
-        // Replace the same variant.
-        if let Some(ids) = s.map.get(key).cloned() {
-            for i in ids {
-                if s.node(i).entry.secondary == entry.secondary {
-                    s.remove(i);
+        if let Some(v) = s.map.get(key) {
+            match s.find(v, &entry.secondary) {
+                Ok(pos) => {
+                    let same = v.nodes[pos];
+                    s.remove(same);
                 }
+                Err(_) if v.nodes.len() >= self.max_variants => {
+                    let oldest = v.nodes.iter().copied().min_by_key(|&i| s.node(i).used);
+                    if let Some(i) = oldest {
+                        s.remove(i);
+                        self.stats.variant_evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {}
             }
         }
         let key: Arc<[u8]> = match s.map.get_key_value(key) {
             Some((k, _)) => k.clone(),
             None => Arc::from(key),
         };
+        let vary = entry.vary.clone();
+        let secondary = entry.secondary.clone();
         let node = Node {
             key: key.clone(),
             entry: Arc::new(entry),
             charge,
             prev: NIL,
             next: NIL,
+            used: 0,
         };
         let i = match s.free.pop() {
             Some(i) => {
@@ -288,7 +392,14 @@ impl Store {
             }
         };
         s.push_front(i);
-        s.map.entry(key).or_default().push(i);
+        let Shard { map, nodes, .. } = &mut *s;
+        let v = map.entry(key).or_default();
+        let pos = find(nodes, v, &secondary).unwrap_or_else(|p| p);
+        v.nodes.insert(pos, i);
+        match v.varies.iter_mut().find(|(b, _)| *b == vary) {
+            Some((_, n)) => *n += 1,
+            None => v.varies.push((vary, 1)),
+        }
         s.bytes += charge;
         while s.bytes > self.shard_cap && s.tail != NIL {
             let t = s.tail;
@@ -302,7 +413,10 @@ impl Store {
     /// Drop every variant stored under `key`. Returns how many.
     pub fn invalidate(&self, key: &[u8]) -> usize {
         let mut s = self.shard(key).lock();
-        let ids = s.map.get(key).cloned().unwrap_or_default();
+        let ids: SmallVec<[u32; 4]> = match s.map.get(key) {
+            Some(v) => v.nodes.iter().copied().collect(),
+            None => return 0,
+        };
         for &i in &ids {
             s.remove(i);
         }
@@ -318,38 +432,21 @@ impl Store {
         let mut n = 0;
         for shard in self.shards.iter() {
             let mut s = shard.lock();
-            let keys: Vec<Arc<[u8]>> = s
+            let ids: Vec<u32> = s
                 .map
-                .keys()
-                .filter(|k| k.starts_with(prefix))
-                .cloned()
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .flat_map(|(_, v)| v.nodes.iter().copied())
                 .collect();
-            for k in keys {
-                let ids = s.map.get(&k).cloned().unwrap_or_default();
-                for i in ids {
-                    s.remove(i);
-                    n += 1;
-                }
+            for i in ids {
+                s.remove(i);
+                n += 1;
             }
         }
         self.stats
             .invalidations
             .fetch_add(n as u64, Ordering::Relaxed);
         n
-    }
-
-    /// Replace a stored entry's metadata after a 304 (same body).
-    pub fn refresh(&self, key: &[u8], old: &Arc<Stored>, head: Bytes, facts: ResponseFacts) {
-        let updated = Stored {
-            head,
-            body: old.body.clone(),
-            facts,
-            etag: old.etag.clone(),
-            vary: old.vary.clone(),
-            secondary: old.secondary.clone(),
-            demand: old.demand.carried(),
-        };
-        self.insert(key, updated);
     }
 
     /// Entries for which `pick` says yes, with their keys (a scan of every shard).
@@ -378,7 +475,7 @@ impl Store {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().map.values().map(Vec::len).sum::<usize>())
+            .map(|s| s.lock().map.values().map(|v| v.nodes.len()).sum::<usize>())
             .sum()
     }
 

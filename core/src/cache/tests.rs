@@ -507,7 +507,108 @@ mod store_tests {
         assert!(s.is_empty() && s.bytes() == 0);
     }
 
+    fn lang(v: &'static str) -> impl Fn(&[u8]) -> Vec<&'static [u8]> {
+        move |n: &[u8]| {
+            if n == b"accept-language" {
+                vec![v.as_bytes()]
+            } else {
+                vec![]
+            }
+        }
+    }
+
+    fn lang_key(v: &'static str) -> Vec<u8> {
+        vary_key([&b"Accept-Language"[..]], lang(v)).unwrap()
+    }
+
+    #[test]
+    fn variants_per_key_are_bounded_least_recently_used_first() {
+        let s = Store::new(1 << 24, 1, 1 << 16).with_max_variants(4);
+        let langs: Vec<&'static str> = ["a", "b", "c", "d", "e", "f"].to_vec();
+        for l in &langs[..4] {
+            assert!(s.insert(b"/x", entry(10, "Accept-Language", &lang_key(l))));
+        }
+        // `a` is used again: `b` is now the least recent variant of /x.
+        assert!(s.get(b"/x", lang("a")).is_some());
+        assert!(s.insert(b"/x", entry(10, "Accept-Language", &lang_key("e"))));
+        assert_eq!(s.len(), 4);
+        assert!(s.get(b"/x", lang("b")).is_none(), "b made room");
+        for l in ["a", "c", "d", "e"] {
+            assert!(s.get(b"/x", lang(l)).is_some(), "{l} kept");
+        }
+        assert_eq!(
+            s.stats
+                .variant_evictions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Another key is not affected by /x's bound.
+        assert!(s.insert(b"/y", entry(10, "Accept-Language", &lang_key("f"))));
+        assert_eq!(s.len(), 5);
+    }
+
+    /// A lookup asks for the request's fields once per distinct `Vary` of the key's
+    /// variants, however many variants there are (the cost of a miss does not grow with
+    /// a flood of variants).
+    #[test]
+    fn a_lookup_computes_the_request_key_once_per_vary_not_per_variant() {
+        let s = Store::new(1 << 26, 1, 1 << 16).with_max_variants(10_000);
+        let names: Vec<String> = (0..2_000).map(|i| format!("lang-{i}")).collect();
+        for n in &names {
+            let k = vary_key([&b"Accept-Language"[..]], |f: &[u8]| {
+                if f == b"accept-language" {
+                    vec![n.as_bytes()]
+                } else {
+                    vec![]
+                }
+            })
+            .unwrap();
+            assert!(s.insert(b"/x", entry(1, "Accept-Language", &k)));
+        }
+        assert_eq!(s.len(), 2_000);
+        let calls = std::cell::Cell::new(0);
+        let counting = |f: &[u8]| {
+            calls.set(calls.get() + 1);
+            if f == b"accept-language" {
+                vec![&b"lang-1234"[..]]
+            } else {
+                vec![]
+            }
+        };
+        assert!(s.get(b"/x", counting).is_some());
+        assert_eq!(calls.get(), 1);
+        calls.set(0);
+        let missing = |f: &[u8]| {
+            calls.set(calls.get() + 1);
+            let _ = f;
+            vec![&b"nope"[..]]
+        };
+        assert!(s.get(b"/x", missing).is_none());
+        assert_eq!(calls.get(), 1);
+    }
+
     proptest! {
+        #[test]
+        fn variants_are_found_and_bounded(
+            ops in proptest::collection::vec((0u8..3, 0u8..12, any::<bool>()), 1..200),
+        ) {
+            let s = Store::new(1 << 24, 2, 1 << 16).with_max_variants(5);
+            const LANGS: [&str; 12] = ["a","b","c","d","e","f","g","h","i","j","k","l"];
+            for (k, l, get) in ops {
+                let key = [b'k', k];
+                let l = LANGS[l as usize];
+                if get {
+                    if let Some(e) = s.get(&key, lang(l)) {
+                        prop_assert_eq!(&e.secondary, &lang_key(l));
+                    }
+                } else {
+                    s.insert(&key, entry(10, "Accept-Language", &lang_key(l)));
+                    prop_assert!(s.get(&key, lang(l)).is_some(), "just stored");
+                }
+                prop_assert!(s.len() <= 3 * 5);
+            }
+        }
+
         #[test]
         fn bytes_never_exceed_the_bound(
             ops in proptest::collection::vec((0u8..40, 0usize..3_000, any::<bool>()), 1..300),
