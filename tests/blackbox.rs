@@ -64,6 +64,7 @@ matrix!(
     cache_purge_and_metrics_on_the_admin_listener,
     cache_coalesces_concurrent_misses,
     cache_refreshes_stale_entries_in_the_background,
+    cache_background_refreshes_are_bounded,
     cache_warms_configured_paths_at_start,
     cache_warms_on_a_schedule,
     cache_refreshes_hot_entries_before_they_expire,
@@ -1507,6 +1508,43 @@ fn cache_refreshes_stale_entries_in_the_background(bin: &PathBuf) {
     );
     assert_eq!(r.body, pattern(500));
     assert_eq!(b.requests().len(), 2);
+}
+
+fn threads_of(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cache_background_refreshes_are_bounded(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let yaml = "server:\n  listen: \"{listen}\"\ncache:\n  size: 8MB\n  refresh_concurrency: 4\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let path =
+        |i: usize| format!("/r/{i}?cc=max-age=1,stale-while-revalidate=60&etag=v1&slowcond=1500");
+    let mut c = p.client();
+    for i in 0..40 {
+        assert_eq!(c.get(&path(i)).status, 200);
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let base = threads_of(p.pid());
+    // 40 stale entries, each served at once and refreshed in the background by an
+    // origin that takes 1.5 s per validation.
+    for i in 0..40 {
+        assert_eq!(c.get(&path(i)).header("x-cache"), Some("STALE"));
+    }
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(threads_of(p.pid()));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        most <= base + 4,
+        "at most 4 refresh threads: {base} before, {most} at most"
+    );
+    assert!(most > base, "refreshes run meanwhile");
 }
 
 fn cache_warms_configured_paths_at_start(bin: &PathBuf) {

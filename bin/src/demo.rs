@@ -49,7 +49,8 @@ pub struct Backend {
 /// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`,
 /// `lm=1` (a `Last-Modified` a year back: heuristically fresh for a day), `setcookie=a=b`
 /// (Set-Cookie: a=b); `reflect=NAME` answers `NAME: value` of the request (a backend that
-/// trusts a forwarding field, for cache-poisoning tests).
+/// trusts a forwarding field, for cache-poisoning tests); `slowcond=MS` waits MS ms before
+/// answering a conditional request (a cache's validation or refresh).
 /// A GET or HEAD whose `If-None-Match` names that ETag (or `*`) is answered 304.
 fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
     let path = r.target.split('?').next().unwrap_or("");
@@ -78,6 +79,13 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
         _ => {}
     }
     let query = r.target.split_once('?').map_or("", |(_, q)| q);
+    let conditional =
+        r.header("if-none-match").is_some() || r.header("if-modified-since").is_some();
+    if let Some(ms) = query.split('&').find_map(|kv| kv.strip_prefix("slowcond=")) {
+        if conditional {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(100)));
+        }
+    }
     if let Some(name) = query.split('&').find_map(|kv| kv.strip_prefix("reflect=")) {
         body = format!("{name}: {}\n", r.header(name).unwrap_or("-")).into_bytes();
     }

@@ -1,10 +1,12 @@
 //! Background refreshes for the cache (`stale-while-revalidate`): the sessions serve the
 //! stale entry at once and queue a refresh; this service carries it out with blocking
-//! sockets on its own threads, whatever the event model, and hands the answer to the
-//! cache (a 304 refreshes the entry, a storable 200 replaces it).
+//! sockets on its own threads (at most `cache.refresh_concurrency` at once), whatever the
+//! event model, and hands the answer to the cache (a 304 refreshes the entry, a storable
+//! 200 replaces it).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use trireme_core::balance::PickInput;
@@ -43,6 +45,12 @@ pub fn spawn(
         .and_then(|w| w.predictive.as_ref())
         .filter(|p| p.enabled)
         .map(|p| (p.threshold, p.horizon.0));
+    let concurrency = cfg
+        .file
+        .cache
+        .as_ref()
+        .map_or(16, |c| c.refresh_concurrency.max(1));
+    let running = Arc::new(AtomicUsize::new(0));
     let ctx = ctx.clone();
     let c2 = cache.clone();
     let t = std::thread::Builder::new()
@@ -75,14 +83,25 @@ pub fn spawn(
                         *next = cron.next_after(now);
                     }
                 }
-                while let Some(job) = c2.take_refresh() {
-                    let (ctx, cache) = (ctx.clone(), c2.clone());
-                    // One thread per refresh: a slow backend holds up no other.
+                // At most `concurrency` refreshes at once, each on its own thread (a slow
+                // backend holds up no other); the rest wait in the cache's bounded queue.
+                while running.load(Ordering::Acquire) < concurrency {
+                    let Some(job) = c2.take_refresh() else { break };
+                    let (ctx, cache, slot) = (ctx.clone(), c2.clone(), running.clone());
+                    let me = std::thread::current();
+                    running.fetch_add(1, Ordering::AcqRel);
                     let spawned = std::thread::Builder::new()
                         .name("trireme-refresh-job".into())
-                        .spawn(move || refresh(&ctx, &cache, job));
+                        .spawn(move || {
+                            refresh(&ctx, &cache, job);
+                            slot.fetch_sub(1, Ordering::AcqRel);
+                            // A slot is free: the next queued refresh may start.
+                            me.unpark();
+                        });
                     if let Err(e) = spawned {
+                        running.fetch_sub(1, Ordering::AcqRel);
                         tracing::warn!(error = %e, "cannot start a background refresh");
+                        break;
                     }
                 }
                 let due = schedules

@@ -354,6 +354,9 @@ pub struct CacheSection {
     /// `Vary` variants kept per URL; a new one beyond that replaces the URL's least
     /// recently used variant (a flood of distinct `Accept-Encoding` values stays bounded).
     pub max_variants: usize,
+    /// Background refreshes (stale-while-revalidate, warming) carried out at once; more
+    /// wait in a bounded queue.
+    pub refresh_concurrency: usize,
     pub l1: Option<L1Section>,
     /// The shared tier: a Redis that several trireme instances use.
     pub l2: Option<L2Section>,
@@ -466,6 +469,7 @@ impl Default for CacheSection {
             lock_timeout: Dur(Duration::from_secs(5)),
             set_cookie: SetCookieName::default(),
             max_variants: crate::cache::store::DEFAULT_MAX_VARIANTS,
+            refresh_concurrency: 16,
             l1: None,
             l2: None,
             warming: None,
