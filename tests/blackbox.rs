@@ -62,6 +62,7 @@ matrix!(
     routes_match_the_normalised_path_and_host,
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
+    admin_listener_is_bounded_concurrent_and_can_require_a_token,
     cache_coalesces_concurrent_misses,
     cache_refreshes_stale_entries_in_the_background,
     cache_background_refreshes_are_bounded,
@@ -1451,6 +1452,66 @@ fn cache_purge_and_metrics_on_the_admin_listener(bin: &PathBuf) {
     assert_eq!(value("trireme_cache_misses_total"), 4);
     assert_eq!(value("trireme_cache_invalidations_total"), 3);
     assert_eq!(b.requests().len(), 4);
+}
+
+fn admin_listener_is_bounded_concurrent_and_can_require_a_token(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let token = "s3cret-admin-token-0123";
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\nadmin:\n  listen: \"{admin}\"\n  token: {token}\n  max_connections: 3\n  header_timeout: 1s\ncache:\n  size: 1MB\nbackends:\n  - url: http://{{b0}}\n"
+    );
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    let metrics =
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    // The token is required.
+    let r = admin_call(admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .is_some_and(|v| v.starts_with("Bearer")));
+    let r = admin_call(
+        admin,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-token-xxxxxxx\r\n\r\n",
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(admin_call(admin, &metrics).status, 200);
+    // A slow client (a header line now and then) freezes nothing, and is cut off at the
+    // head deadline with a 408.
+    let mut slow = Client::connect(admin);
+    slow.send(b"GET /metrics HTTP/1.1\r\n");
+    let started = Instant::now();
+    let r = admin_call(admin, &metrics);
+    assert_eq!(
+        r.status, 200,
+        "served while the slow client holds its connection"
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    slow.send(b"X-A: 1\r\n");
+    let r = slow.read_response(false).expect("an answer");
+    assert_eq!(r.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // A 1 MiB line without a newline: 431 once the head limit is passed, memory flat.
+    let before = p.peak_rss_kib();
+    let mut big = Client::connect(admin);
+    let _ = big.w.write_all(&vec![b'a'; 1 << 20]);
+    let r = big.read_response(false).expect("an answer");
+    assert!(matches!(r.status, 414 | 431), "{r:?}");
+    p.assert_rss_growth_below(before, 4 * 1024, "for a 1 MiB admin request line");
+    // Connections beyond max_connections are answered 503 at once.
+    let held: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut c = Client::connect(admin);
+            c.send(b"GET /metrics HTTP/1.1\r\n");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(admin_call(admin, &metrics).status, 503);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(admin_call(admin, &metrics).status, 200, "free again");
 }
 
 fn cache_coalesces_concurrent_misses(bin: &PathBuf) {

@@ -200,6 +200,17 @@ fn run_proxy(
         ),
         _ => {}
     }
+    let sd = Arc::new(Shutdown::new());
+    // The admin listener first: once the proxy's port accepts, every listener is up.
+    if let Some(a) = &cfg.file.admin {
+        let want: SocketAddr = a
+            .listen
+            .parse()
+            .map_err(|_| format!("admin.listen: `{}` is not an address (IP:PORT)", a.listen))?;
+        let bound = crate::admin::spawn(want, a, ctx.clone(), sd.clone())
+            .map_err(|e| format!("cannot listen on {want} (admin): {e}"))?;
+        tracing::info!(admin = %bound, "admin listening: GET /metrics, POST /cache/purge?url=|prefix=");
+    }
     let listeners = process::bind_listeners(cfg.listen, (rt.listeners)(&opts))
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
@@ -219,7 +230,6 @@ fn run_proxy(
             .collect();
         tracing::info!(upstream = %u.cfg.name, algorithm = u.cfg.algorithm.name(), backends = %list.join(", "), "upstream");
     }
-    let sd = Arc::new(Shutdown::new());
     process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
     process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
     crate::l2::spawn(ctx.cache.as_ref(), sd.clone()).map_err(|e| format!("L2 writer: {e}"))?;
@@ -228,15 +238,6 @@ fn run_proxy(
     }
     crate::refresh::spawn(&ctx, cfg, sd.clone()).map_err(|e| format!("cache refresher: {e}"))?;
     crate::refresh::warm(&ctx, cfg);
-    if let Some(a) = &cfg.file.admin {
-        let want: SocketAddr = a
-            .listen
-            .parse()
-            .map_err(|_| format!("admin.listen: `{}` is not an address (IP:PORT)", a.listen))?;
-        let bound = crate::admin::spawn(want, ctx.clone(), sd.clone())
-            .map_err(|e| format!("cannot listen on {want} (admin): {e}"))?;
-        tracing::info!(admin = %bound, "admin listening: GET /metrics, POST /cache/purge?url=|prefix=");
-    }
     on_ready(addr);
     let res = (rt.run)(ctx, opts, listeners, sd.clone()).map_err(|e| e.to_string());
     sd.request(); // stop the health threads

@@ -318,12 +318,22 @@ pub struct FileConfig {
 pub struct AdminSection {
     /// Loopback by default: purge and metrics are for operators, not clients.
     pub listen: String,
+    /// Require `Authorization: Bearer TOKEN` on every admin request (401 otherwise).
+    /// Without one, a listener on a non-loopback address logs a warning at start.
+    pub token: Option<String>,
+    /// Admin connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// A client must send its whole request head within this time (408 otherwise).
+    pub header_timeout: Dur,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: "127.0.0.1:9901".into(),
+            token: None,
+            max_connections: 16,
+            header_timeout: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -932,6 +942,27 @@ impl Config {
                     "{}: `{}` is not an address (IP:PORT)",
                     locate(file, src, "listen", &a.listen),
                     a.listen
+                )));
+            }
+            if a.max_connections == 0 {
+                return Err(ConfigError(format!(
+                    "{}: must be at least 1",
+                    locate_under(file, src, "admin", "max_connections")
+                )));
+            }
+            if a.header_timeout.0.is_zero() {
+                return Err(ConfigError(format!(
+                    "{}: must be above 0",
+                    locate_under(file, src, "admin", "header_timeout")
+                )));
+            }
+            if a.token
+                .as_ref()
+                .is_some_and(|t| t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(ConfigError(format!(
+                    "{}: a token needs at least 16 printable characters, no spaces",
+                    locate_under(file, src, "admin", "token")
                 )));
             }
         }

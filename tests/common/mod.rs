@@ -133,8 +133,9 @@ impl Proxy {
     /// [`peak_rss_kib`](Self::peak_rss_kib)) while doing `what`.
     pub fn assert_rss_growth_below(&self, from_kib: u64, max_kib: u64, what: &str) {
         let peak = self.peak_rss_kib();
+        assert!(peak > 0, "the proxy is gone:\n{}", self.logs());
         assert!(
-            peak - from_kib < max_kib,
+            peak.saturating_sub(from_kib) < max_kib,
             "proxy RSS grew from {from_kib} KiB to {peak} KiB {what}"
         );
     }

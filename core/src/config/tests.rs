@@ -250,3 +250,17 @@ fn trusted_proxies_and_set_cookie_are_validated() {
         err("cache:\n  size: 1MB\n  set_cookie: keep\nbackends:\n  - url: http://127.0.0.1:1\n");
     assert!(e.contains("strip, no_store, replay"), "{e}");
 }
+
+#[test]
+fn admin_settings_are_validated() {
+    let base = "admin:\n  listen: 127.0.0.1:9901\n  token: short\nbackends:\n  - url: http://127.0.0.1:1\n";
+    let e = err(base);
+    assert!(
+        e.contains("lb.yaml:3: `admin.token`") && e.contains("16 printable"),
+        "{e}"
+    );
+    let e = err(&base.replace("  token: short\n", "  max_connections: 0\n"));
+    assert!(e.contains("`admin.max_connections`"), "{e}");
+    let ok = base.replace("token: short", "token: a-long-enough-admin-token");
+    assert!(Config::from_yaml(&ok, "lb.yaml").is_ok());
+}
