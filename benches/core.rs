@@ -96,6 +96,7 @@ fn pick(c: &mut Criterion) {
                             .unwrap(),
                         host: "h".into(),
                         weight: 1 + (i % 3) as u32,
+                        max_conns: 0,
                     })
                     .collect(),
                 algorithm: alg,
@@ -120,7 +121,7 @@ fn pick(c: &mut Criterion) {
                         key: Some(&key),
                     };
                     let p = up.pick(&inp, &[], t0).unwrap();
-                    up.begin(p);
+                    up.try_begin(p);
                     up.end(p);
                     black_box(p)
                 })

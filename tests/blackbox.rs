@@ -37,6 +37,8 @@ matrix!(
     stray_backend_bytes_never_reach_another_request,
     broken_backend_answers_and_trace_get_clean_errors,
     backend_closing_idle_connections_fails_no_post,
+    slow_request_bodies_hold_no_backend_connection,
+    max_conns_caps_requests_in_flight_per_backend,
     round_robin_and_weights,
     keep_alive_reuses_backend_connections,
     failover_with_zero_failed_gets,
@@ -228,6 +230,116 @@ fn broken_backend_answers_and_trace_get_clean_errors(bin: &PathBuf) {
     );
     assert_eq!(c.get("/fine").status, 200, "the connection goes on");
     assert!(rogue.requests().iter().all(|r| r.method != "TRACE"));
+}
+
+fn slow_request_bodies_hold_no_backend_connection(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let yaml = "server:\n  listen: \"{listen}\"\n  client_body_timeout: 2s\nbackends:\n  - url: http://{b0}\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    // 20 clients trickle a 20-byte POST body, a byte every 50 ms.
+    let mut slow: Vec<Client> = (0..20)
+        .map(|_| {
+            let mut c = p.client();
+            c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\n\r\n");
+            c
+        })
+        .collect();
+    for _ in 0..19 {
+        for c in &mut slow {
+            c.send(b"x");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        b.connections.load(Ordering::SeqCst),
+        0,
+        "no backend connection while bodies trickle"
+    );
+    for c in &mut slow {
+        c.send(b"y");
+    }
+    for c in &mut slow {
+        let r = c.read_response(false).expect("answer");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "xxxxxxxxxxxxxxxxxxxy".to_string())
+        );
+    }
+    // A body that never completes: 408 at client_body_timeout, no backend involved.
+    let before = b.requests().len();
+    let mut c = p.client();
+    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n");
+    let r = c.read_response(false).expect("100 Continue from the proxy");
+    assert_eq!(r.status, 100);
+    let started = Instant::now();
+    let mut got = None;
+    while started.elapsed() < Duration::from_secs(5) {
+        c.send(b"z");
+        c.w.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        if let Some(r) = c.read_response(false) {
+            got = Some(r);
+            break;
+        }
+    }
+    let r = got.expect("a final answer");
+    assert_eq!(r.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(b.requests().len(), before);
+}
+
+fn max_conns_caps_requests_in_flight_per_backend(bin: &PathBuf) {
+    let capped = Backend::start("capped").unwrap();
+    let other = Backend::start("other").unwrap();
+    let p = Proxy::with_backends(
+        bin,
+        &[],
+        &[
+            "--backend",
+            &format!("http://{},max_conns=2", capped.addr),
+            "--algorithm",
+            "ip_hash",
+        ],
+    );
+    // Two slow requests fill the cap; a third is refused at once.
+    let addr = p.addr;
+    let slow: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || get(addr, "/slow/800")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    assert_eq!(get(p.addr, "/now").status, 503);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    for t in slow {
+        assert_eq!(t.join().unwrap().status, 200);
+    }
+    assert_eq!(get(p.addr, "/now").status, 200, "a slot is free again");
+    drop(p);
+    // With a second backend, requests beyond the cap go there instead.
+    let p = Proxy::with_backends(
+        bin,
+        &[],
+        &[
+            "--backend",
+            &format!("http://{},max_conns=1", capped.addr),
+            "--backend",
+            &format!("http://{}", other.addr),
+            "--algorithm",
+            "least_conn",
+        ],
+    );
+    let addr = p.addr;
+    let slow: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || get(addr, "/slow/600")))
+        .collect();
+    let resps: Vec<Response> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(resps.iter().all(|r| r.status == 200));
+    assert_eq!(
+        by_backend(&resps).get("capped").copied().unwrap_or(0),
+        1,
+        "{:?}",
+        by_backend(&resps)
+    );
 }
 
 fn backend_closing_idle_connections_fails_no_post(bin: &PathBuf) {
@@ -586,7 +698,7 @@ fn proxy_errors_502_503_504(bin: &PathBuf) {
     assert_eq!(get(p.addr, "/").status, 200);
     let logs = p.logs();
     assert!(logs.contains("could not connect to the backend"), "{logs}");
-    assert!(logs.contains("no healthy backend"), "{logs}");
+    assert!(logs.contains("no backend available"), "{logs}");
     assert!(logs.contains("did not respond in time"), "{logs}");
 }
 

@@ -24,7 +24,8 @@ pub struct Cli {
     /// Listen address (overrides server.listen), e.g. 0.0.0.0:8080.
     #[arg(long)]
     listen: Option<String>,
-    /// Backend URL, repeatable: http://HOST:PORT, optionally with ",weight=N".
+    /// Backend URL, repeatable: http://HOST:PORT, optionally with ",weight=N" and
+    /// ",max_conns=N" (requests in flight to it at most).
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
     /// Balancing algorithm: round_robin, least_conn, ip_hash, consistent_hash, p2c.
@@ -74,17 +75,32 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("`{host}` resolves to no address"))
 }
 
+/// `--backend URL[,weight=N][,max_conns=N]`.
 fn backend_from_arg(s: &str) -> Result<BackendSection, String> {
-    let (url, weight) = match s.split_once(",weight=") {
-        Some((u, w)) => (
-            u,
-            w.parse::<u32>()
-                .map_err(|_| format!("--backend {s}: invalid weight `{w}`"))?,
-        ),
-        None => (s, 1),
+    let mut parts = s.split(',');
+    let url =
+        BackendUrl::parse(parts.next().unwrap_or("")).map_err(|e| format!("--backend {e}"))?;
+    let mut b = BackendSection {
+        url,
+        weight: 1,
+        max_conns: 0,
     };
-    let url = BackendUrl::parse(url).map_err(|e| format!("--backend {e}"))?;
-    Ok(BackendSection { url, weight })
+    for opt in parts {
+        let (k, v) = opt.split_once('=').unwrap_or((opt, ""));
+        let n: u32 = v
+            .parse()
+            .map_err(|_| format!("--backend {s}: invalid {k} `{v}`"))?;
+        match k {
+            "weight" => b.weight = n,
+            "max_conns" => b.max_conns = n,
+            _ => {
+                return Err(format!(
+                    "--backend {s}: unknown option `{k}` (expected weight=N or max_conns=N)"
+                ))
+            }
+        }
+    }
+    Ok(b)
 }
 
 /// Load the config from `--config` and/or flags.
@@ -324,6 +340,7 @@ pub(crate) fn run_demo_proxy(
                 port: a.port(),
             },
             weight: 1,
+            max_conns: 0,
         })
         .collect();
     let alg = Algorithm::from_name(algorithm)

@@ -576,6 +576,12 @@ pub struct ServerSection {
     pub merge_slashes: bool,
     /// Forward `TRACE` requests (default: answer 405, as nginx does).
     pub allow_trace: bool,
+    /// The whole request body must arrive within this time of the request head (408
+    /// otherwise), besides `timeout` between reads.
+    pub client_body_timeout: Dur,
+    /// Request bodies up to this size are received whole before a backend connection is
+    /// used (nginx's `client_body_buffer_size`); 0 streams every body at once.
+    pub client_body_buffer_size: Size,
 }
 
 /// `server.max_connections` when unset and the open-files limit allows it.
@@ -624,6 +630,8 @@ impl Default for ServerSection {
             trusted_proxies: Vec::new(),
             merge_slashes: true,
             allow_trace: false,
+            client_body_timeout: Dur(Duration::from_secs(60)),
+            client_body_buffer_size: Size(16 * 1024),
         }
     }
 }
@@ -771,6 +779,10 @@ pub struct BackendSection {
     pub url: BackendUrl,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Requests in flight to this backend at most, all workers together (0: no limit);
+    /// beyond it another backend is picked, or the request gets a 503.
+    #[serde(default)]
+    pub max_conns: u32,
 }
 
 fn one() -> u32 {
@@ -1048,6 +1060,18 @@ impl Config {
                 )));
             }
         }
+        if fc.server.client_body_buffer_size.0 > 1 << 20 {
+            return Err(ConfigError(format!(
+                "{}: at most 1MB (bodies beyond it are streamed)",
+                locate(file, src, "client_body_buffer_size", "")
+            )));
+        }
+        if fc.server.client_body_timeout.0.is_zero() {
+            return Err(ConfigError(format!(
+                "{}: must be above 0",
+                locate(file, src, "client_body_timeout", "")
+            )));
+        }
         if fc.server.max_connections == Some(0) {
             return Err(ConfigError(format!(
                 "{}: must be at least 1",
@@ -1103,6 +1127,7 @@ impl Config {
                 addr,
                 host: b.url.authority(),
                 weight: b.weight,
+                max_conns: b.max_conns,
             });
         }
         Ok(UpstreamConfig {
@@ -1188,6 +1213,7 @@ impl Config {
                         addr,
                         host: format!("{}:{}", l.host, l.port),
                         weight: 1,
+                        max_conns: 0,
                     }],
                     algorithm: Algorithm::RoundRobin,
                     hash_method: HashMethod::Maglev,
@@ -1247,6 +1273,8 @@ impl Config {
             via_name: "trireme".into(),
             merge_slashes: s.merge_slashes,
             allow_trace: s.allow_trace,
+            body_timeout: s.client_body_timeout.0,
+            body_buffer: s.client_body_buffer_size.0.min(1 << 20) as usize,
             trusted_proxies: crate::forward::TrustedProxies(
                 s.trusted_proxies
                     .iter()

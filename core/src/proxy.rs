@@ -75,6 +75,10 @@ pub struct ProxyContext {
     pub merge_slashes: bool,
     /// Forward `TRACE` (off: 405, as nginx answers).
     pub allow_trace: bool,
+    /// The whole request body must arrive within this time of its head (408 otherwise).
+    pub body_timeout: Duration,
+    /// Request bodies up to this size are received whole before a backend is involved.
+    pub body_buffer: usize,
 }
 
 /// What the session asks of the runtime.
@@ -166,6 +170,9 @@ struct Req {
     stale_retry_used: bool,
     /// The client has been sent (part of) a final response head.
     response_started: bool,
+    /// When the request head was complete: the whole body must arrive within
+    /// `client_body_timeout` of it.
+    body_since: Instant,
     /// Where that response begins in the client's output stream
     /// ([`OutBuf::end_offset`]): while no byte from there has gone out, it can still give
     /// way to an error response.
@@ -199,6 +206,9 @@ pub struct Session {
     /// The upstream request head, kept for a retry.
     up_head: Vec<u8>,
     head_started: Option<Instant>,
+    /// A complete head whose (small) body is being buffered before any backend is
+    /// involved: since when.
+    body_wait: Option<Instant>,
     last_client_io: Instant,
     last_up_io: Instant,
     requests_done: u32,
@@ -264,6 +274,7 @@ impl Session {
             up: Up::None,
             up_head: Vec::new(),
             head_started: None,
+            body_wait: None,
             last_client_io: now,
             last_up_io: now,
             requests_done: 0,
@@ -366,7 +377,13 @@ impl Session {
     /// The runtime should read from the client now.
     pub fn wants_client_read(&self) -> bool {
         match self.state {
-            State::Idle => !self.client_eof && self.client_in.len() < self.ctx.limits.max_head + 8,
+            State::Idle => {
+                let room = match self.body_wait {
+                    Some(_) => self.ctx.limits.max_head + self.ctx.body_buffer + 8,
+                    None => self.ctx.limits.max_head + 8,
+                };
+                !self.client_eof && self.client_in.len() < room
+            }
             State::Active => {
                 if self.client_eof {
                     return false;
@@ -412,6 +429,9 @@ impl Session {
         match self.state {
             State::Idle if self.l2.is_some() => self.l2_deadline(),
             State::Idle if self.cache_wait.is_some() => self.cache_wait.map(|w| w.next),
+            State::Idle if self.body_wait.is_some() => self
+                .body_wait
+                .map(|t| (t + c.body_timeout).min(self.last_client_io + c.idle_timeout)),
             State::Idle => Some(match self.head_started {
                 Some(t) => t + c.header_timeout,
                 None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
@@ -430,6 +450,13 @@ impl Session {
                 }
                 if !matches!(self.req_body, ReqBody::Done) || !self.client_out.is_empty() {
                     add(self.last_client_io + c.idle_timeout);
+                }
+                if let Some(r) = self
+                    .req
+                    .as_ref()
+                    .filter(|_| !matches!(self.req_body, ReqBody::Done))
+                {
+                    add(r.body_since + c.body_timeout);
                 }
                 if let Some(f) = self.follow.as_ref() {
                     if self.client_out.len() < HIGH_WATER {
@@ -655,6 +682,15 @@ impl Session {
             self.l2_fail("timed out", now);
             return;
         }
+        if self.state == State::Idle && self.body_wait.is_some() {
+            tracing::debug!(client = %self.peer.ip, "client request body timed out");
+            self.body_wait = None;
+            self.client_error(HttpError::new(
+                Status::RequestTimeout,
+                "request body not received in time",
+            ));
+            return;
+        }
         if self.state == State::Idle && self.cache_wait.is_some() {
             // Look in the cache again.
             self.process_client(now);
@@ -703,7 +739,11 @@ impl Session {
                     }
                     _ => {}
                 }
-                if now >= self.last_client_io + self.ctx.idle_timeout {
+                let body_late = self.req.as_ref().is_some_and(|r| {
+                    !matches!(self.req_body, ReqBody::Done)
+                        && now >= r.body_since + self.ctx.body_timeout
+                });
+                if body_late || now >= self.last_client_io + self.ctx.idle_timeout {
                     let started = self.req.as_ref().is_some_and(|r| r.response_started);
                     if !started && !matches!(self.req_body, ReqBody::Done) {
                         self.release_upstream(false);
@@ -770,7 +810,12 @@ impl Session {
                             }
                             return;
                         }
-                        Ok(Parsed::Complete(h)) => self.start_request(h, now),
+                        Ok(Parsed::Complete(h)) => {
+                            if !self.body_buffered(&h, now) {
+                                return;
+                            }
+                            self.start_request(h, now)
+                        }
                     }
                 }
                 State::Active => {
@@ -791,6 +836,61 @@ impl Session {
                 State::Closing | State::Closed => return,
             }
         }
+    }
+
+    /// Is the request ready to go upstream, as far as its body is concerned? A body of at
+    /// most `client_body_buffer_size` is received whole first, so a slow client holds no
+    /// backend connection; a longer one (or one whose end is not within that size) is
+    /// streamed. While it waits, an `Expect: 100-continue` is answered here (the
+    /// backend is not asked).
+    fn body_buffered(&mut self, h: &RequestHead, now: Instant) -> bool {
+        let limit = self.ctx.body_buffer;
+        let have = &self.client_in[h.len..];
+        let complete = match h.body {
+            _ if limit == 0 => true,
+            BodyKind::None | BodyKind::UntilClose => true,
+            BodyKind::Length(n) => n > limit as u64 || have.len() as u64 >= n,
+            BodyKind::Chunked => {
+                let mut d = ChunkedDecoder::new();
+                let mut pos = 0;
+                loop {
+                    match d.decode(&have[pos..]) {
+                        // A broken body is reported by the streaming path.
+                        Err(_) | Ok((_, Some(Chunk::End))) => break true,
+                        Ok((used, _)) => {
+                            pos += used;
+                            if pos > limit {
+                                break true;
+                            }
+                            if used == 0 || pos == have.len() {
+                                break false;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if complete {
+            return true;
+        }
+        if self.client_eof {
+            self.body_wait = None;
+            self.client_error(HttpError::new(
+                Status::BadRequest,
+                "client closed before sending the whole request body",
+            ));
+            return false;
+        }
+        if self.body_wait.is_none() {
+            self.body_wait = Some(now);
+            self.head_started = None;
+            if h.expect_continue && h.version == Version::Http11 {
+                self.client_out
+                    .vec()
+                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+        }
+        false
     }
 
     /// The connection closes after the response to `h` (its head still in `client_in`):
@@ -937,6 +1037,10 @@ impl Session {
             ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
         }
         self.head_started = None;
+        // The body waited here (small, buffered whole); its 100 Continue went out already.
+        let waited_body = self.body_wait.take();
+        let body_since = waited_body.unwrap_or(now);
+        let continue_sent = waited_body.is_some() && h.expect_continue;
         // One form of the target and host for routing, the cache key and the backend.
         // (Idempotent: a head looked at again after a cache wait is unchanged.)
         if let Err(e) = h.normalize(&mut self.client_in[..h.len], ctx.merge_slashes) {
@@ -1010,6 +1114,7 @@ impl Session {
                             self.peer,
                             &ctx.upstreams[up_id].backends[0].host,
                             &ctx.via_name,
+                            false,
                         );
                         let mut extra = p.refresh_lines();
                         extra.extend_from_slice(b"Connection: close\r\n");
@@ -1069,15 +1174,16 @@ impl Session {
             stale_retry_used: false,
             response_started: false,
             resp_at: 0,
+            body_since,
             resp_bytes: 0,
             close_after: self.closes_after(&h),
             hash_key,
             has_hash_key,
         };
 
-        let Some(backend) = self.pick(&req, upstream, now) else {
+        let Some(backend) = self.pick_begin(&req, upstream, now) else {
             self.client_in.advance(h.len);
-            tracing::warn!(client = %self.peer.ip, upstream = %upstream.cfg.name, "503: no healthy backend");
+            tracing::warn!(client = %self.peer.ip, upstream = %upstream.cfg.name, "503: no backend available (every one down or at max_conns)");
             let close = req.has_body || req.close_after;
             self.req = Some(req);
             if self.serve_stale_on_error(close, now) {
@@ -1096,6 +1202,7 @@ impl Session {
             self.peer,
             &upstream.backends[backend].host,
             &ctx.via_name,
+            continue_sent,
         );
         // Validating a stale stored response: the conditional goes before the blank line.
         if let CacheReq::Miss(p) = &mut req.cache {
@@ -1117,7 +1224,6 @@ impl Session {
         req.backend = Some(backend as u16);
         req.last_backend = backend as u16;
         req.tried.push(backend as u16);
-        upstream.begin(backend);
         self.actions.push_back(Action::Connect {
             upstream: up_id as u16,
             backend: backend as u16,
@@ -1133,7 +1239,20 @@ impl Session {
         self.state = State::Active;
     }
 
-    fn pick(&self, req: &Req, upstream: &Upstream, now: Instant) -> Option<usize> {
+    /// Pick a backend for the request and take one of its slots (`max_conns`): one taken
+    /// meanwhile by another worker is skipped for the next pick.
+    fn pick_begin(&self, req: &Req, upstream: &Upstream, now: Instant) -> Option<usize> {
+        let mut skip = req.tried.clone();
+        loop {
+            let b = self.pick(req, upstream, &skip, now)?;
+            if upstream.try_begin(b) {
+                return Some(b);
+            }
+            skip.push(b as u16);
+        }
+    }
+
+    fn pick(&self, req: &Req, upstream: &Upstream, skip: &[u16], now: Instant) -> Option<usize> {
         let mut ipb = [0u8; 16];
         let client: &[u8] = match self.peer.ip {
             IpAddr::V4(a) => {
@@ -1149,7 +1268,7 @@ impl Session {
             client,
             key: req.has_hash_key.then_some(&req.hash_key[..]),
         };
-        upstream.pick(&input, &req.tried, now)
+        upstream.pick(&input, skip, now)
     }
 
     /// Connect failed or timed out: passive health, then retry elsewhere or answer 502/504.
@@ -1192,12 +1311,14 @@ impl Session {
         };
         let upstream = &ctx.upstreams[req.upstream as usize];
         let backend = if repick {
-            match self.pick(req, upstream, now) {
+            match self.pick_begin(req, upstream, now) {
                 Some(b) => b,
                 None => return false,
             }
-        } else {
+        } else if upstream.try_begin(req.last_backend as usize) {
             req.last_backend as usize
+        } else {
+            return false;
         };
         let up_id = req.upstream;
         // The head names the backend's Host only for HTTP/1.0 clients without Host; the
@@ -1205,7 +1326,6 @@ impl Session {
         self.up_out.clear();
         self.up_out.vec().extend_from_slice(&self.up_head);
         self.up_in.clear();
-        upstream.begin(backend);
         if let Some(r) = self.req.as_mut() {
             r.backend = Some(backend as u16);
             r.last_backend = backend as u16;
@@ -1812,6 +1932,7 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Serialize the request head sent to the backend: origin-form target, hop-by-hop fields
 /// removed, the forwarding fields set by [`crate::forward`]'s rules, framing regenerated.
+/// `drop_expect`: the proxy answered `Expect: 100-continue` itself (the body is here).
 fn write_upstream_head(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -1819,6 +1940,7 @@ fn write_upstream_head(
     peer: Peer,
     backend_host: &str,
     via: &str,
+    drop_expect: bool,
 ) {
     out.extend_from_slice(h.method_span.get(buf));
     out.push(b' ');
@@ -1838,7 +1960,10 @@ fn write_upstream_head(
     let mut fwd = ForwardFields::default();
     for hd in &h.headers {
         let (name, value) = (hd.name.get(buf), hd.value.get(buf));
-        if h.is_hop(buf, hd) || fwd.note(peer, name, value) {
+        if h.is_hop(buf, hd)
+            || fwd.note(peer, name, value)
+            || (drop_expect && lower_eq(name, b"expect"))
+        {
             continue;
         }
         push_header(out, name, value);

@@ -109,6 +109,9 @@ pub struct BackendConfig {
     /// Host header value for probes and for HTTP/1.0 requests without Host.
     pub host: String,
     pub weight: u32,
+    /// Requests in flight to it at most, all workers together (0: no limit). Beyond it
+    /// the balancer picks another backend, or the request gets a 503.
+    pub max_conns: u32,
 }
 
 /// One backend's shared state.
@@ -117,6 +120,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub host: String,
     pub weight: u32,
+    /// See [`BackendConfig::max_conns`].
+    pub max_conns: u32,
     key: Vec<u8>,
     /// Verdict of active probes.
     healthy: AtomicBool,
@@ -157,7 +162,9 @@ impl Avail for AvailAt<'_> {
     }
     fn available(&self, i: usize) -> bool {
         let b = &self.backends[i];
-        b.healthy.load(Ordering::Relaxed) && b.down_until.load(Ordering::Relaxed) <= self.now_ns
+        b.healthy.load(Ordering::Relaxed)
+            && b.down_until.load(Ordering::Relaxed) <= self.now_ns
+            && (b.max_conns == 0 || b.active.load(Ordering::Relaxed) < b.max_conns)
     }
     fn weight(&self, i: usize) -> u32 {
         self.backends[i].weight
@@ -180,6 +187,7 @@ impl Upstream {
                 addr: b.addr,
                 host: b.host.clone(),
                 weight: b.weight.max(1),
+                max_conns: b.max_conns,
                 key: b.addr.to_string().into_bytes(),
                 healthy: AtomicBool::new(true),
                 down_until: AtomicU64::new(0),
@@ -224,12 +232,23 @@ impl Upstream {
         self.balancer.pick(&view, input, exclude)
     }
 
-    /// A request was assigned to backend `i`. Pair with [`end`](Self::end).
-    pub fn begin(&self, i: usize) {
+    /// Assign a request to backend `i` if it is below its `max_conns` (checked and taken
+    /// in one step, so workers racing for the last slot cannot both win). Pair a `true`
+    /// with [`end`](Self::end).
+    pub fn try_begin(&self, i: usize) -> bool {
         let b = &self.backends[i];
-        b.active.fetch_add(1, Ordering::Relaxed);
-        b.requests.fetch_add(1, Ordering::Relaxed);
-        self.balancer.on_begin(i);
+        let max = b.max_conns;
+        let took = b
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                (max == 0 || v < max).then_some(v + 1)
+            })
+            .is_ok();
+        if took {
+            b.requests.fetch_add(1, Ordering::Relaxed);
+            self.balancer.on_begin(i);
+        }
+        took
     }
 
     pub fn end(&self, i: usize) {

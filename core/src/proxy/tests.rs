@@ -556,12 +556,13 @@ fn head_and_204_and_304_have_no_body() {
 }
 
 #[test]
-fn expect_100_continue_is_relayed() {
+fn expect_100_continue_is_relayed_for_streamed_bodies() {
     let now = crate::test_origin();
     let ctx = ctx_from(&two_backends(""), now);
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    // Larger than client_body_buffer_size: streamed, so the backend decides on the 100.
     s.feed_client(
-        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n",
         now,
     );
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
@@ -574,13 +575,91 @@ fn expect_100_continue_is_relayed() {
     s.on_client_written(s.client_out.len(), now);
     s.feed_client(b"body", now);
     assert_eq!(s.up_out.pending(), b"body");
-    s.on_upstream_written(4, now);
-    s.feed_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n4", now);
-    assert!(String::from_utf8_lossy(s.client_out.pending()).starts_with("HTTP/1.1 200 OK"));
-    assert!(matches!(
-        s.poll_action(),
-        Some(Action::ReleaseUpstream { reuse: true, .. })
-    ));
+}
+
+/// A small body is received whole before any backend is involved: a client that sends
+/// it slowly (or never) holds no backend connection. An `Expect: 100-continue` is
+/// answered by the proxy, and not passed on (the body is there already).
+#[test]
+fn small_request_bodies_are_buffered_before_connecting() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&two_backends(""), now);
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s.feed_client(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+        now,
+    );
+    assert_eq!(s.poll_action(), None, "no backend yet");
+    assert_eq!(s.client_out.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.on_client_written(s.client_out.len(), now);
+    let t = now + Duration::from_millis(300);
+    s.feed_client(b"01234", t);
+    assert_eq!(s.poll_action(), None, "still waiting for the rest");
+    s.feed_client(b"56789", t);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, t);
+    let up = String::from_utf8_lossy(s.up_out.pending()).into_owned();
+    assert!(!up.contains("Expect"), "{up}");
+    assert!(up.ends_with("\r\n\r\n0123456789"), "{up}");
+    // A body that never completes is cut off at client_body_timeout with a 408, having
+    // cost no backend connection.
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s.feed_client(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0",
+        now,
+    );
+    let mut t = now;
+    for _ in 0..200 {
+        // One byte a second keeps the inactivity timeout at bay, not the total deadline.
+        t += Duration::from_secs(1);
+        if s.deadline().is_some_and(|d| d <= t) {
+            s.on_timeout(t);
+            break;
+        }
+    }
+    assert_eq!(s.poll_action(), None);
+    assert!(String::from_utf8_lossy(s.client_out.pending()).starts_with("HTTP/1.1 408 "));
+    assert!(t <= now + ctx.body_timeout + Duration::from_secs(1));
+    // Chunked bodies are buffered up to their end too.
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    s.feed_client(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        now,
+    );
+    assert_eq!(s.poll_action(), None);
+    s.feed_client(b"0\r\n\r\n", now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+}
+
+/// A streamed (large) body must arrive whole within client_body_timeout, however
+/// steadily it trickles.
+#[test]
+fn streamed_bodies_have_a_total_deadline() {
+    let now = crate::test_origin();
+    let yaml = two_backends("").replace("server:\n", "server:\n  client_body_timeout: 20s\n");
+    let ctx = ctx_from(&yaml, now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    s.feed_client(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n",
+        now,
+    );
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    let mut t = now;
+    while t < now + Duration::from_secs(60) {
+        t += Duration::from_secs(1);
+        s.feed_client(b"x", t);
+        let n = s.up_out.len();
+        s.on_upstream_written(n, t);
+        if s.deadline().is_some_and(|d| d <= t) {
+            s.on_timeout(t);
+        }
+        if !s.client_out.is_empty() || s.wants_close() {
+            break;
+        }
+    }
+    assert_eq!(t, now + Duration::from_secs(20));
+    assert!(String::from_utf8_lossy(s.client_out.pending()).starts_with("HTTP/1.1 408 "));
 }
 
 #[test]

@@ -10,6 +10,7 @@ fn upstream(n: usize, now: Instant) -> Arc<Upstream> {
                 addr: format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
                 host: "h".into(),
                 weight: 1,
+                max_conns: 0,
             })
             .collect(),
         algorithm: crate::balance::Algorithm::RoundRobin,
@@ -208,4 +209,45 @@ fn an_idle_connection_that_turns_readable_leaves_the_pool() {
     p.sweep(t0, |_| Liveness::Closed, |c| closed.push(c));
     assert_eq!(closed, vec![2]);
     assert_eq!(p.idle_count(), 0);
+}
+
+/// `max_conns` holds across workers: the check and the increment are one step.
+#[test]
+fn max_conns_is_never_exceeded_by_racing_workers() {
+    let t0 = crate::test_origin();
+    let mut cfg = upstream(1, t0).cfg.clone();
+    cfg.backends[0].max_conns = 5;
+    let up = Arc::new(Upstream::new(0, cfg, t0));
+    let peak = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (up, peak) = (up.clone(), peak.clone());
+            std::thread::spawn(move || {
+                let mut got = 0;
+                for _ in 0..2_000 {
+                    if up.try_begin(0) {
+                        got += 1;
+                        let now = up.backends[0].active.load(Ordering::Relaxed);
+                        peak.fetch_max(now, Ordering::Relaxed);
+                        up.end(0);
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let got: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(got > 0);
+    assert!(peak.load(Ordering::Relaxed) <= 5);
+    assert_eq!(up.backends[0].active.load(Ordering::Relaxed), 0);
+    // At the cap, the backend is unavailable to the balancer.
+    for _ in 0..5 {
+        assert!(up.try_begin(0));
+    }
+    assert!(!up.try_begin(0));
+    let inp = PickInput {
+        client: b"",
+        key: None,
+    };
+    assert_eq!(up.pick(&inp, &[], t0), None);
 }
