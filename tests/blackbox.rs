@@ -57,6 +57,7 @@ matrix!(
     ten_thousand_keep_alive_connections,
     graceful_shutdown_under_load_loses_nothing,
     max_connections_enforced_at_accept,
+    connections_per_client_address_are_limited,
     cache_hits_misses_and_invalidation,
     cache_never_replays_one_clients_cookie,
     forwarding_fields_cannot_poison_the_cache,
@@ -1153,15 +1154,16 @@ fn max_connections_enforced_at_accept(bin: &PathBuf) {
     let p = Proxy::with_config(bin, yaml, &[&b]);
     // The start-up probe's connection must be gone before the slots are counted.
     std::thread::sleep(Duration::from_millis(300));
-    let mut held: Vec<Client> = (0..4).map(|_| p.client()).collect();
     let logs = |what: &str| format!("{what}: {}", p.logs());
-    for c in held.iter_mut() {
-        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
-        let r = c
-            .read_response(false)
-            .unwrap_or_else(|| panic!("{}", logs("held")));
-        assert_eq!(r.status, 200);
-    }
+    // Four clients in the middle of sending a request: none is idle.
+    let mut held: Vec<Client> = (0..4)
+        .map(|_| {
+            let mut c = p.client();
+            c.send(b"GET / HTTP/1.1\r\n");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
     // The fifth is accepted by the kernel and closed by the proxy at once: not left hanging.
     let mut extra = p.client();
     assert!(
@@ -1169,28 +1171,58 @@ fn max_connections_enforced_at_accept(bin: &PathBuf) {
         "connection past max_connections was not closed"
     );
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !p.logs().contains("max_connections reached") {
+    while !p.logs().contains("max_connections reached and none idle") {
         assert!(Instant::now() < deadline, "no log line: {}", p.logs());
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Freeing a slot lets a new connection in.
-    drop(held.pop());
-    std::thread::sleep(Duration::from_millis(200));
+    // They finish their requests, one after another, and wait idle (oldest first: 0).
+    for c in held.iter_mut() {
+        c.send(b"Host: a\r\n\r\n");
+        let r = c
+            .read_response(false)
+            .unwrap_or_else(|| panic!("{}", logs("held")));
+        assert_eq!(r.status, 200);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // Now a new client gets in: the connection idle the longest makes room.
     let mut c = p.client();
     c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     let r = c
         .read_response(false)
-        .unwrap_or_else(|| panic!("{}", logs("after a slot freed")));
+        .unwrap_or_else(|| panic!("{}", logs("new client at the limit")));
     assert_eq!(r.status, 200);
-    drop(c);
-    std::thread::sleep(Duration::from_millis(200));
-    for c in held.iter_mut() {
-        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
-        let r = c
-            .read_response(false)
-            .unwrap_or_else(|| panic!("{}", logs("held again")));
-        assert_eq!(r.status, 200);
+    assert!(
+        held[0].closed_within(Duration::from_secs(3)),
+        "the oldest idle one was closed"
+    );
+    for c in held[1..].iter_mut() {
+        assert_eq!(c.get("/").status, 200, "the others are kept");
     }
+}
+
+fn connections_per_client_address_are_limited(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let yaml = format!("server:\n  listen: \"{{listen}}\"\n  max_connections_per_ip: 2\nadmin:\n  listen: \"{admin}\"\nbackends:\n  - url: http://{{b0}}\n");
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = p.client();
+    let mut b2 = p.client();
+    assert_eq!(a.get("/").status, 200);
+    assert_eq!(b2.get("/").status, 200);
+    let mut third = p.client();
+    assert!(
+        third.closed_within(Duration::from_secs(3)),
+        "a third from 127.0.0.1 is refused"
+    );
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.client().get("/").status, 200, "room again");
+    let m = admin_metrics(admin.parse().unwrap());
+    assert!(
+        metric(&m, "trireme_connections_rejected_per_ip_total") >= 1,
+        "{m}"
+    );
 }
 
 #[test]

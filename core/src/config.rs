@@ -582,6 +582,9 @@ pub struct ServerSection {
     /// Request bodies up to this size are received whole before a backend connection is
     /// used (nginx's `client_body_buffer_size`); 0 streams every body at once.
     pub client_body_buffer_size: Size,
+    /// Connections one client address may have open at once (all workers); more are
+    /// closed at accept. Unset: no limit.
+    pub max_connections_per_ip: Option<u32>,
 }
 
 /// `server.max_connections` when unset and the open-files limit allows it.
@@ -632,6 +635,7 @@ impl Default for ServerSection {
             allow_trace: false,
             client_body_timeout: Dur(Duration::from_secs(60)),
             client_body_buffer_size: Size(16 * 1024),
+            max_connections_per_ip: None,
         }
     }
 }
@@ -1072,6 +1076,12 @@ impl Config {
                 locate(file, src, "client_body_timeout", "")
             )));
         }
+        if fc.server.max_connections_per_ip == Some(0) {
+            return Err(ConfigError(format!(
+                "{}: must be at least 1 (leave it out for no limit)",
+                locate(file, src, "max_connections_per_ip", "")
+            )));
+        }
         if fc.server.max_connections == Some(0) {
             return Err(ConfigError(format!(
                 "{}: must be at least 1",
@@ -1275,6 +1285,7 @@ impl Config {
             allow_trace: s.allow_trace,
             body_timeout: s.client_body_timeout.0,
             body_buffer: s.client_body_buffer_size.0.min(1 << 20) as usize,
+            per_ip: s.max_connections_per_ip.map(crate::admission::PerIp::new),
             trusted_proxies: crate::forward::TrustedProxies(
                 s.trusted_proxies
                     .iter()

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub upstream_idle_unread: AtomicU64,
     /// Idle pooled upstream connections found closed by the backend.
     pub upstream_idle_closed: AtomicU64,
+    /// Idle client connections closed to admit a new one at `max_connections`.
+    pub connections_evicted_idle: AtomicU64,
+    /// New connections closed at accept: their address had `max_connections_per_ip` open.
+    pub connections_rejected_per_ip: AtomicU64,
 }
 
 /// At most one log line per interval for a repeated event; the line carries how many
@@ -120,6 +124,14 @@ impl Metrics {
                 (
                     "trireme_upstream_idle_closed_total",
                     &self.upstream_idle_closed,
+                ),
+                (
+                    "trireme_connections_evicted_idle_total",
+                    &self.connections_evicted_idle,
+                ),
+                (
+                    "trireme_connections_rejected_per_ip_total",
+                    &self.connections_rejected_per_ip,
                 ),
             ],
         );

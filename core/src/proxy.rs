@@ -79,6 +79,8 @@ pub struct ProxyContext {
     pub body_timeout: Duration,
     /// Request bodies up to this size are received whole before a backend is involved.
     pub body_buffer: usize,
+    /// Connections open per client address (`server.max_connections_per_ip`), if bounded.
+    pub per_ip: Option<Arc<crate::admission::PerIp>>,
 }
 
 /// What the session asks of the runtime.

@@ -54,6 +54,15 @@ pub fn read_spare(fd: RawFd, b: &mut BytesMut) -> io::Result<(usize, usize)> {
     Ok((n, room))
 }
 
+/// Shut a connected socket down both ways without closing its descriptor: whoever owns
+/// it sees the end of its input on its next read and closes it the usual way. Used to
+/// make room at `max_connections` by ending the connection idle the longest (the caller
+/// knows the descriptor is still open: see `trireme_core::admission`).
+pub fn shutdown_fd(fd: RawFd) {
+    // SAFETY: shutdown(2) touches no memory; on a stale descriptor it fails harmlessly.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
 /// Join the worker threads; each returns how many connections its drain timeout cut off.
 /// Logs the outcome of the drain once for the process.
 pub fn join_workers(threads: Vec<JoinHandle<io::Result<usize>>>) -> io::Result<()> {

@@ -24,6 +24,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use trireme_core::admission::{IdleList, IdleSlot, IpSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
 use trireme_core::metrics::Throttle;
@@ -90,6 +91,10 @@ struct Conn {
     armed: Option<Instant>,
     /// Tells this connection's timer entries from those of an earlier one in the same slot.
     gen: u32,
+    /// Its place among the worker's idle connections, while it waits for a request.
+    idle: Option<IdleSlot>,
+    /// Counted against `max_connections_per_ip` while open.
+    _ip: Option<IpSlot>,
 }
 
 struct Up {
@@ -112,6 +117,8 @@ struct Io {
     ups: Slab<Up>,
     /// Idle connections by slab key, with their descriptor for the liveness probe.
     pools: Vec<Pool<(usize, RawFd)>>,
+    /// Client connections waiting for a request, by slab key (oldest first).
+    idle: IdleList<usize>,
 }
 
 impl Io {
@@ -190,6 +197,7 @@ impl Worker {
                 bufs: BufPool::default(),
                 ups: Slab::new(),
                 pools,
+                idle: IdleList::default(),
             },
             poll,
             listener: Some(listener),
@@ -325,18 +333,47 @@ impl Worker {
                     return;
                 }
             };
+            let ctx = self.sh.ctx.clone();
+            let ip_slot = match &ctx.per_ip {
+                Some(p) => match p.try_open(peer.ip()) {
+                    Some(s) => Some(s),
+                    None => {
+                        drop(stream);
+                        ctx.metrics
+                            .connections_rejected_per_ip
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = self.reject_log.hit(now) {
+                            tracing::warn!(client = %peer, more, "max_connections_per_ip reached for this address; closing its new connections");
+                        }
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let max = self.sh.opts.max_connections;
             if self.sh.active.load(Ordering::Relaxed) >= max {
-                drop(stream);
-                self.sh
-                    .ctx
-                    .metrics
-                    .connections_rejected
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Some(more) = self.reject_log.hit(now) {
-                    tracing::warn!(client = %peer, max, more, "max_connections reached; closing new connections");
+                // Make room: the connection idle the longest goes.
+                match self.io.idle.pop_oldest() {
+                    Some(old) => {
+                        if let Some(c) = self.conns.get_mut(old) {
+                            c.idle = None;
+                        }
+                        self.close_conn(old);
+                        ctx.metrics
+                            .connections_evicted_idle
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        drop(stream);
+                        ctx.metrics
+                            .connections_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = self.reject_log.hit(now) {
+                            tracing::warn!(client = %peer, max, more, "max_connections reached and none idle; closing new connections");
+                        }
+                        continue;
+                    }
                 }
-                continue;
             }
             let _ = stream.set_nodelay(true);
             let e = self.conns.vacant_entry();
@@ -360,6 +397,8 @@ impl Worker {
                 writable: true,
                 armed: None,
                 gen: self.next_gen,
+                idle: None,
+                _ip: ip_slot,
             });
             if self.drain_until.is_some() {
                 self.conns[k].s.begin_drain(now);
@@ -629,16 +668,20 @@ impl Worker {
         }
 
         if c.s.wants_close() {
-            if let Some(u) = c.up.take() {
-                io.close_up(u);
-            }
-            let c = self.conns.remove(k);
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            c.s.recycle(&mut self.io.bufs);
-            self.sh.active.fetch_sub(1, Ordering::Relaxed);
+            self.close_conn(k);
             return;
         }
         c.s.park_buffers(&mut io.bufs);
+        // Waiting for a request with nothing to write: it may make room at the limit.
+        let idle = c.s.awaiting_request() && c.s.client_out.is_empty();
+        match (idle, c.idle) {
+            (true, None) => c.idle = Some(io.idle.enter(k)),
+            (false, Some(slot)) => {
+                io.idle.leave(slot);
+                c.idle = None;
+            }
+            _ => {}
+        }
         // Arm the timer only when the deadline moves earlier; when an entry fires early
         // (the deadline moved later meanwhile) the session's deadline is checked again.
         if let Some(d) = c.s.deadline() {
@@ -648,6 +691,22 @@ impl Worker {
                 self.compact_timers();
             }
         }
+    }
+
+    /// Close client connection `k` (and its upstream connection) now.
+    fn close_conn(&mut self, k: usize) {
+        let Some(mut c) = self.conns.try_remove(k) else {
+            return;
+        };
+        if let Some(u) = c.up.take() {
+            self.io.close_up(u);
+        }
+        if let Some(slot) = c.idle.take() {
+            self.io.idle.leave(slot);
+        }
+        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        c.s.recycle(&mut self.io.bufs);
+        self.sh.active.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Entries of closed connections, and ones superseded by an earlier deadline, stay in

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+use trireme_core::admission::{IdleList, IdleSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
 use trireme_core::metrics::Throttle;
@@ -140,6 +141,9 @@ struct Local {
     drain: Drain,
     /// Connections open on this worker.
     open: Cell<usize>,
+    /// Client connections waiting for a request, by descriptor (oldest first): at the
+    /// limit the oldest is shut down to admit a new one.
+    idle: RefCell<IdleList<RawFd>>,
 }
 
 impl Local {
@@ -202,6 +206,7 @@ async fn worker(
         bufs: RefCell::new(BufPool::default()),
         drain: Drain::default(),
         open: Cell::new(0),
+        idle: RefCell::new(IdleList::default()),
     });
     {
         let local = local.clone();
@@ -254,23 +259,55 @@ async fn worker(
                     continue;
                 }
             };
+            let ip_slot = match &sh.ctx.per_ip {
+                Some(p) => match p.try_open(peer.ip()) {
+                    Some(s) => Some(s),
+                    None => {
+                        drop(stream);
+                        sh.ctx
+                            .metrics
+                            .connections_rejected_per_ip
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = reject_log.hit(Instant::now()) {
+                            tracing::warn!(client = %peer, more, "max_connections_per_ip reached for this address; closing its new connections");
+                        }
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let max = sh.opts.max_connections;
             if sh.active.load(Ordering::Relaxed) >= max {
-                drop(stream);
-                sh.ctx
-                    .metrics
-                    .connections_rejected
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Some(more) = reject_log.hit(Instant::now()) {
-                    tracing::warn!(client = %peer, max, more, "max_connections reached; closing new connections");
+                // Make room: the connection idle the longest is shut down (its pending
+                // read sees the end and it closes). Its descriptor is still open: a
+                // connection leaves the list before it closes.
+                match local.idle.borrow_mut().pop_oldest() {
+                    Some(fd) => {
+                        trireme_rt_support::shutdown_fd(fd);
+                        sh.ctx
+                            .metrics
+                            .connections_evicted_idle
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        drop(stream);
+                        sh.ctx
+                            .metrics
+                            .connections_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = reject_log.hit(Instant::now()) {
+                            tracing::warn!(client = %peer, max, more, "max_connections reached and none idle; closing new connections");
+                        }
+                        continue;
+                    }
                 }
-                continue;
             }
             let _ = stream.set_nodelay(true);
             sh.active.fetch_add(1, Ordering::Relaxed);
             local.open.set(local.open.get() + 1);
             let local = local.clone();
             monoio::spawn(async move {
+                let _ip = ip_slot;
                 connection(stream, peer, &local, uring).await;
                 local.open.set(local.open.get() - 1);
                 local.sh.active.fetch_sub(1, Ordering::Relaxed);
@@ -397,6 +434,8 @@ fn poll_slot<F: Future>(
 
 async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: bool) {
     let mut s = Session::new(local.sh.ctx.clone(), peer, Instant::now());
+    let cfd = stream.as_raw_fd();
+    let mut idle_slot: Option<IdleSlot> = None;
     let (crd, cwr) = stream.into_split();
     // A half is `None` while an operation in flight owns it.
     let (mut crd, mut cwr) = (Some(crd), Some(cwr));
@@ -515,6 +554,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
             }
         }
         s.park_buffers(&mut local.bufs.borrow_mut());
+        // Waiting for a request with nothing to write: it may make room at the limit.
+        let idle = s.awaiting_request() && s.client_out.is_empty();
+        match (idle, idle_slot) {
+            (true, None) => idle_slot = Some(local.idle.borrow_mut().enter(cfd)),
+            (false, Some(slot)) => {
+                local.idle.borrow_mut().leave(slot);
+                idle_slot = None;
+            }
+            _ => {}
+        }
         if let Some(d) = s.deadline() {
             if armed.is_none_or(|a| d < a) {
                 sleep.as_mut().reset(monoio::time::Instant::from_std(d));
@@ -644,6 +693,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
     }
 
     local.drain.wakers.borrow_mut().remove(drain_slot);
+    // Out of the idle list before the descriptor closes (the acceptor may shut down only
+    // descriptors in it).
+    if let Some(slot) = idle_slot {
+        local.idle.borrow_mut().leave(slot);
+    }
     // Close: the client gets a FIN; reads still in flight are cancelled with their futures.
     cread.set(None);
     cwait.set(None);

@@ -6,12 +6,14 @@ use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use trireme_core::admission::{IdleList, IdleSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::metrics::Throttle;
@@ -79,6 +81,7 @@ pub fn run(
 ) -> io::Result<()> {
     let shared = Arc::new(Shared {
         pools: Pools::new(&ctx),
+        idle: Mutex::new(IdleList::default()),
         ctx,
         active: AtomicUsize::new(0),
         opts,
@@ -127,6 +130,11 @@ pub fn run(
 struct Shared {
     ctx: Arc<ProxyContext>,
     pools: Pools,
+    /// Client connections waiting for a request, by descriptor (oldest first): at the
+    /// limit the oldest is shut down to admit a new one. A connection leaves it before
+    /// its socket closes, and the shutdown happens under the lock, so a descriptor taken
+    /// from it is open.
+    idle: Mutex<IdleList<RawFd>>,
     /// Client connections open, over all threads.
     active: AtomicUsize,
     opts: RunOptions,
@@ -179,18 +187,44 @@ async fn serve(
                         continue;
                     }
                 };
+                let ip_slot = match &sh.ctx.per_ip {
+                    Some(p) => match p.try_open(peer.ip()) {
+                        Some(s) => Some(s),
+                        None => {
+                            drop(stream);
+                            sh.ctx.metrics.connections_rejected_per_ip.fetch_add(1, Ordering::Relaxed);
+                            if let Some(more) = reject_log.hit(Instant::now()) {
+                                tracing::warn!(client = %peer, more, "max_connections_per_ip reached for this address; closing its new connections");
+                            }
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 if sh.active.load(Ordering::Relaxed) >= max {
-                    drop(stream);
-                    sh.ctx.metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
-                    if let Some(more) = reject_log.hit(Instant::now()) {
-                        tracing::warn!(client = %peer, max, more, "max_connections reached; closing new connections");
+                    // Make room: the connection idle the longest is shut down (its read
+                    // sees the end and it closes).
+                    let evicted = {
+                        let mut idle = sh.idle.lock();
+                        // A descriptor in the idle list is open (see `idle`).
+                        idle.pop_oldest().map(trireme_rt_support::shutdown_fd)
+                    };
+                    if evicted.is_some() {
+                        sh.ctx.metrics.connections_evicted_idle.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        drop(stream);
+                        sh.ctx.metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = reject_log.hit(Instant::now()) {
+                            tracing::warn!(client = %peer, max, more, "max_connections reached and none idle; closing new connections");
+                        }
+                        continue;
                     }
-                    continue;
                 }
                 let _ = stream.set_nodelay(true);
                 sh.active.fetch_add(1, Ordering::Relaxed);
                 let (sh, drain) = (sh.clone(), drain_rx.clone());
                 tokio::spawn(async move {
+                    let _ip = ip_slot;
                     connection(stream, peer, &sh, drain).await;
                     sh.active.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -280,6 +314,11 @@ async fn connection(
     let sleep = tokio::time::sleep_until(far);
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
+    let cfd = {
+        use std::os::fd::AsRawFd;
+        client.as_raw_fd()
+    };
+    let mut idle_slot: Option<IdleSlot> = None;
 
     loop {
         let now = Instant::now();
@@ -376,6 +415,16 @@ async fn connection(
         }
 
         with_pool(|p| s.park_buffers(p));
+        // Waiting for a request with nothing to write: it may make room at the limit.
+        let idle = s.awaiting_request() && s.client_out.is_empty();
+        match (idle, idle_slot) {
+            (true, None) => idle_slot = Some(sh.idle.lock().enter(cfd)),
+            (false, Some(slot)) => {
+                sh.idle.lock().leave(slot);
+                idle_slot = None;
+            }
+            _ => {}
+        }
         let ci = interest(s.wants_client_read(), !s.client_out.is_empty());
         let ui = match &up {
             Some(_) => interest(s.wants_upstream_read(), !s.up_out.is_empty()),
@@ -452,6 +501,10 @@ async fn connection(
                 s.begin_drain(now);
             }
         }
+    }
+    // Out of the idle list before the socket closes.
+    if let Some(slot) = idle_slot {
+        sh.idle.lock().leave(slot);
     }
     // Closing: flush is done (or abandoned); a graceful FIN.
     with_pool(|p| s.recycle(p));
