@@ -16,7 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trireme::runtimes::{Runtime, MIO, MONOIO, TOKIO};
@@ -27,23 +27,29 @@ struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static FREES: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed.
+static LIVE: AtomicI64 = AtomicI64::new(0);
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
         System.alloc(l)
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         FREES.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size() as i64, Ordering::Relaxed);
         System.dealloc(p, l)
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
         System.alloc_zeroed(l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(n as i64 - l.size() as i64, Ordering::Relaxed);
         System.realloc(p, l, n)
     }
 }
@@ -115,13 +121,16 @@ fn exchange(s: &mut TcpStream, buf: &mut [u8], body: usize) {
     }
 }
 
-/// Heap operations (allocations + reallocations, frees) per request in steady state;
-/// with `cache`, every measured request is a hit.
-fn allocs_per_request(rt: &Runtime, cache: bool, body: usize) -> (f64, f64) {
-    let be = backend(cache, body);
-    let cache_cfg = if cache { "cache:\n  size: 16MB\n" } else { "" };
+type Running = (
+    SocketAddr,
+    Arc<Shutdown>,
+    std::thread::JoinHandle<std::io::Result<()>>,
+);
+
+/// The proxy on `rt` in this process (one worker), in front of `be`.
+fn start_in_process(rt: &Runtime, be: SocketAddr, extra: &str, max_connections: usize) -> Running {
     let yaml = format!(
-        "server:\n  listen: 127.0.0.1:0\n  workers: 1\n  max_connections: 1000\n{cache_cfg}backends:\n  - url: http://{be}\n"
+        "server:\n  listen: 127.0.0.1:0\n  workers: 1\n  max_connections: {max_connections}\n{extra}backends:\n  - url: http://{be}\n"
     );
     let cfg = Config::from_yaml(&yaml, "bench").unwrap();
     let ctx = cfg
@@ -138,6 +147,44 @@ fn allocs_per_request(rt: &Runtime, cache: bool, body: usize) -> (f64, f64) {
     let run = rt.run;
     let sd2 = sd.clone();
     let proxy = std::thread::spawn(move || run(ctx, opts, listeners, sd2));
+    (addr, sd, proxy)
+}
+
+/// Heap bytes held per idle keep-alive client connection (after one request each), by the
+/// proxy in this process: what stays allocated while a connection waits for its next
+/// request (buffers are meant to be back in the pool by then).
+fn heap_per_idle_conn(rt: &Runtime) -> f64 {
+    const N: usize = 2_000;
+    let be = backend(false, SMALL);
+    let (addr, sd, proxy) = start_in_process(rt, be, "", N + 100);
+    let mut buf = vec![0u8; 4096];
+    let mut first = TcpStream::connect(addr).unwrap();
+    for _ in 0..WARMUP {
+        exchange(&mut first, &mut buf, SMALL);
+    }
+    let mut conns: Vec<TcpStream> = Vec::with_capacity(N);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = LIVE.load(Ordering::SeqCst);
+    for _ in 0..N {
+        let mut s = TcpStream::connect(addr).unwrap();
+        exchange(&mut s, &mut buf, SMALL);
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = LIVE.load(Ordering::SeqCst);
+    drop(conns);
+    drop(first);
+    sd.request();
+    proxy.join().unwrap().unwrap();
+    (after - before) as f64 / N as f64
+}
+
+/// Heap operations (allocations + reallocations, frees) per request in steady state;
+/// with `cache`, every measured request is a hit.
+fn allocs_per_request(rt: &Runtime, cache: bool, body: usize) -> (f64, f64) {
+    let be = backend(cache, body);
+    let cache_cfg = if cache { "cache:\n  size: 16MB\n" } else { "" };
+    let (addr, sd, proxy) = start_in_process(rt, be, cache_cfg, 1000);
 
     let go = Arc::new(AtomicBool::new(false));
     let warm = Arc::new(std::sync::Barrier::new(CONNS + 1));
@@ -191,8 +238,9 @@ fn rss_kib(pid: u32) -> u64 {
 
 const IDLE: usize = 10_000;
 
-/// Bytes of RSS per idle keep-alive client connection, on the real binary.
-fn idle_rss_per_conn(bin: &str) -> Option<f64> {
+/// Bytes of RSS per idle client connection, on the real binary: never used (`request`
+/// false), or kept alive after one request each.
+fn idle_rss_per_conn(bin: &str, request: bool) -> Option<f64> {
     let be = backend(false, SMALL);
     let port = TcpListener::bind("127.0.0.1:0")
         .ok()?
@@ -232,7 +280,13 @@ fn idle_rss_per_conn(bin: &str) -> Option<f64> {
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_kib(child.id());
     let conns: Vec<TcpStream> = (0..IDLE)
-        .filter_map(|_| TcpStream::connect(addr).ok())
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(addr).ok()?;
+            if request {
+                exchange(&mut s, &mut buf, SMALL);
+            }
+            Some(s)
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
     let after = rss_kib(child.id());
@@ -260,15 +314,18 @@ fn main() {
         (&MONOIO, env!("CARGO_BIN_EXE_trireme-monoio")),
         (&TOKIO, env!("CARGO_BIN_EXE_trireme-tokio")),
     ];
-    println!("| runtime | heap allocs / request | heap frees / request | allocs / 16 KiB request | allocs / cache hit | frees / cache hit | RSS per idle connection (bytes, {IDLE} conns) |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| runtime | heap allocs / request | heap frees / request | allocs / 16 KiB request | allocs / cache hit | frees / cache hit | RSS per idle connection, never used (bytes, {IDLE} conns) | RSS per idle keep-alive connection, after a request | heap bytes per idle keep-alive connection |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (rt, bin) in bins {
         let (a, f) = allocs_per_request(rt, false, SMALL);
         let (la, _) = allocs_per_request(rt, false, LARGE);
         let (ha, hf) = allocs_per_request(rt, true, SMALL);
-        let idle = idle_rss_per_conn(bin).map_or("n/a".to_string(), |b| format!("{b:.0}"));
+        let show = |b: Option<f64>| b.map_or("n/a".to_string(), |b| format!("{b:.0}"));
+        let idle = show(idle_rss_per_conn(bin, false));
+        let kept = show(idle_rss_per_conn(bin, true));
+        let heap = heap_per_idle_conn(rt);
         println!(
-            "| trireme-{} | {a:.3} | {f:.3} | {la:.3} | {ha:.3} | {hf:.3} | {idle} |",
+            "| trireme-{} | {a:.3} | {f:.3} | {la:.3} | {ha:.3} | {hf:.3} | {idle} | {kept} | {heap:.0} |",
             rt.name
         );
     }

@@ -1050,9 +1050,22 @@ fn ten_thousand_keep_alive_connections(bin: &PathBuf) {
         }
     }
     assert_eq!(b.requests().len(), 20 + 2 * MANY);
+    // Now every connection has served two requests and waits idle (its buffers parked).
+    std::thread::sleep(Duration::from_millis(500));
+    let kept = rss_kib(p.pid());
+    let per_kept = (kept.saturating_sub(before) * 1024) as f64 / MANY as f64;
+    eprintln!(
+        "{}: {MANY} idle keep-alive connections after requests: RSS {kept} KiB, {per_kept:.0} bytes each",
+        bin.display()
+    );
     assert!(
         per_conn < 4096.0,
         "an idle connection costs {per_conn:.0} bytes of RSS"
+    );
+    // (A debug build: the release figures are in benches/runtimes.rs.)
+    assert!(
+        per_kept < 6144.0,
+        "an idle keep-alive connection costs {per_kept:.0} bytes of RSS"
     );
 }
 

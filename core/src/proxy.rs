@@ -218,7 +218,7 @@ pub struct Session {
     client_eof: bool,
     /// The backend did not announce a close for the response in flight.
     up_reuse_ok: bool,
-    /// The four buffers are back in the runtime's [`BufPool`] (idle connection).
+    /// The buffers are back in the runtime's [`BufPool`] (idle connection).
     parked: bool,
     /// The response in flight is being copied into the cache.
     capture: Option<Box<Capture>>,
@@ -343,11 +343,15 @@ impl Session {
             if self.up_out.capacity() == 0 {
                 self.up_out.set_vec(pool.out_buf());
             }
+            if self.up_head.capacity() == 0 {
+                self.up_head = pool.out_buf();
+            }
         }
     }
 
-    /// Between requests, give the buffers back to `pool`: an idle keep-alive connection
-    /// then holds none. Does nothing while anything is buffered or a request is in flight.
+    /// Between requests, give the buffers back to `pool` (the four I/O buffers and the
+    /// copy of the last upstream request head): an idle keep-alive connection then holds
+    /// none. Does nothing while anything is buffered or a request is in flight.
     /// The runtime calls this when it stops driving the session for now.
     pub fn park_buffers(&mut self, pool: &mut BufPool) {
         if self.state != State::Idle
@@ -374,6 +378,9 @@ impl Session {
         pool.put_read(std::mem::take(&mut self.up_in));
         pool.put_out(self.client_out.take_vec());
         pool.put_out(self.up_out.take_vec());
+        let mut head = std::mem::take(&mut self.up_head);
+        head.clear();
+        pool.put_out(head);
     }
 
     /// The runtime should read from the client now.
@@ -406,6 +413,19 @@ impl Session {
     /// not tie up a read buffer.
     pub fn awaiting_request(&self) -> bool {
         self.state == State::Idle && self.client_in.is_empty() && !self.client_eof
+    }
+
+    /// A client read now would only take bytes nothing waits for yet: the next request
+    /// (idle, or pipelined behind the one in flight whose body is complete) or the
+    /// client's close. Completion-based runtimes wait for readiness first then, instead
+    /// of lending a read buffer that an idle keep-alive connection would keep.
+    pub fn client_read_can_wait(&self) -> bool {
+        !self.client_eof
+            && match self.state {
+                State::Idle => self.body_wait.is_none(),
+                State::Active => matches!(self.req_body, ReqBody::Done),
+                State::Closing | State::Closed => false,
+            }
     }
 
     /// The runtime should read from the upstream connection now.

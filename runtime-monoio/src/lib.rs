@@ -113,12 +113,12 @@ pub fn run(
                             .uring_builder(ring_setup())
                             .enable_timer()
                             .build()?;
-                        rt.block_on(worker(uring, id, sh, l, shutdown))
+                        rt.block_on(worker(id, sh, l, shutdown))
                     } else {
                         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                             .enable_timer()
                             .build()?;
-                        rt.block_on(worker(uring, id, sh, l, shutdown))
+                        rt.block_on(worker(id, sh, l, shutdown))
                     }
                 })?,
         );
@@ -192,7 +192,6 @@ impl Drain {
 }
 
 async fn worker(
-    uring: bool,
     id: usize,
     sh: Arc<Shared>,
     listener: std::net::TcpListener,
@@ -308,7 +307,7 @@ async fn worker(
             let local = local.clone();
             monoio::spawn(async move {
                 let _ip = ip_slot;
-                connection(stream, peer, &local, uring).await;
+                connection(stream, peer, &local).await;
                 local.open.set(local.open.get() - 1);
                 local.sh.active.fetch_sub(1, Ordering::Relaxed);
             });
@@ -432,7 +431,7 @@ fn poll_slot<F: Future>(
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: bool) {
+async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
     let mut s = Session::new(local.sh.ctx.clone(), peer, Instant::now());
     let cfd = stream.as_raw_fd();
     let mut idle_slot: Option<IdleSlot> = None;
@@ -537,8 +536,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local, uring: b
         // Start reads.
         if cread.is_none() && cwait.is_none() && s.wants_client_read() {
             if let Some(h) = crd.take() {
-                if uring && !client_ready && s.awaiting_request() {
-                    // Idle keep-alive connection: no buffer until bytes arrive.
+                if !client_ready && s.client_read_can_wait() {
+                    // Nothing waits for these bytes yet (a next request, the close): no
+                    // buffer until they arrive, so an idle connection holds none.
                     cwait.set(Some(readable_owned(h)));
                 } else {
                     client_ready = false;
