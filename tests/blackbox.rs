@@ -35,6 +35,7 @@ macro_rules! matrix {
 
 matrix!(
     stray_backend_bytes_never_reach_another_request,
+    idle_pooled_connection_that_receives_bytes_is_closed,
     broken_backend_answers_and_trace_get_clean_errors,
     backend_closing_idle_connections_fails_no_post,
     slow_request_bodies_hold_no_backend_connection,
@@ -340,6 +341,46 @@ fn max_conns_caps_requests_in_flight_per_backend(bin: &PathBuf) {
         1,
         "{:?}",
         by_backend(&resps)
+    );
+}
+
+fn idle_pooled_connection_that_receives_bytes_is_closed(bin: &PathBuf) {
+    let rogue = stray_bytes_backend();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let p = Proxy::start(
+        bin,
+        &[
+            "--listen".into(),
+            "{listen}".into(),
+            "--backend".into(),
+            format!("http://{}", rogue.addr),
+            "--admin".into(),
+            admin.clone(),
+        ],
+    );
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    let r = get(p.addr, "/unsolicited");
+    assert_eq!(r.status, 200);
+    // The stray response reaches the pooled connection 30 ms later; no request follows.
+    let started = Instant::now();
+    let unread = loop {
+        let n = metric(&admin_metrics(admin), "trireme_upstream_idle_unread_total");
+        if n > 0 || started.elapsed() > Duration::from_secs(3) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(unread, 1);
+    // mio and tokio watch idle sockets (closed at once); monoio sweeps its pool each second.
+    let bound = if bin.ends_with("trireme-monoio") {
+        1500
+    } else {
+        250
+    };
+    assert!(
+        started.elapsed() < Duration::from_millis(bound),
+        "closed after {:?}",
+        started.elapsed()
     );
 }
 

@@ -19,20 +19,67 @@ use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_core::upstream::{ConnMeta, Liveness, Pool};
 
 /// Idle upstream connections, one pool per upstream, shared by all tasks.
+///
+/// No task reads an idle pooled socket, so each one is watched instead: when it is
+/// pooled, the watcher's waker is registered on its read readiness (no system call);
+/// bytes or a close then wake the watcher task, which looks at the pools and closes such
+/// connections at once. Taking a connection still peeks at it (core's rule).
 struct Pools {
     by_upstream: Vec<Mutex<Pool<TcpStream>>>,
+    /// Woken when a watched idle socket turns readable.
+    pub watch: Arc<tokio::sync::Notify>,
+    waker: std::task::Waker,
+}
+
+/// Turns a readiness wake-up of an idle socket into a notification for the watcher.
+struct WatchWake(Arc<tokio::sync::Notify>);
+
+impl std::task::Wake for WatchWake {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
 }
 
 impl Pools {
     fn new(ctx: &ProxyContext) -> Self {
+        let watch = Arc::new(tokio::sync::Notify::new());
         Pools {
             by_upstream: Pool::for_each_upstream(ctx)
                 .into_iter()
                 .map(Mutex::new)
                 .collect(),
+            waker: std::task::Waker::from(Arc::new(WatchWake(watch.clone()))),
+            watch,
+        }
+    }
+
+    /// What an idle socket's readiness says, registering the watcher for the next change:
+    /// not readable (the common case: no system call), or readable and then peeked at
+    /// (readiness left over from the last read is cleared).
+    fn watched(&self, s: &TcpStream) -> Liveness {
+        use std::task::{Context, Poll};
+        let mut cx = Context::from_waker(&self.waker);
+        match s.poll_read_ready(&mut cx) {
+            Poll::Pending => Liveness::Quiet,
+            Poll::Ready(Err(_)) => Liveness::Closed,
+            Poll::Ready(Ok(())) => match probe(s) {
+                Liveness::Quiet => {
+                    let _ = s.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                    match s.poll_read_ready(&mut cx) {
+                        Poll::Pending => Liveness::Quiet,
+                        Poll::Ready(_) => probe(s),
+                    }
+                }
+                l => l,
+            },
         }
     }
 
@@ -45,6 +92,9 @@ impl Pools {
     }
 
     fn put(&self, upstream: u16, backend: u16, s: TcpStream, meta: ConnMeta, now: Instant) {
+        if self.watched(&s) != Liveness::Quiet {
+            return; // already readable: closed here, never pooled
+        }
         let rejected =
             self.by_upstream[upstream as usize]
                 .lock()
@@ -52,18 +102,18 @@ impl Pools {
         drop(rejected);
     }
 
-    /// Expired connections, and idle ones the backend closed or wrote to (no task reads
-    /// an idle socket here, so they are looked at on every tick).
+    /// Expired connections, and idle ones the backend closed or wrote to (after a
+    /// watcher wake-up, and on every tick).
     fn sweep(&self, now: Instant) {
         for p in &self.by_upstream {
-            p.lock().sweep(now, probe, drop);
+            p.lock().sweep(now, |s| self.watched(s), drop);
         }
     }
 }
 
 /// The liveness probe of a pooled socket: a peek at the kernel's receive queue (tokio's
 /// cached readiness may lag behind what has arrived).
-fn probe(s: &TcpStream) -> trireme_core::upstream::Liveness {
+fn probe(s: &TcpStream) -> Liveness {
     use std::os::fd::AsRawFd;
     trireme_rt_support::peek_idle(s.as_raw_fd())
 }
@@ -165,6 +215,7 @@ async fn serve(
             loop {
                 tokio::select! {
                     _ = tick.tick() => sh.pools.sweep(Instant::now()),
+                    _ = sh.pools.watch.notified() => sh.pools.sweep(Instant::now()),
                     _ = drain.changed() => break,
                 }
             }
