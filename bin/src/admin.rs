@@ -115,34 +115,25 @@ fn serve(
             Ok(Parsed::Partial) => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || len == buf.len() {
-            return reply(
-                &mut s,
-                408,
-                "text/plain",
-                "request head not received in time\n",
-                &[],
-            );
-        }
-        s.set_read_timeout(Some(left))?;
-        match s.read(&mut buf[len..]) {
-            Ok(0) => return Ok(()),
-            Ok(n) => len += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return reply(
-                    &mut s,
-                    408,
-                    "text/plain",
-                    "request head not received in time\n",
-                    &[],
-                );
-            }
-            Err(e) => return Err(e),
+        let timed_out = left.is_zero()
+            || len == buf.len()
+            || match s.set_read_timeout(Some(left)).and(s.read(&mut buf[len..])) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    len += n;
+                    false
+                }
+                Err(e) => {
+                    use std::io::ErrorKind::{TimedOut, WouldBlock};
+                    if !matches!(e.kind(), WouldBlock | TimedOut) {
+                        return Err(e);
+                    }
+                    true
+                }
+            };
+        if timed_out {
+            let why = "request head not received in time\n";
+            return reply(&mut s, 408, "text/plain", why, &[]);
         }
     };
     let buf = &buf[..head.len];

@@ -91,6 +91,14 @@ impl Proxy {
         Proxy::start(bin, &args)
     }
 
+    /// Config-less start in front of one backend at `addr` (a [`Rogue`] one, say).
+    pub fn in_front_of(bin: &PathBuf, addr: SocketAddr, extra: &[&str]) -> Proxy {
+        let url = format!("http://{addr}");
+        let mut args = vec!["--backend", url.as_str()];
+        args.extend_from_slice(extra);
+        Proxy::with_backends(bin, &[], &args)
+    }
+
     /// Start with a YAML config; `{listen}` and `{b0}`, `{b1}`... are substituted.
     pub fn with_config(bin: &PathBuf, yaml: &str, backends: &[&Backend]) -> Proxy {
         let port = free_port();
