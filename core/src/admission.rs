@@ -83,6 +83,19 @@ impl<T> IdleList<T> {
         IdleSlot { index, gen }
     }
 
+    /// Keep a connection's membership (`slot`) in step with whether it is `idle` now
+    /// (see `Session::is_idle`); `value` is what the list holds for it.
+    pub fn track(&mut self, slot: &mut Option<IdleSlot>, idle: bool, value: T) {
+        match (idle, *slot) {
+            (true, None) => *slot = Some(self.enter(value)),
+            (false, Some(s)) => {
+                self.leave(s);
+                *slot = None;
+            }
+            _ => {}
+        }
+    }
+
     /// The connection is busy again or closing. A slot already taken out (by
     /// [`pop_oldest`](Self::pop_oldest)) is left alone.
     pub fn leave(&mut self, slot: IdleSlot) -> Option<T> {

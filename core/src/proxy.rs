@@ -428,6 +428,12 @@ impl Session {
             }
     }
 
+    /// Waiting for a request with nothing to write: a connection that may be closed to
+    /// admit a new one at `max_connections` ([`crate::admission::IdleList`]).
+    pub fn is_idle(&self) -> bool {
+        self.awaiting_request() && self.client_out.is_empty()
+    }
+
     /// The runtime should read from the upstream connection now.
     pub fn wants_upstream_read(&self) -> bool {
         if self.l2.is_some() {

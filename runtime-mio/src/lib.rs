@@ -672,16 +672,8 @@ impl Worker {
             return;
         }
         c.s.park_buffers(&mut io.bufs);
-        // Waiting for a request with nothing to write: it may make room at the limit.
-        let idle = c.s.awaiting_request() && c.s.client_out.is_empty();
-        match (idle, c.idle) {
-            (true, None) => c.idle = Some(io.idle.enter(k)),
-            (false, Some(slot)) => {
-                io.idle.leave(slot);
-                c.idle = None;
-            }
-            _ => {}
-        }
+        // An idle connection may make room at the limit.
+        io.idle.track(&mut c.idle, c.s.is_idle(), k);
         // Arm the timer only when the deadline moves earlier; when an entry fires early
         // (the deadline moved later meanwhile) the session's deadline is checked again.
         if let Some(d) = c.s.deadline() {

@@ -554,16 +554,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
             }
         }
         s.park_buffers(&mut local.bufs.borrow_mut());
-        // Waiting for a request with nothing to write: it may make room at the limit.
-        let idle = s.awaiting_request() && s.client_out.is_empty();
-        match (idle, idle_slot) {
-            (true, None) => idle_slot = Some(local.idle.borrow_mut().enter(cfd)),
-            (false, Some(slot)) => {
-                local.idle.borrow_mut().leave(slot);
-                idle_slot = None;
-            }
-            _ => {}
-        }
+        // An idle connection may make room at the limit.
+        local.idle.borrow_mut().track(&mut idle_slot, s.is_idle(), cfd);
         if let Some(d) = s.deadline() {
             if armed.is_none_or(|a| d < a) {
                 sleep.as_mut().reset(monoio::time::Instant::from_std(d));

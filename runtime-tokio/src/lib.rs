@@ -466,15 +466,10 @@ async fn connection(
         }
 
         with_pool(|p| s.park_buffers(p));
-        // Waiting for a request with nothing to write: it may make room at the limit.
-        let idle = s.awaiting_request() && s.client_out.is_empty();
-        match (idle, idle_slot) {
-            (true, None) => idle_slot = Some(sh.idle.lock().enter(cfd)),
-            (false, Some(slot)) => {
-                sh.idle.lock().leave(slot);
-                idle_slot = None;
-            }
-            _ => {}
+        // An idle connection may make room at the limit (the lock only on a change).
+        let idle = s.is_idle();
+        if idle != idle_slot.is_some() {
+            sh.idle.lock().track(&mut idle_slot, idle, cfd);
         }
         let ci = interest(s.wants_client_read(), !s.client_out.is_empty());
         let ui = match &up {
