@@ -555,7 +555,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
         }
         s.park_buffers(&mut local.bufs.borrow_mut());
         // An idle connection may make room at the limit.
-        local.idle.borrow_mut().track(&mut idle_slot, s.is_idle(), cfd);
+        local
+            .idle
+            .borrow_mut()
+            .track(&mut idle_slot, s.is_idle(), cfd);
         if let Some(d) = s.deadline() {
             if armed.is_none_or(|a| d < a) {
                 sleep.as_mut().reset(monoio::time::Instant::from_std(d));
