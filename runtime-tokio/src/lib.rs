@@ -30,7 +30,7 @@ use trireme_core::upstream::{ConnMeta, Liveness, Pool};
 struct Pools {
     by_upstream: Vec<Mutex<Pool<TcpStream>>>,
     /// Woken when a watched idle socket turns readable.
-    pub watch: Arc<tokio::sync::Notify>,
+    watch: Arc<tokio::sync::Notify>,
     waker: std::task::Waker,
 }
 
@@ -92,14 +92,15 @@ impl Pools {
     }
 
     fn put(&self, upstream: u16, backend: u16, s: TcpStream, meta: ConnMeta, now: Instant) {
-        if self.watched(&s) != Liveness::Quiet {
-            return; // already readable: closed here, never pooled
+        use std::os::fd::AsRawFd;
+        let (state, fd) = (self.watched(&s), s.as_raw_fd());
+        let mut pool = self.by_upstream[upstream as usize].lock();
+        drop(pool.put(backend as usize, s, meta, now));
+        if state != Liveness::Quiet {
+            // Readable already: out again at once, closed and counted by the pool.
+            let b = backend as usize;
+            drop(pool.on_idle_readable(b, now, |c| c.as_raw_fd() == fd, |_| state));
         }
-        let rejected =
-            self.by_upstream[upstream as usize]
-                .lock()
-                .put(backend as usize, s, meta, now);
-        drop(rejected);
     }
 
     /// Expired connections, and idle ones the backend closed or wrote to (after a
