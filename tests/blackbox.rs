@@ -2,6 +2,7 @@
 //! Every scenario runs once per runtime binary (the `matrix!` list); a new runtime is one
 //! more line there.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -10,28 +11,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// One `#[test]` per scenario and runtime binary.
-macro_rules! matrix {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[test]
-                fn tokio() {
-                    super::$scenario(&super::bin("trireme-tokio"));
-                }
-                #[test]
-                fn mio() {
-                    super::$scenario(&super::bin("trireme-mio"));
-                }
-                #[test]
-                fn monoio() {
-                    super::$scenario(&super::bin("trireme-monoio"));
-                }
-            }
-        )*
-    };
-}
 
 matrix!(
     stray_backend_bytes_never_reach_another_request,
@@ -694,7 +673,7 @@ fn proxy_errors_502_503_504(bin: &PathBuf) {
     let live = Backend::start("live").unwrap();
     let dead_port = free_port();
     let yaml = format!(
-        "server:\n  listen: \"{{listen}}\"\nload_balancing:\n  retries: 0\n  response_timeout: 1s\n  passive_health:\n    max_fails: 2\n    fail_timeout: 60s\nupstreams:\n  dead:\n    backends:\n      - url: http://127.0.0.1:{dead_port}\nroutes:\n  - path: /dead\n    upstream: dead\nbackends:\n  - url: http://{{b0}}\n"
+        "server:\n  listen: \"{{listen}}\"\nload_balancing:\n  retries: 0\n  response_timeout: 1s\n  passive_health:\n    max_fails: 2\n    fail_timeout: 60s\n    panic_threshold: 0\nupstreams:\n  dead:\n    backends:\n      - url: http://127.0.0.1:{dead_port}\nroutes:\n  - path: /dead\n    upstream: dead\nbackends:\n  - url: http://{{b0}}\n"
     );
     let p = Proxy::with_config(bin, &yaml, &[&live]);
     assert_eq!(get(p.addr, "/dead").status, 502);

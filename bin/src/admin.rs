@@ -261,6 +261,7 @@ fn handle(
         ("GET", "/metrics") => {
             let mut out = String::new();
             ctx.metrics.render(&mut out);
+            render_upstreams(ctx, &mut out);
             if let Some(c) = &ctx.cache {
                 c.render(&mut out);
             }
@@ -320,5 +321,31 @@ fn handle(
             "endpoints: GET /metrics, POST /cache/purge?url=|prefix=\n",
             &[],
         ),
+    }
+}
+
+/// Per-upstream health: backends taking requests, and picks made in panic mode.
+fn render_upstreams(ctx: &ProxyContext, out: &mut String) {
+    use std::fmt::Write;
+    let now = Instant::now();
+    let _ = writeln!(out, "# TYPE trireme_upstream_backends_available gauge");
+    for u in &ctx.upstreams {
+        let up = (0..u.backends.len())
+            .filter(|&i| u.is_available(i, now))
+            .count();
+        let _ = writeln!(
+            out,
+            "trireme_upstream_backends_available{{upstream=\"{}\"}} {up}",
+            u.cfg.name
+        );
+    }
+    let _ = writeln!(out, "# TYPE trireme_upstream_panic_picks_total counter");
+    for u in &ctx.upstreams {
+        let _ = writeln!(
+            out,
+            "trireme_upstream_panic_picks_total{{upstream=\"{}\"}} {}",
+            u.cfg.name,
+            u.panic_picks.load(Ordering::Relaxed)
+        );
     }
 }

@@ -748,6 +748,8 @@ pub struct PassiveSection {
     pub max_fails: u32,
     pub fail_timeout: Dur,
     pub on_5xx: bool,
+    /// Percent of healthy backends below which health is ignored (0-100, 0: off).
+    pub panic_threshold: u8,
 }
 
 impl Default for PassiveSection {
@@ -757,6 +759,7 @@ impl Default for PassiveSection {
             max_fails: d.max_fails,
             fail_timeout: Dur(d.fail_timeout),
             on_5xx: d.on_5xx,
+            panic_threshold: d.panic_threshold,
         }
     }
 }
@@ -1151,6 +1154,7 @@ impl Config {
                 max_fails: lb.passive_health.max_fails,
                 fail_timeout: lb.passive_health.fail_timeout.0,
                 on_5xx: lb.passive_health.on_5xx,
+                panic_threshold: lb.passive_health.panic_threshold,
             },
             active: lb
                 .health_check

@@ -23,8 +23,14 @@ pub enum HashKey {
 pub struct PassiveHealth {
     pub max_fails: u32,
     pub fail_timeout: Duration,
-    /// Count 5xx responses as failures (connect errors and timeouts always count).
+    /// Count 5xx responses as failures (connect errors, resets and timeouts always count).
+    /// Off by default, as in nginx: one endpoint's 500s say nothing about the backend.
     pub on_5xx: bool,
+    /// Panic mode, in percent of the upstream's backends (Envoy's healthy panic threshold):
+    /// when fewer than this share are healthy (not ejected, not failing probes), health is
+    /// ignored and requests are balanced over every backend, so an upstream never turns
+    /// away all traffic because its backends look bad. 0 turns panic mode off.
+    pub panic_threshold: u8,
 }
 
 impl Default for PassiveHealth {
@@ -32,7 +38,8 @@ impl Default for PassiveHealth {
         PassiveHealth {
             max_fails: 3,
             fail_timeout: Duration::from_secs(10),
-            on_5xx: true,
+            on_5xx: false,
+            panic_threshold: 50,
         }
     }
 }
@@ -148,12 +155,21 @@ pub struct Upstream {
     balancer: Balancer,
     /// Reference instant for the nanosecond timestamps in backend state.
     base: Instant,
+    /// Health marks set, over all backends: one per passive ejection not yet seen to end,
+    /// one per backend failing its probes. Zero (the usual case) lets a pick skip the
+    /// panic-mode count.
+    marks: AtomicU32,
+    /// Picks made in panic mode (health ignored).
+    pub panic_picks: AtomicU64,
+    panic_logged: AtomicBool,
 }
 
 /// View used by balancers: availability at a given time.
 struct AvailAt<'a> {
     backends: &'a [Backend],
     now_ns: u64,
+    /// Panic mode: health is ignored, only `max_conns` still applies.
+    panic: bool,
 }
 
 impl Avail for AvailAt<'_> {
@@ -162,8 +178,9 @@ impl Avail for AvailAt<'_> {
     }
     fn available(&self, i: usize) -> bool {
         let b = &self.backends[i];
-        b.healthy.load(Ordering::Relaxed)
-            && b.down_until.load(Ordering::Relaxed) <= self.now_ns
+        (self.panic
+            || (b.healthy.load(Ordering::Relaxed)
+                && b.down_until.load(Ordering::Relaxed) <= self.now_ns))
             && (b.max_conns == 0 || b.active.load(Ordering::Relaxed) < b.max_conns)
     }
     fn weight(&self, i: usize) -> u32 {
@@ -200,6 +217,7 @@ impl Upstream {
         let view = AvailAt {
             backends: &backends,
             now_ns: 0,
+            panic: false,
         };
         let balancer = Balancer::new(cfg.algorithm, cfg.hash_method, &view, cfg.seed);
         Upstream {
@@ -208,6 +226,9 @@ impl Upstream {
             balancer,
             cfg,
             base,
+            marks: AtomicU32::new(0),
+            panic_picks: AtomicU64::new(0),
+            panic_logged: AtomicBool::new(false),
         }
     }
 
@@ -215,21 +236,75 @@ impl Upstream {
         now.saturating_duration_since(self.base).as_nanos() as u64
     }
 
+    /// Whether backend `i` takes requests now, panic mode included.
     pub fn is_available(&self, i: usize, now: Instant) -> bool {
+        let now_ns = self.ns(now);
         AvailAt {
             backends: &self.backends,
-            now_ns: self.ns(now),
+            now_ns,
+            panic: self.in_panic(now_ns),
         }
         .available(i)
     }
 
     /// Pick a backend for a request, skipping unavailable ones and `exclude`.
     pub fn pick(&self, input: &PickInput<'_>, exclude: &[u16], now: Instant) -> Option<usize> {
+        let now_ns = self.ns(now);
+        let panic = self.in_panic(now_ns);
+        if panic {
+            self.panic_picks.fetch_add(1, Ordering::Relaxed);
+        }
         let view = AvailAt {
             backends: &self.backends,
-            now_ns: self.ns(now),
+            now_ns,
+            panic,
         };
         self.balancer.pick(&view, input, exclude)
+    }
+
+    /// Ends the passive ejections whose time is up (logging each, as its start was), then
+    /// says whether fewer than `panic_threshold` percent of the backends are healthy.
+    /// Costs one atomic load while no backend carries a mark.
+    fn in_panic(&self, now_ns: u64) -> bool {
+        if self.marks.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut healthy = 0usize;
+        for b in &self.backends {
+            let until = b.down_until.load(Ordering::Relaxed);
+            if until != 0
+                && until <= now_ns
+                && b.down_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.marks.fetch_sub(1, Ordering::Relaxed);
+                tracing::info!(
+                    upstream = %self.cfg.name,
+                    backend = %b.addr,
+                    "backend ejection over: taking requests again"
+                );
+            }
+            if b.healthy.load(Ordering::Relaxed) && b.down_until.load(Ordering::Relaxed) == 0 {
+                healthy += 1;
+            }
+        }
+        let threshold = self.cfg.passive.panic_threshold as usize;
+        let panic = healthy * 100 < threshold * self.backends.len();
+        if self.panic_logged.swap(panic, Ordering::Relaxed) != panic {
+            if panic {
+                tracing::warn!(
+                    upstream = %self.cfg.name,
+                    healthy,
+                    backends = self.backends.len(),
+                    threshold_percent = threshold,
+                    "panic mode: too few healthy backends, balancing over all of them"
+                );
+            } else {
+                tracing::info!(upstream = %self.cfg.name, healthy, "panic mode over");
+            }
+        }
+        panic
     }
 
     /// Assign a request to backend `i` if it is below its `max_conns` (checked and taken
@@ -272,8 +347,11 @@ impl Upstream {
         let fails = b.consecutive_fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= max {
             b.consecutive_fails.store(0, Ordering::Relaxed);
-            let until = self.ns(now) + self.cfg.passive.fail_timeout.as_nanos() as u64;
-            b.down_until.store(until, Ordering::Relaxed);
+            // At least 1: 0 means "not ejected".
+            let until = (self.ns(now) + self.cfg.passive.fail_timeout.as_nanos() as u64).max(1);
+            if b.down_until.swap(until, Ordering::Relaxed) == 0 {
+                self.marks.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::warn!(
                 upstream = %self.cfg.name,
                 backend = %b.addr,
@@ -297,11 +375,15 @@ impl Upstream {
         let was = b.healthy.swap(healthy, Ordering::Relaxed);
         if was != healthy {
             if healthy {
+                self.marks.fetch_sub(1, Ordering::Relaxed);
                 // Re-admitted by probes: clear any passive ejection too.
-                b.down_until.store(0, Ordering::Relaxed);
+                if b.down_until.swap(0, Ordering::Relaxed) != 0 {
+                    self.marks.fetch_sub(1, Ordering::Relaxed);
+                }
                 b.consecutive_fails.store(0, Ordering::Relaxed);
                 tracing::info!(upstream = %self.cfg.name, backend = %b.addr, "backend healthy again");
             } else {
+                self.marks.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(upstream = %self.cfg.name, backend = %b.addr, "backend marked unhealthy by health checks");
             }
         }

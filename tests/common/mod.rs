@@ -1,7 +1,7 @@
 //! Helpers for black-box tests: start a trireme binary by path, talk raw HTTP/1.1 to it,
 //! and stop only the processes we started, by PID.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,6 +10,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use trireme::demo::{pattern, Backend};
+
+/// One `#[test]` per scenario and runtime binary (`#[macro_use] mod common;`).
+macro_rules! matrix {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn tokio() {
+                    super::$scenario(&super::bin("trireme-tokio"));
+                }
+                #[test]
+                fn mio() {
+                    super::$scenario(&super::bin("trireme-mio"));
+                }
+                #[test]
+                fn monoio() {
+                    super::$scenario(&super::bin("trireme-monoio"));
+                }
+            }
+        )*
+    };
+}
 
 /// Path of a binary built for this test run.
 pub fn bin(name: &str) -> PathBuf {

@@ -383,9 +383,35 @@ fn post_is_not_retried_and_gets_502() {
 }
 
 #[test]
-fn no_healthy_backend_is_503() {
+fn all_backends_failing_stay_in_rotation_by_default() {
+    // Panic mode (on by default): with every backend ejected, requests still go to them.
     let mut sim = sim_with(
         &two_backends("  passive_health:\n    max_fails: 1\n    fail_timeout: 30s\n  retries: 0\n"),
+        Behavior::Refuse,
+        Behavior::Refuse,
+        1,
+    );
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let before = sim.clients[c].received.len();
+        sim.send(c, &get("/"));
+        sim.run_for(Duration::from_millis(10));
+        codes.extend(statuses(&sim.clients[c].received[before..], 1));
+    }
+    assert_eq!(codes, vec![502, 502, 502, 502]);
+    assert!(
+        sim.ctx.upstreams[0]
+            .panic_picks
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+}
+
+#[test]
+fn no_healthy_backend_is_503() {
+    let mut sim = sim_with(
+        &two_backends("  passive_health:\n    max_fails: 1\n    fail_timeout: 30s\n    panic_threshold: 0\n  retries: 0\n"),
         Behavior::Refuse,
         Behavior::Refuse,
         1,

@@ -21,6 +21,7 @@ fn upstream(n: usize, now: Instant) -> Arc<Upstream> {
             max_fails: 2,
             fail_timeout: Duration::from_secs(10),
             on_5xx: true,
+            panic_threshold: 50,
         },
         active: None,
         pool: PoolConfig::default(),
@@ -50,6 +51,69 @@ fn passive_ejection_and_readmission() {
         assert_eq!(up.pick(&inp, &[], t0 + Duration::from_secs(5)), Some(1));
     }
     assert!(up.is_available(0, t0 + Duration::from_secs(10)));
+}
+
+#[test]
+fn panic_mode_keeps_the_last_backends_in_rotation() {
+    let t0 = crate::test_origin();
+    let inp = PickInput {
+        client: b"",
+        key: None,
+    };
+    // The only backend: ejected on paper, still picked (nginx never marks the only
+    // server of a group down).
+    let one = upstream(1, t0);
+    one.report_failure(0, t0);
+    one.report_failure(0, t0);
+    assert_eq!(one.pick(&inp, &[], t0), Some(0));
+    assert_eq!(one.panic_picks.load(Ordering::Relaxed), 1);
+    // Two backends, one failing: 1 of 2 healthy is not below 50 %, so it is ejected.
+    let two = upstream(2, t0);
+    two.report_failure(0, t0);
+    two.report_failure(0, t0);
+    for _ in 0..6 {
+        assert_eq!(two.pick(&inp, &[], t0), Some(1));
+    }
+    assert_eq!(two.panic_picks.load(Ordering::Relaxed), 0);
+    // Both failing: panic mode, both in rotation.
+    two.report_failure(1, t0);
+    two.report_failure(1, t0);
+    let picks: Vec<_> = (0..6).map(|_| two.pick(&inp, &[], t0).unwrap()).collect();
+    assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+    // Probes failing count as unhealthy too.
+    let three = upstream(3, t0);
+    three.set_healthy(0, false);
+    three.set_healthy(1, false);
+    let picks: Vec<_> = (0..6).map(|_| three.pick(&inp, &[], t0).unwrap()).collect();
+    assert!(picks.contains(&0) && picks.contains(&1) && picks.contains(&2));
+    three.set_healthy(1, true);
+    for _ in 0..6 {
+        assert_ne!(
+            three.pick(&inp, &[], t0),
+            Some(0),
+            "2 of 3 healthy: no panic"
+        );
+    }
+    // Ejections end on time, and the marks count comes back to zero.
+    let later = t0 + Duration::from_secs(11);
+    let _ = two.pick(&inp, &[], later);
+    assert_eq!(two.marks.load(Ordering::Relaxed), 0);
+    three.set_healthy(0, true);
+    assert_eq!(three.marks.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn panic_threshold_zero_turns_it_off() {
+    let t0 = crate::test_origin();
+    let mut up = upstream(1, t0);
+    Arc::get_mut(&mut up).unwrap().cfg.passive.panic_threshold = 0;
+    up.report_failure(0, t0);
+    up.report_failure(0, t0);
+    let inp = PickInput {
+        client: b"",
+        key: None,
+    };
+    assert_eq!(up.pick(&inp, &[], t0), None);
 }
 
 #[test]
