@@ -6,10 +6,27 @@ mod common;
 
 use common::*;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 matrix!(
     only_backend_answering_500s_and_refusing_is_still_used,
     panic_mode_keeps_failing_backends_in_rotation,
+    second_instance_on_a_busy_port_fails,
+    sighup_is_logged_and_ignored,
+    closed_stderr_never_kills_the_process,
+    cli_rejects_a_bad_log_filter_and_names_its_build,
 );
 
 fn only_backend_answering_500s_and_refusing_is_still_used(bin: &PathBuf) {
@@ -75,4 +92,146 @@ fn panic_mode_keeps_failing_backends_in_rotation(bin: &PathBuf) {
         codes.iter().filter(|&&c| c == 200).count()
     );
     assert!(p.logs().contains("panic mode"), "{}", p.logs());
+}
+
+fn second_instance_on_a_busy_port_fails(bin: &PathBuf) {
+    let b = Backend::start("b").unwrap();
+    let url = format!("http://{}", b.addr);
+    let first = Proxy::start(
+        bin,
+        &[
+            "--listen".into(),
+            "{listen}".into(),
+            "--backend".into(),
+            url.clone(),
+            "--workers".into(),
+            "2".into(),
+        ],
+    );
+    // Several workers (SO_REUSEPORT within the instance) and one: both refuse the port.
+    for workers in ["2", "1"] {
+        let mut second = Command::new(bin)
+            .args([
+                "--listen",
+                &first.addr.to_string(),
+                "--backend",
+                &url,
+                "--workers",
+                workers,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let st = wait_exit(&mut second, Duration::from_secs(10));
+        let mut err = String::new();
+        std::io::Read::read_to_string(second.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(
+            !st.success(),
+            "second instance ({workers} workers) started: {err}"
+        );
+        assert!(err.contains("in use"), "{err}");
+        assert!(err.contains(&first.addr.to_string()), "{err}");
+    }
+    // All traffic still reaches the first instance.
+    for _ in 0..6 {
+        assert_eq!(get(first.addr, "/").status, 200);
+    }
+}
+
+fn sighup_is_logged_and_ignored(bin: &PathBuf) {
+    let b = Backend::start("b").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &[]);
+    let addr = p.addr;
+    let slow = std::thread::spawn(move || get(addr, "/slow/600"));
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill(2) on the PID of the process this test started.
+    assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGHUP) }, 0);
+    assert_eq!(
+        slow.join().unwrap().status,
+        200,
+        "the request in flight was cut"
+    );
+    assert_eq!(get(p.addr, "/").status, 200);
+    let logs = p.logs();
+    assert!(logs.contains("reload is not supported yet"), "{logs}");
+}
+
+fn closed_stderr_never_kills_the_process(bin: &PathBuf) {
+    // A config error whose message is written to a closed pipe: exit 1, not SIGABRT.
+    let dir = std::env::temp_dir().join(format!("trireme-stderr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "server:\n  listen: nowhere\n  bogus: 1\nbackends: []\n",
+    )
+    .unwrap();
+    for _ in 0..5 {
+        let mut c = Command::new(bin)
+            .args(["check", "--config", bad.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(c.stderr.take());
+        drop(c.stdout.take());
+        let st = wait_exit(&mut c, Duration::from_secs(10));
+        assert_eq!(st.code(), Some(1), "{st:?}");
+    }
+    // A running proxy whose stderr closes keeps serving while it logs.
+    let backend = Backend::start("b").unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut c = Command::new(bin)
+        .args([
+            "--listen",
+            &listen,
+            "--backend",
+            &format!("http://{}", backend.addr),
+            "--backend",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .env("TRIREME_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c.stderr.take());
+    // Requests to the refusing backend log warnings into the closed pipe.
+    for _ in 0..20 {
+        let st = get(addr, "/").status;
+        assert!(st == 200 || st == 502, "{st}");
+    }
+    assert!(c.try_wait().unwrap().is_none(), "the proxy died");
+    assert_eq!(get(addr, "/").status, 200);
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn cli_rejects_a_bad_log_filter_and_names_its_build(bin: &PathBuf) {
+    let out = Command::new(bin)
+        .args(["--log", "nonsense=[[[", "--backend", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid log filter"), "{err}");
+    let out = Command::new(bin).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    let runtime = bin
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_start_matches("trireme-");
+    assert!(v.contains(&format!("runtime {runtime}")), "{v}");
+    assert!(v.contains("commit "), "{v}");
+    assert!(!v.contains("commit unknown"), "{v}");
 }

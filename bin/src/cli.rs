@@ -67,6 +67,21 @@ enum Cmd {
     },
 }
 
+/// `println!` / `eprintln!` panic when the stream is closed (`trireme ... 2>&1 | head -2`),
+/// and a panic aborts the process: these drop a failed write instead.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! complain {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     (host, port)
         .to_socket_addrs()
@@ -172,15 +187,45 @@ fn load(cli: &Cli) -> Result<Config, String> {
     Config::validate(fc, &src, &name).map_err(|e| e.to_string())
 }
 
-fn init_logs(filter: &str) {
-    let f = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Log lines that could not be written (stderr closed or full), for `/metrics`.
+pub static LOG_WRITE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// stderr for the log subscriber: a failed write is counted and dropped, never reported
+/// (tracing-subscriber's own report is an `eprintln!`, which panics on a closed pipe).
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if std::io::stderr().lock().write_all(buf).is_err() {
+            LOG_WRITE_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `--log`: an invalid filter is an error, not a silent `info`.
+fn init_logs(filter: &str) -> Result<(), String> {
+    let f = tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| {
+            format!(
+                "--log `{filter}`: invalid log filter: {e} (e.g. info, debug, trireme_core=debug)"
+            )
+        })?;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(f)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogSink)
+        .log_internal_errors(false)
         .try_init();
+    Ok(())
 }
 
 fn run_proxy(
@@ -217,6 +262,8 @@ fn run_proxy(
         _ => {}
     }
     let sd = Arc::new(Shutdown::new());
+    // Signals first: a SIGHUP or SIGTERM during start-up is handled like any other.
+    process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
     // The admin listener first: once the proxy's port accepts, every listener is up.
     if let Some(a) = &cfg.file.admin {
         let want: SocketAddr = a
@@ -235,8 +282,9 @@ fn run_proxy(
         listen = %addr,
         workers = opts.workers,
         upstreams = ctx.upstreams.len(),
-        "trireme {} listening",
-        env!("CARGO_PKG_VERSION")
+        "trireme {} ({}) listening",
+        env!("CARGO_PKG_VERSION"),
+        env!("TRIREME_COMMIT")
     );
     for u in &ctx.upstreams {
         let list: Vec<String> = u
@@ -246,7 +294,6 @@ fn run_proxy(
             .collect();
         tracing::info!(upstream = %u.cfg.name, algorithm = u.cfg.algorithm.name(), backends = %list.join(", "), "upstream");
     }
-    process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
     process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
     crate::l2::spawn(ctx.cache.as_ref(), sd.clone()).map_err(|e| format!("L2 writer: {e}"))?;
     if let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) {
@@ -261,8 +308,24 @@ fn run_proxy(
 }
 
 pub fn main(rt: &Runtime) -> i32 {
-    let cli = Cli::parse();
-    init_logs(&cli.log);
+    // `--version` names the event model and the commit, not only the crate version.
+    let version = format!(
+        "{} (runtime {}, commit {})",
+        env!("CARGO_PKG_VERSION"),
+        rt.name,
+        env!("TRIREME_COMMIT")
+    );
+    let matches = <Cli as clap::CommandFactory>::command()
+        .version(&*String::leak(version))
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = init_logs(&cli.log) {
+        complain!("{e}");
+        return 2;
+    }
     match &cli.cmd {
         Some(Cmd::Check { config }) => {
             let name = config.display().to_string();
@@ -276,11 +339,11 @@ pub fn main(rt: &Runtime) -> i32 {
                 });
             match res {
                 Ok(()) => {
-                    println!("{name}: ok");
+                    say!("{name}: ok");
                     0
                 }
                 Err(e) => {
-                    eprintln!("{e}");
+                    complain!("{e}");
                     1
                 }
             }
@@ -292,7 +355,7 @@ pub fn main(rt: &Runtime) -> i32 {
         }) => match crate::demo::run(rt, listen, *backends, algorithm) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("error: {e}");
+                complain!("error: {e}");
                 1
             }
         },
@@ -300,21 +363,21 @@ pub fn main(rt: &Runtime) -> i32 {
             let cfg = match load(&cli) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{e}");
+                    complain!("{e}");
                     return 2;
                 }
             };
             let ctx = match cfg.build(Instant::now(), std::time::SystemTime::now(), &resolve) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{e}");
+                    complain!("{e}");
                     return 2;
                 }
             };
             match run_proxy(rt, &cfg, ctx, |_| {}) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    complain!("error: {e}");
                     1
                 }
             }
@@ -351,15 +414,15 @@ pub(crate) fn run_demo_proxy(
         .build(Instant::now(), std::time::SystemTime::now(), &resolve)
         .map_err(|e| e.to_string())?;
     run_proxy(rt, &cfg, ctx, |addr| {
-        println!();
-        println!(
+        say!();
+        say!(
             "trireme demo ({} runtime): proxy on http://{addr}/ in front of {} demo backends",
             rt.name,
             backends.len()
         );
-        println!("  try:  curl -i http://{addr}/hello");
-        println!("        for i in 1 2 3 4 5 6; do curl -s http://{addr}/; done");
-        println!("  stop: Ctrl-C");
-        println!();
+        say!("  try:  curl -i http://{addr}/hello");
+        say!("        for i in 1 2 3 4 5 6; do curl -s http://{addr}/; done");
+        say!("  stop: Ctrl-C");
+        say!();
     })
 }

@@ -14,10 +14,26 @@ use trireme_core::upstream::HealthChecker;
 /// `n` listening sockets on `addr`. With more than one, each has SO_REUSEPORT so the kernel
 /// spreads new connections over the workers' own accept queues (port 0: the first socket
 /// picks the port, the others join it).
+///
+/// SO_REUSEPORT would also let the group join a port that another process (of the same
+/// user) already listens on with it, splitting traffic between the two silently. So the
+/// port is first claimed by a socket without SO_REUSEPORT, which fails with "address in
+/// use" where anyone listens, as nginx and HAProxy do; the group binds once it is closed.
 pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
     use socket2::{Domain, Socket, Type};
     let mut out = Vec::with_capacity(n);
     let mut at = addr;
+    if n > 1 {
+        let probe = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&at.into()).map_err(in_use)?;
+        if at.port() == 0 {
+            at = probe
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("not an IP socket"))?;
+        }
+    }
     for _ in 0..n.max(1) {
         let s = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
         s.set_reuse_address(true)?;
@@ -25,7 +41,7 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>
             s.set_reuse_port(true)?;
         }
         s.set_nonblocking(true)?;
-        s.bind(&at.into())?;
+        s.bind(&at.into()).map_err(in_use)?;
         s.listen(4096)?;
         let l: TcpListener = s.into();
         at = l.local_addr()?;
@@ -34,15 +50,36 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>
     Ok(out)
 }
 
+fn in_use(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: another process listens on this port (stop it, or pick another --listen)"
+            ),
+        )
+    } else {
+        e
+    }
+}
+
 /// SIGTERM or SIGINT requests a graceful shutdown; a second one is logged and ignored
-/// (the drain timeout bounds the wait).
+/// (the drain timeout bounds the wait). SIGHUP, which an nginx unit file sends to reload,
+/// is logged and ignored until config reload exists: its default action would kill the
+/// process and every request in flight.
 pub fn spawn_signal_thread(sd: Arc<Shutdown>) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("trireme-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::warn!(
+                        "SIGHUP received: reload is not supported yet; ignored (restart to apply a new config)"
+                    );
+                    continue;
+                }
                 let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                 if sd.is_requested() {
                     tracing::info!("{name} received; already draining");

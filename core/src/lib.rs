@@ -4,6 +4,8 @@
 //! bytes and events come in with `now`, output is pulled. See [`proxy::Session`] for the
 //! driving contract and [`sim`] for the deterministic simulator that exercises it.
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod admission;
 pub mod balance;
 pub mod buf;

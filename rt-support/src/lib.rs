@@ -2,6 +2,8 @@
 //! capacity, the liveness probe of idle pooled connections, and worker threads joined with
 //! one drain report. (Decisions live in trireme-core; this crate only touches the OS.)
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use bytes::BytesMut;
 use std::io;
 use std::os::fd::RawFd;

@@ -13,6 +13,8 @@
 //! Every decision (parsing, routing, picking, retrying, deadlines) is the session's
 //! ([`trireme_core::proxy::Session`]); this file moves bytes and keeps time.
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;

@@ -16,6 +16,8 @@
 //!
 //! [`OutBuf::lend`]: trireme_core::buf::OutBuf::lend
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use bytes::BytesMut;
 use monoio::buf::IoBuf;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};

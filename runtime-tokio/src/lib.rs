@@ -2,6 +2,8 @@
 //! sockets held in core's [`Pool`]; every decision (parsing, routing, picking, retrying,
 //! deadlines) is made by [`trireme_core::proxy::Session`].
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
