@@ -176,11 +176,39 @@ pub enum Parsed<T> {
     Partial,
 }
 
-fn map_httparse_request(e: httparse::Error) -> HttpError {
+/// httparse calls anything but `HTTP/1.0` and `HTTP/1.1` a version error. RFC 9112
+/// sections 2.3 and 3 make a request line without a syntactically valid HTTP-version
+/// (`http/1.1`, garbage, a target with a space leaving junk in the version's place) a 400;
+/// 505 is for a well-formed `HTTP/D.D` this proxy does not speak (`HTTP/2.0`, `HTTP/0.9`).
+fn version_error(buf: &[u8]) -> HttpError {
+    let complete = buf.contains(&b'\n');
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(b"");
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    // httparse may stop at the first wrong byte, before the line ends: then what is there
+    // must be the start of a well-formed version.
+    let shape: &[u8] = b"HTTP/D.D";
+    let fits = |v: &[u8]| {
+        (v.len() == shape.len() || (!complete && v.len() < shape.len()))
+            && v.iter().zip(shape).all(|(&c, &want)| match want {
+                b'D' => c.is_ascii_digit(),
+                want => c == want,
+            })
+    };
+    let well_formed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(v), None) => fits(v),
+        _ => false,
+    };
+    if well_formed {
+        HttpError::new(Status::HttpVersionNotSupported, "unsupported HTTP version")
+    } else {
+        HttpError::new(Status::BadRequest, "invalid HTTP version in request line")
+    }
+}
+
+fn map_httparse_request(e: httparse::Error, buf: &[u8]) -> HttpError {
     match e {
-        httparse::Error::Version => {
-            HttpError::new(Status::HttpVersionNotSupported, "unsupported HTTP version")
-        }
+        httparse::Error::Version => version_error(buf),
         httparse::Error::TooManyHeaders => HttpError::new(
             Status::RequestHeaderFieldsTooLarge,
             "too many header fields",
@@ -224,7 +252,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>,
     let mut req = httparse::Request::new(&mut []);
     let status = req
         .parse_with_uninit_headers(buf, &mut storage[..max_headers])
-        .map_err(map_httparse_request)?;
+        .map_err(|e| map_httparse_request(e, buf))?;
     let len = match status {
         httparse::Status::Partial => {
             match first_line_len(buf) {

@@ -86,6 +86,13 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
         (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
         (b"GET / HTTP/0.9\r\n\r\n", 505),
+        // not an HTTP-version at all: 400 (RFC 9112 sections 2.3, 3)
+        (b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1x\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/11\r\nHost: a\r\n\r\n", 400),
+        (b"GET / FOO\r\nHost: a\r\n\r\n", 400),
+        (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /a HTTP/1.1 x\r\nHost: a\r\n\r\n", 400),
         // request line
         (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
@@ -93,6 +100,22 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n", 417),
     ];
     for (raw, want) in cases {
+        // Byte by byte too: a parser that stops at the first wrong byte judges the same.
+        let limits = Limits::default();
+        let mut seen = None;
+        for n in 1..=raw.len() {
+            match parse_request(&raw[..n], &limits) {
+                Ok(Parsed::Partial) => continue,
+                Ok(Parsed::Complete(_)) => break,
+                Err(e) => {
+                    seen = Some(e.status.code());
+                    break;
+                }
+            }
+        }
+        if let Some(code) = seen {
+            assert_eq!(code, *want, "prefix of {}", String::from_utf8_lossy(raw).escape_debug());
+        }
         assert_eq!(
             status_of(raw),
             *want,
