@@ -27,6 +27,7 @@ matrix!(
     sighup_is_logged_and_ignored,
     closed_stderr_never_kills_the_process,
     cli_rejects_a_bad_log_filter_and_names_its_build,
+    every_response_carries_a_valid_date,
 );
 
 fn only_backend_answering_500s_and_refusing_is_still_used(bin: &PathBuf) {
@@ -234,4 +235,70 @@ fn cli_rejects_a_bad_log_filter_and_names_its_build(bin: &PathBuf) {
     assert!(v.contains(&format!("runtime {runtime}")), "{v}");
     assert!(v.contains("commit "), "{v}");
     assert!(!v.contains("commit unknown"), "{v}");
+}
+
+fn assert_dated(r: &Response, what: &str) {
+    let d = r
+        .header("date")
+        .unwrap_or_else(|| panic!("{what}: no Date (status {})", r.status));
+    let t = trireme_core::cache::parse_date(d.as_bytes())
+        .unwrap_or_else(|| panic!("{what}: invalid Date `{d}`"));
+    assert_eq!(d.len(), 29, "{what}: not an IMF-fixdate: {d}");
+    let now = std::time::SystemTime::now();
+    let skew = now.duration_since(t).unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(5),
+        "{what}: Date {d} is off by {skew:?}"
+    );
+    assert_eq!(
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+            .count(),
+        1,
+        "{what}: one Date only"
+    );
+}
+
+fn every_response_carries_a_valid_date(bin: &PathBuf) {
+    let b = Backend::start("b").unwrap();
+    let dead_port = free_port();
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  header_timeout: 1s\n  max_body_size: 1KB\nload_balancing:\n  retries: 0\n  response_timeout: 1s\n  passive_health:\n    max_fails: 1\n    panic_threshold: 0\nupstreams:\n  dead:\n    backends:\n      - url: http://127.0.0.1:{dead_port}\nroutes:\n  - path: /dead\n    upstream: dead\nbackends:\n  - url: http://{{b0}}\ncache:\n  size: 1MB\n"
+    );
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    // Forwarded, from an origin that sends no Date; then a cache miss and hit of one.
+    let r = get(p.addr, "/");
+    assert_eq!(r.status, 200);
+    assert_dated(&r, "forwarded");
+    let miss = get(p.addr, "/c?cc=max-age=60");
+    assert_dated(&miss, "cache miss");
+    let hit = get(p.addr, "/c?cc=max-age=60");
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_dated(&hit, "cache hit");
+    // Generated: 502, 503, 504, 400, 413, 405, 408.
+    let r = get(p.addr, "/dead");
+    assert_eq!(r.status, 502);
+    assert_dated(&r, "502");
+    let r = get(p.addr, "/dead");
+    assert_eq!(r.status, 503);
+    assert_dated(&r, "503");
+    let r = get(p.addr, "/slow/3000");
+    assert_eq!(r.status, 504);
+    assert_dated(&r, "504");
+    for (raw, want) in [
+        (&b"GET / HTTP/1.1\r\n\r\n"[..], 400),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n",
+            413,
+        ),
+        (b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n", 408),
+    ] {
+        let mut c = p.client();
+        c.send(raw);
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.status, want);
+        assert_dated(&r, &want.to_string());
+    }
 }

@@ -240,7 +240,12 @@ fn reply(
         503 => "Service Unavailable",
         _ => "Error",
     };
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    let date = trireme_core::http1::write::http_date(std::time::SystemTime::now());
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nDate: {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        String::from_utf8_lossy(&date),
+        body.len()
+    );
     for e in extra {
         head.push_str(e);
         head.push_str("\r\n");

@@ -30,7 +30,7 @@ use crate::error::{HttpError, Status};
 use crate::forward::{ForwardFields, Peer};
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{self, Method, Parsed, RequestHead};
-use crate::http1::write::{error_response, push_chunk, push_dec, LAST_CHUNK};
+use crate::http1::write::{error_response, push_chunk, push_date, push_dec, LAST_CHUNK};
 use crate::http1::{BodyKind, Limits, Version};
 use crate::metrics::Metrics;
 use crate::route::Router;
@@ -713,10 +713,10 @@ impl Session {
         if self.state == State::Idle && self.body_wait.is_some() {
             tracing::debug!(client = %self.peer.ip, "client request body timed out");
             self.body_wait = None;
-            self.client_error(HttpError::new(
-                Status::RequestTimeout,
-                "request body not received in time",
-            ));
+            self.client_error(
+                HttpError::new(Status::RequestTimeout, "request body not received in time"),
+                now,
+            );
             return;
         }
         if self.state == State::Idle && self.cache_wait.is_some() {
@@ -728,10 +728,10 @@ impl Session {
             State::Idle => {
                 if self.head_started.is_some() || !self.client_in.is_empty() {
                     tracing::debug!(client = %self.peer.ip, "client request head timed out");
-                    self.client_error(HttpError::new(
-                        Status::RequestTimeout,
-                        "request head not received in time",
-                    ));
+                    self.client_error(
+                        HttpError::new(Status::RequestTimeout, "request head not received in time"),
+                        now,
+                    );
                 } else {
                     self.state = State::Closed;
                 }
@@ -775,10 +775,13 @@ impl Session {
                     let started = self.req.as_ref().is_some_and(|r| r.response_started);
                     if !started && !matches!(self.req_body, ReqBody::Done) {
                         self.release_upstream(false);
-                        self.client_error(HttpError::new(
-                            Status::RequestTimeout,
-                            "request body not received in time",
-                        ));
+                        self.client_error(
+                            HttpError::new(
+                                Status::RequestTimeout,
+                                "request body not received in time",
+                            ),
+                            now,
+                        );
                     } else {
                         tracing::debug!(client = %self.peer.ip, "client stalled; closing");
                         self.abort(now);
@@ -824,7 +827,7 @@ impl Session {
                     let parsed = head::parse_request(&self.client_in, &self.ctx.limits);
                     match parsed {
                         Err(e) => {
-                            self.client_error(e);
+                            self.client_error(e, now);
                             return;
                         }
                         Ok(Parsed::Partial) if self.client_eof => {
@@ -855,7 +858,7 @@ impl Session {
                                 self.abort(now);
                             } else {
                                 self.release_upstream(false);
-                                self.client_error(e);
+                                self.client_error(e, now);
                             }
                         }
                     }
@@ -903,10 +906,13 @@ impl Session {
         }
         if self.client_eof {
             self.body_wait = None;
-            self.client_error(HttpError::new(
-                Status::BadRequest,
-                "client closed before sending the whole request body",
-            ));
+            self.client_error(
+                HttpError::new(
+                    Status::BadRequest,
+                    "client closed before sending the whole request body",
+                ),
+                now,
+            );
             return false;
         }
         if self.body_wait.is_none() {
@@ -1073,14 +1079,14 @@ impl Session {
         // (Idempotent: a head looked at again after a cache wait is unchanged.)
         if let Err(e) = h.normalize(&mut self.client_in[..h.len], ctx.merge_slashes) {
             self.client_in.advance(h.len);
-            self.client_error(e);
+            self.client_error(e, now);
             return;
         }
         if h.method == Method::Trace && !ctx.allow_trace {
             // Reflecting a request back (with whatever a hop added) is for debugging.
             let close = h.body != BodyKind::None || !h.keep_alive;
             self.client_in.advance(h.len);
-            self.reply_error(Status::MethodNotAllowed, close);
+            self.reply_error(Status::MethodNotAllowed, close, now);
             return;
         }
         let buf: &[u8] = &self.client_in;
@@ -1093,7 +1099,7 @@ impl Session {
             let body = h.body != BodyKind::None;
             self.client_in.advance(h.len);
             tracing::debug!(client = %self.peer.ip, "404: no route for this host and path");
-            self.reply_error(Status::NotFound, body || !h.keep_alive);
+            self.reply_error(Status::NotFound, body || !h.keep_alive, now);
             return;
         };
         let mut cache_req = CacheReq::None;
@@ -1163,7 +1169,7 @@ impl Session {
                 }
                 Lookup::Unsatisfiable => {
                     self.client_in.advance(h.len);
-                    self.reply_error(Status::GatewayTimeout, !h.keep_alive);
+                    self.reply_error(Status::GatewayTimeout, !h.keep_alive, now);
                     return;
                 }
             }
@@ -1217,7 +1223,7 @@ impl Session {
             if self.serve_stale_on_error(close, now) {
                 return;
             }
-            self.reply_error(Status::ServiceUnavailable, close);
+            self.reply_error(Status::ServiceUnavailable, close, now);
             return;
         };
 
@@ -1537,6 +1543,7 @@ impl Session {
                     let out = self.client_out.vec();
                     let ub: &[u8] = &self.up_in;
                     write_status_line(out, h.status, h.reason.get(ub));
+                    let mut dated = false;
                     for hd in &h.headers {
                         let name = hd.name.get(ub);
                         if no_body && lower_eq(name, b"content-length") && h.status != 204 {
@@ -1544,8 +1551,13 @@ impl Session {
                             continue;
                         }
                         if !h.is_hop(ub, hd) {
+                            dated |= lower_eq(name, b"date");
                             push_header(out, name, hd.value.get(ub));
                         }
+                    }
+                    if !dated {
+                        // RFC 9110 section 6.6.1: the origin had no clock; this proxy has.
+                        push_date(out, self.ctx.clock.at(now));
                     }
                     match &body {
                         None if !no_body => out.extend_from_slice(b"Content-Length: 0\r\n"),
@@ -1764,17 +1776,17 @@ impl Session {
 
     /// A client protocol error: answer with its status and close (the read side stays
     /// failed). If a response is already under way, abort instead.
-    fn client_error(&mut self, e: HttpError) {
+    fn client_error(&mut self, e: HttpError, now: Instant) {
         self.ctx
             .metrics
             .client_errors
             .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %self.peer.ip, status = e.status.code(), why = e.why, "rejecting request");
-        self.reply_error(e.status, true);
+        self.reply_error(e.status, true, now);
     }
 
     /// Queue a proxy-generated response. With `close`, the connection closes after it.
-    fn reply_error(&mut self, status: Status, close: bool) {
+    fn reply_error(&mut self, status: Status, close: bool, now: Instant) {
         let started = self.req.as_ref().is_some_and(|r| r.response_started);
         if started {
             self.state = State::Closed;
@@ -1782,7 +1794,7 @@ impl Session {
         }
         self.ctx.metrics.count_status(status.code());
         let close = close || self.draining || self.client_finished();
-        error_response(self.client_out.vec(), status, close);
+        error_response(self.client_out.vec(), status, close, self.ctx.clock.at(now));
         self.requests_done += 1;
         self.req = None;
         self.resp = Resp::Done;
@@ -1798,7 +1810,7 @@ impl Session {
     }
 
     /// 502/503/504 for the request in flight, with a log line saying why.
-    fn upstream_error(&mut self, status: Status, why: &'static str, _now: Instant) {
+    fn upstream_error(&mut self, status: Status, why: &'static str, now: Instant) {
         let started = self.req.as_ref().is_some_and(|r| r.response_started);
         if let Some(r) = &self.req {
             let up = &self.ctx.upstreams[r.upstream as usize];
@@ -1810,10 +1822,10 @@ impl Session {
         }
         self.release_upstream(false);
         if started {
-            self.abort(_now);
+            self.abort(now);
             return;
         }
-        self.reply_upstream_error(status, _now);
+        self.reply_upstream_error(status, now);
     }
 
     fn reply_upstream_error(&mut self, status: Status, now: Instant) {
@@ -1828,7 +1840,7 @@ impl Session {
         if self.serve_stale_on_error(close, now) {
             return;
         }
-        self.reply_error(status, close);
+        self.reply_error(status, close, now);
     }
 
     /// The origin failed or none is available: answer with a stored response if it may

@@ -869,7 +869,7 @@ impl HttpCache {
             _ => None,
         };
         let grow = Arc::new(Growing {
-            head: Bytes::from(stored_head(h, buf, &self.policy)),
+            head: Bytes::from(stored_head(h, buf, &self.policy, now)),
             length: length.unwrap_or(0),
             facts,
             etag,
@@ -1128,9 +1128,19 @@ fn stored_fields(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 }
 
 /// Status line and the header fields to store, each line with its CRLF.
-pub fn stored_head(h: &ResponseHead, buf: &[u8], policy: &Policy) -> Vec<u8> {
+/// The head to store; one without `Date` gets the time it was received (RFC 9110 section
+/// 6.6.1), as the client of the miss saw it, so every hit carries a `Date`.
+pub fn stored_head(
+    h: &ResponseHead,
+    buf: &[u8],
+    policy: &Policy,
+    received: std::time::SystemTime,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(h.len);
     crate::proxy::write_status_line(&mut out, h.status, h.reason.get(buf));
+    if header(h, buf, b"date").is_none() {
+        crate::http1::write::push_date(&mut out, received);
+    }
     for f in &h.headers {
         if !not_stored_field(h, buf, f, policy) {
             out.extend_from_slice(f.name.get(buf));

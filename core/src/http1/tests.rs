@@ -114,7 +114,12 @@ fn smuggling_vectors_are_rejected() {
             }
         }
         if let Some(code) = seen {
-            assert_eq!(code, *want, "prefix of {}", String::from_utf8_lossy(raw).escape_debug());
+            assert_eq!(
+                code,
+                *want,
+                "prefix of {}",
+                String::from_utf8_lossy(raw).escape_debug()
+            );
         }
         assert_eq!(
             status_of(raw),
@@ -316,12 +321,30 @@ fn chunked_decoder() {
 #[test]
 fn error_response_is_well_formed() {
     let mut out = Vec::new();
-    write::error_response(&mut out, Status::BadGateway, true);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(784111777);
+    write::error_response(&mut out, Status::BadGateway, true, t);
     let s = String::from_utf8(out).unwrap();
     assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+    assert!(s.contains("Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"), "{s}");
     assert!(s.contains("Connection: close\r\n"));
     let body = s.split("\r\n\r\n").nth(1).unwrap();
     assert!(s.contains(&format!("Content-Length: {}\r\n", body.len())));
+}
+
+#[test]
+fn cached_date_changes_with_the_second_only() {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(784111777);
+    let a = write::http_date(t);
+    assert_eq!(&a, b"Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(
+        write::http_date(t + std::time::Duration::from_millis(999)),
+        a
+    );
+    assert_eq!(
+        &write::http_date(t + std::time::Duration::from_secs(1)),
+        b"Sun, 06 Nov 1994 08:49:38 GMT"
+    );
+    assert_eq!(write::http_date(t), a, "going back re-formats");
 }
 
 proptest! {
