@@ -898,7 +898,8 @@ fn check_command_reports_errors(bin: &PathBuf) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&bad.display().to_string())
-            && err.contains("line 3")
+            && err.contains(":3:")
+            && err.contains("server.keep_alive_timeout")
             && err.contains("forever"),
         "{err}"
     );

@@ -24,17 +24,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// A configuration error, already formatted with file, line and key where known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+mod diag;
+pub use diag::{did_you_mean, ConfigError, Diag, Outline};
 
 // ------------------------------------------------------------------ value types
 
@@ -149,10 +140,13 @@ impl<'de> Deserialize<'de> for AlgorithmName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         Algorithm::from_name(&s).map(AlgorithmName).ok_or_else(|| {
-            de::Error::custom(format!(
-                "unknown algorithm `{s}` (expected one of: {})",
-                Algorithm::NAMES.join(", ")
-            ))
+            de::Error::custom(match did_you_mean(&s, Algorithm::NAMES.iter().copied()) {
+                Some(m) => format!("unknown algorithm `{s}`; did you mean `{m}`?"),
+                None => format!(
+                    "unknown algorithm `{s}` (expected one of: {})",
+                    Algorithm::NAMES.join(", ")
+                ),
+            })
         })
     }
 }
@@ -165,10 +159,13 @@ impl<'de> Deserialize<'de> for SetCookieName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         SetCookie::from_name(&s).map(SetCookieName).ok_or_else(|| {
-            de::Error::custom(format!(
-                "unknown set_cookie policy `{s}` (expected one of: {})",
-                SetCookie::NAMES.join(", ")
-            ))
+            de::Error::custom(match did_you_mean(&s, SetCookie::NAMES.iter().copied()) {
+                Some(m) => format!("unknown set_cookie policy `{s}`; did you mean `{m}`?"),
+                None => format!(
+                    "unknown set_cookie policy `{s}` (expected one of: {})",
+                    SetCookie::NAMES.join(", ")
+                ),
+            })
         })
     }
 }
@@ -822,276 +819,297 @@ pub struct RouteSection {
 pub struct Config {
     pub file: FileConfig,
     pub listen: SocketAddr,
+    /// The source's name and outline, to place errors found later (by `build`).
+    origin: (String, Outline),
 }
 
-/// Where a bad value sits in the source text: `file:line: key` (best effort, by text search
-/// for checks that run after deserialization).
-fn locate(file: &str, src: &str, key: &str, value: &str) -> String {
-    for (i, line) in src.lines().enumerate() {
-        let t = line.trim_start().trim_start_matches("- ");
-        if let Some(rest) = t.strip_prefix(key) {
-            if rest.trim_start().starts_with(':') && (value.is_empty() || rest.contains(value)) {
-                return format!("{file}:{}: `{key}`", i + 1);
+/// A request path a config key names: what trireme will put in a request line.
+fn check_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!(
+            "`{p}` must start with / (e.g. /{})",
+            p.trim_start_matches('/')
+        ));
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || *c == '#')
+    {
+        return Err(format!(
+            "`{p}` contains {c:?}, which a request path cannot hold"
+        ));
+    }
+    Ok(())
+}
+
+/// Collects the semantic errors of a config, each placed by its key path.
+struct Checks<'a> {
+    file: &'a str,
+    outline: &'a Outline,
+    diags: Vec<Diag>,
+}
+
+impl Checks<'_> {
+    fn err(&mut self, key: &str, msg: impl Into<String>) {
+        let (line, col) = self.outline.find(key);
+        self.diags.push(Diag {
+            line,
+            col,
+            key: key.to_string(),
+            msg: msg.into(),
+        });
+    }
+
+    fn lb(&mut self, at: &str, lb: &LbSection) {
+        if let Some(h) = &lb.health_check {
+            if let Err(e) = check_path(&h.path) {
+                self.err(&format!("{at}.health_check.path"), e);
+            }
+            if h.interval.0.is_zero() {
+                self.err(&format!("{at}.health_check.interval"), "must be above 0");
+            }
+        }
+        if lb.passive_health.panic_threshold > 100 {
+            self.err(
+                &format!("{at}.passive_health.panic_threshold"),
+                "a percentage: 0-100 (0 turns panic mode off)",
+            );
+        }
+    }
+
+    fn backends(&mut self, at: &str, list: &[BackendSection]) {
+        for (i, b) in list.iter().enumerate() {
+            if b.weight == 0 || b.weight > 10_000 {
+                self.err(
+                    &format!("{at}[{i}].weight"),
+                    format!("weight {} out of range (1-10000)", b.weight),
+                );
             }
         }
     }
-    format!("{file}: `{key}`")
-}
-
-/// As [`locate`], for `key` in the first block after a `parent:` line.
-fn locate_under(file: &str, src: &str, parent: &str, key: &str) -> String {
-    let start = src.lines().position(|l| {
-        l.trim_start()
-            .strip_prefix(parent)
-            .is_some_and(|r| r.trim_start().starts_with(':'))
-    });
-    if let Some(start) = start {
-        for (i, line) in src.lines().enumerate().skip(start + 1) {
-            if let Some(rest) = line.trim_start().strip_prefix(key) {
-                if rest.trim_start().starts_with(':') {
-                    return format!("{file}:{}: `{parent}.{key}`", i + 1);
-                }
-            }
-        }
-        return format!("{file}:{}: `{parent}`", start + 1);
-    }
-    format!("{file}: `{parent}.{key}`")
-}
-
-/// As [`locate`], for an item of the list under `key` (inline or one per line).
-fn locate_item(file: &str, src: &str, key: &str, item: &str) -> String {
-    let start = src.lines().position(|l| {
-        l.trim_start()
-            .strip_prefix(key)
-            .is_some_and(|r| r.trim_start().starts_with(':'))
-    });
-    if let Some(start) = start {
-        for (i, line) in src.lines().enumerate().skip(start) {
-            if line.contains(item) {
-                return format!("{file}:{}: `{key}`", i + 1);
-            }
-        }
-    }
-    format!("{file}: `{key}`")
 }
 
 impl Config {
-    /// Parse and validate YAML text. `file` names the source in error messages.
+    /// Parse and validate YAML text. `file` names the source in error messages; every
+    /// error is reported, each as `FILE:LINE:COL: KEY: message`.
     pub fn from_yaml(src: &str, file: &str) -> Result<Config, ConfigError> {
-        let fc: FileConfig =
-            serde_saphyr::from_str(src).map_err(|e| ConfigError(format!("{file}: {e}")))?;
-        Self::validate(fc, src, file)
+        let mut read = diag::deserialize_all::<FileConfig>(src);
+        let Some(fc) = read.value.take() else {
+            return Err(ConfigError {
+                file: file.to_string(),
+                diags: read.diags,
+            });
+        };
+        let outline = std::mem::take(&mut read.outline);
+        let mut diags = read.diags.clone();
+        match Self::check(fc, outline, file) {
+            Ok(c) if diags.is_empty() => return Ok(c),
+            Ok(_) => {}
+            // Both kinds, less what only echoes an entry blanked for its own error.
+            Err(e) => diags.extend(e.diags.into_iter().filter(|d| !read.echoes(&d.key))),
+        }
+        diags.sort_by_key(|d| (d.line == 0, d.line, d.col));
+        Err(ConfigError {
+            file: file.to_string(),
+            diags,
+        })
     }
 
-    /// Validate an already-built [`FileConfig`] (used by the config-less CLI path).
+    /// Validate an already-built [`FileConfig`] (used by the config-less CLI path); `src`
+    /// is the YAML it came from, if any, to place errors.
     pub fn validate(fc: FileConfig, src: &str, file: &str) -> Result<Config, ConfigError> {
-        let listen: SocketAddr = fc.server.listen.parse().map_err(|_| {
-            ConfigError(format!(
-                "{}: invalid listen address `{}` (expected IP:PORT, e.g. 0.0.0.0:8080)",
-                locate(file, src, "listen", ""),
-                fc.server.listen
-            ))
-        })?;
+        let outline = Outline::parse(src).unwrap_or_default();
+        Self::check(fc, outline, file)
+    }
+
+    fn check(fc: FileConfig, outline: Outline, file: &str) -> Result<Config, ConfigError> {
+        let mut ck = Checks {
+            file,
+            outline: &outline,
+            diags: Vec::new(),
+        };
+        let listen: Option<SocketAddr> = fc.server.listen.parse().ok();
+        if listen.is_none() {
+            ck.err(
+                "server.listen",
+                format!(
+                    "invalid listen address `{}` (expected IP:PORT, e.g. 0.0.0.0:8080)",
+                    fc.server.listen
+                ),
+            );
+        }
         if fc.backends.is_empty() && fc.upstreams.is_empty() {
-            return Err(ConfigError(format!(
-                "{file}: `backends`: no backends configured (add `backends: [{{url: http://127.0.0.1:9000}}]`)"
-            )));
+            ck.err(
+                "backends",
+                "no backends configured (add `backends: [{url: http://127.0.0.1:9000}]`)",
+            );
         }
         if fc.upstreams.contains_key("default") && !fc.backends.is_empty() {
-            return Err(ConfigError(format!(
-                "{}: the upstream name `default` is taken by the top-level `backends`",
-                locate(file, src, "default", "")
-            )));
+            ck.err(
+                "upstreams.default",
+                "the upstream name `default` is taken by the top-level `backends`",
+            );
         }
+        ck.lb("load_balancing", &fc.load_balancing);
+        ck.backends("backends", &fc.backends);
         for (name, u) in &fc.upstreams {
             if u.backends.is_empty() {
-                return Err(ConfigError(format!(
-                    "{}: upstream `{name}` has no backends",
-                    locate(file, src, name, "")
-                )));
+                ck.err(
+                    &format!("upstreams.{name}.backends"),
+                    format!("upstream `{name}` has no backends"),
+                );
+            }
+            ck.backends(&format!("upstreams.{name}.backends"), &u.backends);
+            if let Some(lb) = &u.load_balancing {
+                ck.lb(&format!("upstreams.{name}.load_balancing"), lb);
             }
         }
-        for r in &fc.routes {
+        for (i, r) in fc.routes.iter().enumerate() {
             let known = fc.upstreams.contains_key(&r.upstream)
                 || (r.upstream == "default" && !fc.backends.is_empty());
             if !known {
-                return Err(ConfigError(format!(
-                    "{}: route names unknown upstream `{}`",
-                    locate(file, src, "upstream", &r.upstream),
-                    r.upstream
-                )));
+                let mut names: Vec<&str> = fc.upstreams.keys().map(String::as_str).collect();
+                if !fc.backends.is_empty() {
+                    names.push("default");
+                }
+                let hint = diag::did_you_mean(&r.upstream, names.iter().copied())
+                    .map(|m| format!("; did you mean `{m}`?"))
+                    .unwrap_or_default();
+                ck.err(
+                    &format!("routes[{i}].upstream"),
+                    format!("route names unknown upstream `{}`{hint}", r.upstream),
+                );
             }
             if let Some(p) = &r.path {
-                if !p.starts_with('/') {
-                    return Err(ConfigError(format!(
-                        "{}: path prefix `{p}` must start with /",
-                        locate(file, src, "path", p)
-                    )));
+                if let Err(e) = check_path(p) {
+                    ck.err(&format!("routes[{i}].path"), e);
                 }
             }
         }
-        for b in fc
-            .backends
-            .iter()
-            .chain(fc.upstreams.values().flat_map(|u| u.backends.iter()))
-        {
-            if b.weight == 0 || b.weight > 10_000 {
-                return Err(ConfigError(format!(
-                    "{}: weight {} out of range (1-10000)",
-                    locate(file, src, "weight", &b.weight.to_string()),
-                    b.weight
-                )));
-            }
-        }
         if fc.server.max_headers == 0 || fc.server.max_headers > 256 {
-            return Err(ConfigError(format!(
-                "{}: must be 1-256",
-                locate(file, src, "max_headers", "")
-            )));
+            ck.err("server.max_headers", "must be 1-256");
         }
         if fc.server.max_requests_per_connection == 0 {
-            return Err(ConfigError(format!(
-                "{}: must be at least 1",
-                locate(file, src, "max_requests_per_connection", "")
-            )));
+            ck.err("server.max_requests_per_connection", "must be at least 1");
         }
         if let Some(a) = &fc.admin {
             if a.listen.parse::<SocketAddr>().is_err() {
-                return Err(ConfigError(format!(
-                    "{}: `{}` is not an address (IP:PORT)",
-                    locate(file, src, "listen", &a.listen),
-                    a.listen
-                )));
+                ck.err(
+                    "admin.listen",
+                    format!("`{}` is not an address (IP:PORT)", a.listen),
+                );
             }
             if a.max_connections == 0 {
-                return Err(ConfigError(format!(
-                    "{}: must be at least 1",
-                    locate_under(file, src, "admin", "max_connections")
-                )));
+                ck.err("admin.max_connections", "must be at least 1");
             }
             if a.header_timeout.0.is_zero() {
-                return Err(ConfigError(format!(
-                    "{}: must be above 0",
-                    locate_under(file, src, "admin", "header_timeout")
-                )));
+                ck.err("admin.header_timeout", "must be above 0");
             }
             if a.token
                 .as_ref()
                 .is_some_and(|t| t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
             {
-                return Err(ConfigError(format!(
-                    "{}: a token needs at least 16 printable characters, no spaces",
-                    locate_under(file, src, "admin", "token")
-                )));
+                ck.err(
+                    "admin.token",
+                    "a token needs at least 16 printable characters, no spaces",
+                );
             }
         }
         if let Some(c) = &fc.cache {
             if !c.eviction_policy.eq_ignore_ascii_case("lru") {
-                return Err(ConfigError(format!(
-                    "{}: only `lru` is supported",
-                    locate(file, src, "eviction_policy", "")
-                )));
+                ck.err("cache.eviction_policy", "only `lru` is supported");
             }
-            for s in c.warming.iter().flat_map(|w| &w.scheduled) {
-                if let Err(e) = crate::cache::CronSchedule::parse(&s.cron) {
-                    return Err(ConfigError(format!(
-                        "{}: {e}",
-                        locate(file, src, "cron", &s.cron)
-                    )));
+            if let Some(w) = &c.warming {
+                for (i, s) in w.scheduled.iter().enumerate() {
+                    if let Err(e) = crate::cache::CronSchedule::parse(&s.cron) {
+                        ck.err(&format!("cache.warming.scheduled[{i}].cron"), e.to_string());
+                    }
+                    for (j, p) in s.paths.iter().enumerate() {
+                        if let Err(e) = check_path(p) {
+                            ck.err(&format!("cache.warming.scheduled[{i}].paths[{j}]"), e);
+                        }
+                    }
+                }
+                for (i, p) in w.on_startup.iter().enumerate() {
+                    if let Err(e) = check_path(&p.path) {
+                        ck.err(&format!("cache.warming.on_startup[{i}].path"), e);
+                    }
                 }
             }
             let (host, paths) = c.warm_paths();
-            if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
-                return Err(ConfigError(format!(
-                    "{}: `{bad}` must start with /",
-                    locate(file, src, "path", bad)
-                )));
-            }
             if !paths.is_empty() && host.is_none() {
-                return Err(ConfigError(format!(
-                    "{}: cache warming needs `cache.warming.host`, the Host clients send, to key what it fetches",
-                    locate(file, src, "warming", "")
-                )));
+                ck.err(
+                    "cache.warming.host",
+                    "cache warming needs `cache.warming.host`, the Host clients send, to key what it fetches",
+                );
             }
             if let Some(l2) = &c.l2 {
-                let at = |key: &str| locate_under(file, src, "l2", key);
                 if l2.size.is_some() {
-                    return Err(ConfigError(format!(
-                        "{}: Redis bounds its own memory: set `maxmemory` and `maxmemory-policy allkeys-lru` in redis.conf instead",
-                        at("size")
-                    )));
+                    ck.err(
+                        "cache.l2.size",
+                        "Redis bounds its own memory: set `maxmemory` and `maxmemory-policy allkeys-lru` in redis.conf instead",
+                    );
                 }
                 if l2.enabled && c.l1_size() == 0 {
-                    return Err(ConfigError(format!(
-                        "{}: L2 needs the L1 cache: set `cache.size` (or `cache.l1.size`)",
-                        at("enabled")
-                    )));
+                    ck.err(
+                        "cache.l2.enabled",
+                        "L2 needs the L1 cache: set `cache.size` (or `cache.l1.size`)",
+                    );
                 }
                 if l2.timeout.0.is_zero() {
-                    return Err(ConfigError(format!("{}: must be above 0", at("timeout"))));
+                    ck.err("cache.l2.timeout", "must be above 0");
                 }
                 if l2.ttl.0.as_millis() == 0 {
-                    return Err(ConfigError(format!("{}: must be at least 1ms", at("ttl"))));
+                    ck.err("cache.l2.ttl", "must be at least 1ms");
                 }
                 if l2.username.is_some() && l2.password.is_none() {
-                    return Err(ConfigError(format!(
-                        "{}: an ACL user needs `password` too",
-                        at("username")
-                    )));
+                    ck.err("cache.l2.username", "an ACL user needs `password` too");
                 }
                 if l2.port == 0 {
-                    return Err(ConfigError(format!(
-                        "{}: must be a port (1-65535)",
-                        at("port")
-                    )));
+                    ck.err("cache.l2.port", "must be a port (1-65535)");
                 }
             }
             if c.max_variants == 0 {
-                return Err(ConfigError(format!(
-                    "{}: must be at least 1",
-                    locate(file, src, "max_variants", "")
-                )));
+                ck.err("cache.max_variants", "must be at least 1");
             }
             if c.l1_size() > 0 && c.max_object_size.0 == 0 {
-                return Err(ConfigError(format!(
-                    "{}: must be above 0",
-                    locate(file, src, "max_object_size", "")
-                )));
+                ck.err("cache.max_object_size", "must be above 0");
             }
         }
-        for t in &fc.server.trusted_proxies {
+        for (i, t) in fc.server.trusted_proxies.iter().enumerate() {
             if let Err(e) = crate::forward::Cidr::parse(t) {
-                return Err(ConfigError(format!(
-                    "{}: {e}",
-                    locate_item(file, src, "trusted_proxies", t)
-                )));
+                ck.err(&format!("server.trusted_proxies[{i}]"), e.to_string());
             }
         }
         if fc.server.client_body_buffer_size.0 > 1 << 20 {
-            return Err(ConfigError(format!(
-                "{}: at most 1MB (bodies beyond it are streamed)",
-                locate(file, src, "client_body_buffer_size", "")
-            )));
+            ck.err(
+                "server.client_body_buffer_size",
+                "at most 1MB (bodies beyond it are streamed)",
+            );
         }
         if fc.server.client_body_timeout.0.is_zero() {
-            return Err(ConfigError(format!(
-                "{}: must be above 0",
-                locate(file, src, "client_body_timeout", "")
-            )));
+            ck.err("server.client_body_timeout", "must be above 0");
         }
         if fc.server.max_connections_per_ip == Some(0) {
-            return Err(ConfigError(format!(
-                "{}: must be at least 1 (leave it out for no limit)",
-                locate(file, src, "max_connections_per_ip", "")
-            )));
+            ck.err(
+                "server.max_connections_per_ip",
+                "must be at least 1 (leave it out for no limit)",
+            );
         }
         if fc.server.max_connections == Some(0) {
-            return Err(ConfigError(format!(
-                "{}: must be at least 1",
-                locate(file, src, "max_connections", "")
-            )));
+            ck.err("server.max_connections", "must be at least 1");
         }
-        Ok(Config { file: fc, listen })
+        match listen {
+            Some(listen) if ck.diags.is_empty() => Ok(Config {
+                file: fc,
+                listen,
+                origin: (file.to_string(), outline),
+            }),
+            _ => Err(ConfigError {
+                file: ck.file.to_string(),
+                diags: ck.diags,
+            }),
+        }
     }
 
     /// What a runtime needs besides the proxy context. `cores` is the machine's core count,
@@ -1121,21 +1139,40 @@ impl Config {
         }
     }
 
+    /// A problem found after validation, placed at `key` in the source.
+    fn diag(&self, key: &str, msg: String) -> Diag {
+        let (line, col) = self.origin.1.find(key);
+        Diag {
+            line,
+            col,
+            key: key.to_string(),
+            msg,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn upstream_config(
+        &self,
+        at: &str,
         name: &str,
         lb: &LbSection,
         backends: &[BackendSection],
         pool: &PoolSection,
         resolve: &dyn Fn(&str, u16) -> Result<SocketAddr, String>,
-    ) -> Result<UpstreamConfig, ConfigError> {
+        errors: &mut Vec<Diag>,
+    ) -> UpstreamConfig {
         let mut bs = Vec::new();
-        for b in backends {
-            let addr = resolve(&b.url.host, b.url.port).map_err(|e| {
-                ConfigError(format!(
-                    "backend `{}` of upstream `{name}`: {e}",
-                    b.url.authority()
-                ))
-            })?;
+        for (i, b) in backends.iter().enumerate() {
+            let addr = match resolve(&b.url.host, b.url.port) {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(self.diag(
+                        &format!("{at}[{i}].url"),
+                        format!("backend `{}` of upstream `{name}`: {e}", b.url.authority()),
+                    ));
+                    continue;
+                }
+            };
             bs.push(BackendConfig {
                 addr,
                 host: b.url.authority(),
@@ -1143,7 +1180,7 @@ impl Config {
                 max_conns: b.max_conns,
             });
         }
-        Ok(UpstreamConfig {
+        UpstreamConfig {
             name: name.to_string(),
             backends: bs,
             algorithm: lb.algorithm.0,
@@ -1178,7 +1215,7 @@ impl Config {
             retries: lb.retries,
             connect_timeout: lb.connect_timeout.0,
             response_timeout: lb.response_timeout.0,
-        })
+        }
     }
 
     /// Build the shared context: upstreams (resolving host names with `resolve`), routes,
@@ -1195,19 +1232,30 @@ impl Config {
         let pool = &fc.server.connection_pool;
         let mut ups: Vec<UpstreamConfig> = Vec::new();
         let mut names: Vec<String> = Vec::new();
+        let mut errors = Vec::new();
         if !fc.backends.is_empty() {
-            ups.push(Self::upstream_config(
+            ups.push(self.upstream_config(
+                "backends",
                 "default",
                 &fc.load_balancing,
                 &fc.backends,
                 pool,
                 resolve,
-            )?);
+                &mut errors,
+            ));
             names.push("default".into());
         }
         for (name, u) in &fc.upstreams {
             let lb = u.load_balancing.as_ref().unwrap_or(&fc.load_balancing);
-            ups.push(Self::upstream_config(name, lb, &u.backends, pool, resolve)?);
+            ups.push(self.upstream_config(
+                &format!("upstreams.{name}.backends"),
+                name,
+                lb,
+                &u.backends,
+                pool,
+                resolve,
+                &mut errors,
+            ));
             names.push(name.clone());
         }
         // L2's Redis is an upstream of its own: the runtimes pool its connections and
@@ -1219,8 +1267,18 @@ impl Config {
             .and_then(|c| c.l2_on())
         {
             Some(l) => {
-                let addr = resolve(&l.host, l.port)
-                    .map_err(|e| ConfigError(format!("cache.l2: `{}:{}`: {e}", l.host, l.port)))?;
+                let addr = match resolve(&l.host, l.port) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        errors.push(
+                            self.diag("cache.l2.host", format!("`{}:{}`: {e}", l.host, l.port)),
+                        );
+                        return Err(ConfigError {
+                            file: self.origin.0.clone(),
+                            diags: errors,
+                        });
+                    }
+                };
                 ups.push(UpstreamConfig {
                     name: "cache-l2".into(),
                     backends: vec![BackendConfig {
@@ -1250,6 +1308,12 @@ impl Config {
             }
             None => None,
         };
+        if !errors.is_empty() {
+            return Err(ConfigError {
+                file: self.origin.0.clone(),
+                diags: errors,
+            });
+        }
         let upstreams: Vec<Arc<Upstream>> = ups
             .into_iter()
             .enumerate()

@@ -775,11 +775,18 @@ impl HttpCache {
             head.extend_from_slice(status);
             head.push(b'\n');
         }
+        // A 304 without `Date` still dates the refreshed entry: now (as a full response
+        // without one is dated when stored), not when the old response arrived.
+        let undated = header(h, buf, b"date").is_none();
+        if undated {
+            crate::http1::write::push_date(&mut head, now);
+        }
         for (name, line) in stored_fields(&old.head) {
-            let replaced = h.headers.iter().any(|f| {
-                !not_stored_field(h, buf, f, &self.policy)
-                    && f.name.get(buf).eq_ignore_ascii_case(name)
-            });
+            let replaced = (undated && name.eq_ignore_ascii_case(b"date"))
+                || h.headers.iter().any(|f| {
+                    !not_stored_field(h, buf, f, &self.policy)
+                        && f.name.get(buf).eq_ignore_ascii_case(name)
+                });
             if !replaced {
                 head.extend_from_slice(line);
                 head.extend_from_slice(b"\r\n");

@@ -207,16 +207,16 @@ fn cache_l2_errors_name_file_line_and_key() {
     let base = "cache:\n  size: 1MB\n  l2:\n    host: 127.0.0.1\n    size: 8GB\nbackends:\n  - url: http://127.0.0.1:8081\n";
     let e = err(base);
     assert!(
-        e.contains("lb.yaml:5: `l2.size`") && e.contains("maxmemory"),
+        e.contains("lb.yaml:5:5: cache.l2.size") && e.contains("maxmemory"),
         "{e}"
     );
     let e = err(&base.replace("    size: 8GB\n", "    timeout: 0s\n"));
-    assert!(e.contains("lb.yaml:5: `l2.timeout`"), "{e}");
+    assert!(e.contains("lb.yaml:5:5: cache.l2.timeout"), "{e}");
     let e = err(&base
         .replace("  size: 1MB\n", "")
         .replace("    size: 8GB\n", "    enabled: true\n"));
     assert!(
-        e.contains("lb.yaml:4: `l2.enabled`") && e.contains("L1"),
+        e.contains("lb.yaml:4:5: cache.l2.enabled") && e.contains("L1"),
         "{e}"
     );
     let e = err(&base.replace("    size: 8GB\n", "    hots: x\n"));
@@ -234,13 +234,13 @@ fn cache_l2_errors_name_file_line_and_key() {
         panic!("redis.internal resolved without a resolver");
     };
     let e = e.to_string();
-    assert!(e.contains("cache.l2: `redis.internal:6379`"), "{e}");
+    assert!(e.contains("cache.l2.host: `redis.internal:6379`"), "{e}");
 }
 
 #[test]
 fn trusted_proxies_and_set_cookie_are_validated() {
     let e = err("server:\n  trusted_proxies:\n    - 10.0.0.0/8\n    - 10.0.0.0/40\nbackends:\n  - url: http://127.0.0.1:1\n");
-    assert!(e.contains("lb.yaml:4: `trusted_proxies`"), "{e}");
+    assert!(e.contains("lb.yaml:4:7: server.trusted_proxies[1]"), "{e}");
     assert!(e.contains("prefix length must be 0-32"), "{e}");
     let e = err(
         "server:\n  trusted_proxies: [proxy.internal]\nbackends:\n  - url: http://127.0.0.1:1\n",
@@ -256,11 +256,61 @@ fn admin_settings_are_validated() {
     let base = "admin:\n  listen: 127.0.0.1:9901\n  token: short\nbackends:\n  - url: http://127.0.0.1:1\n";
     let e = err(base);
     assert!(
-        e.contains("lb.yaml:3: `admin.token`") && e.contains("16 printable"),
+        e.contains("lb.yaml:3:3: admin.token") && e.contains("16 printable"),
         "{e}"
     );
     let e = err(&base.replace("  token: short\n", "  max_connections: 0\n"));
-    assert!(e.contains("`admin.max_connections`"), "{e}");
+    assert!(e.contains("lb.yaml:3:3: admin.max_connections: "), "{e}");
     let ok = base.replace("token: short", "token: a-long-enough-admin-token");
     assert!(Config::from_yaml(&ok, "lb.yaml").is_ok());
+}
+
+#[test]
+fn every_error_in_one_format_all_at_once() {
+    let src = "server:\n  listen: 127.0.0.1:8080\n  workrs: 2\n  timeout: 5x\nbackends:\n  - url: http://127.0.0.1:9000\n    wieght: 3\n  - url: http://127.0.0.1:9001\n    weight: 0\nload_balancing:\n  algorithm: lest_conn\n  algorithm: round_robin\n  health_check:\n    path: health\n";
+    let e = Config::from_yaml(src, "site.yaml").unwrap_err();
+    let text = e.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "site.yaml:3:3: server.workrs: unknown key `workrs`; did you mean `workers`?",
+            "site.yaml:4:12: server.timeout: invalid duration unit `x` in `5x` (use ms, s, m, h or d)",
+            "site.yaml:7:5: backends[0].wieght: unknown key `wieght`; did you mean `weight`?",
+            "site.yaml:9:5: backends[1].weight: weight 0 out of range (1-10000)",
+            "site.yaml:11:14: load_balancing.algorithm: unknown algorithm `lest_conn`; did you mean `least_conn`?",
+            "site.yaml:12:3: load_balancing.algorithm: given twice (first on line 11)",
+            "site.yaml:14:5: load_balancing.health_check.path: `health` must start with / (e.g. /health)",
+            "site.yaml: 7 errors",
+        ],
+        "{text}"
+    );
+    // The YAML library's own wording does not leak out.
+    assert!(
+        !text.contains("DuplicateKeyPolicy") && !text.contains("<input>"),
+        "{text}"
+    );
+}
+
+#[test]
+fn path_like_keys_are_validated() {
+    for (yaml, key) in [
+        ("load_balancing:\n  health_check:\n    path: \"/a b\"\n", "load_balancing.health_check.path"),
+        ("routes:\n  - path: api\n    upstream: default\n", "routes[0].path"),
+        ("upstreams:\n  u:\n    backends: [{url: http://127.0.0.1:2}]\n    load_balancing:\n      health_check:\n        path: x\n", "upstreams.u.load_balancing.health_check.path"),
+        ("load_balancing:\n  passive_health:\n    panic_threshold: 101\n", "load_balancing.passive_health.panic_threshold"),
+    ] {
+        let src = format!("{yaml}backends:\n  - url: http://127.0.0.1:1\n");
+        let e = Config::from_yaml(&src, "p.yaml").unwrap_err().to_string();
+        assert!(e.contains(&format!(": {key}: ")), "{key}: {e}");
+    }
+}
+
+#[test]
+fn a_yaml_syntax_error_is_placed_too() {
+    let e = Config::from_yaml("server: [\n", "s.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("s.yaml:"), "{e}");
+    assert!(e.contains("invalid YAML"), "{e}");
 }
