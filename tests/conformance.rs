@@ -28,6 +28,7 @@ matrix!(
     closed_stderr_never_kills_the_process,
     cli_rejects_a_bad_log_filter_and_names_its_build,
     every_response_carries_a_valid_date,
+    cache_follows_rfc_9111_and_9213,
 );
 
 fn only_backend_answering_500s_and_refusing_is_still_used(bin: &PathBuf) {
@@ -301,4 +302,64 @@ fn every_response_carries_a_valid_date(bin: &PathBuf) {
         assert_eq!(r.status, want);
         assert_dated(&r, &want.to_string());
     }
+}
+
+fn cache_follows_rfc_9111_and_9213(bin: &PathBuf) {
+    let b = Backend::start("b").unwrap();
+    let yaml =
+        "server:\n  listen: \"{listen}\"\nbackends:\n  - url: http://{b0}\ncache:\n  size: 4MB\n";
+    let p = Proxy::with_config(bin, yaml, &[&b]);
+    let twice = |path: &str| {
+        let first = get(p.addr, path);
+        (first, get(p.addr, path))
+    };
+    // CDN-Cache-Control takes precedence over Cache-Control here (a CDN-style cache), and
+    // is forwarded unless configured otherwise.
+    let (first, second) = twice("/t1?cc=no-store&cdncc=max-age=60");
+    assert_eq!(first.header("cdn-cache-control"), Some("max-age=60"));
+    assert_eq!(
+        second.header("x-cache"),
+        Some("HIT"),
+        "CDN-Cache-Control ignored"
+    );
+    let (_, second) = twice("/t2?cc=max-age=60&cdncc=no-store");
+    assert_ne!(
+        second.header("x-cache"),
+        Some("HIT"),
+        "CDN-Cache-Control: no-store ignored"
+    );
+    // A list-valued Age: the first value counts (7200 > max-age=100: stale on arrival).
+    let (_, second) = twice("/age?cc=max-age=100&age=7200,%200");
+    assert_ne!(second.header("x-cache"), Some("HIT"), "Age list read as 0");
+    // An invalid Age is ignored: fresh.
+    let (_, second) = twice("/age2?cc=max-age=100&age=soon");
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    // A chunked response is stored de-chunked and reused with its length.
+    let (first, second) = twice("/chunked/3000?cc=max-age=60");
+    assert_eq!(first.body, pattern(3000));
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(second.header("content-length"), Some("3000"));
+    assert!(second.header("transfer-encoding").is_none());
+    assert_eq!(second.body, pattern(3000));
+    // Vary: spellings of the same Accept-Language share one variant.
+    let before = b.requests().len();
+    let mut c = p.client();
+    c.send(b"GET /v?cc=max-age=60&vary=Accept-Language HTTP/1.1\r\nHost: t\r\nAccept-Language: en-US, fr;q=0.5\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    c.send(b"GET /v?cc=max-age=60&vary=Accept-Language HTTP/1.1\r\nHost: t\r\nAccept-Language: fr; q=0.5,EN-us\r\n\r\n");
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.header("x-cache"), Some("HIT"), "one variant per spelling");
+    assert_eq!(b.requests().len() - before, 1);
+    // must-understand with an understood status: stored despite no-store.
+    let (_, second) = twice("/mu?cc=max-age=60,no-store,must-understand");
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    // Targeted fields stripped from what is forwarded when configured, still obeyed.
+    let yaml = "server:\n  listen: \"{listen}\"\nbackends:\n  - url: http://{b0}\ncache:\n  size: 4MB\n  strip_targeted_fields: true\n  targeted_fields: [Edge-Control, CDN-Cache-Control]\n";
+    let p2 = Proxy::with_config(bin, yaml, &[&b]);
+    let first = get(p2.addr, "/t3?cc=no-store&cdncc=max-age=60");
+    assert!(first.header("cdn-cache-control").is_none());
+    assert_eq!(
+        get(p2.addr, "/t3?cc=no-store&cdncc=max-age=60").header("x-cache"),
+        Some("HIT")
+    );
 }

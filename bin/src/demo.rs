@@ -48,7 +48,8 @@ pub struct Backend {
 /// Anything else: 200 with `hello from NAME`. Query parameters add caching fields:
 /// `cc=max-age=60,public` (Cache-Control), `etag=v1` (ETag "v1"), `vary=Accept-Language`,
 /// `lm=1` (a `Last-Modified` a year back: heuristically fresh for a day), `setcookie=a=b`
-/// (Set-Cookie: a=b); `reflect=NAME` answers `NAME: value` of the request (a backend that
+/// (Set-Cookie: a=b), `cdncc=max-age=60` (CDN-Cache-Control), `age=7200` (Age);
+/// `reflect=NAME` answers `NAME: value` of the request (a backend that
 /// trusts a forwarding field, for cache-poisoning tests); `slowcond=MS` waits MS ms before
 /// answering a conditional request (a cache's validation or refresh).
 /// A GET or HEAD whose `If-None-Match` names that ETag (or `*`) is answered 304.
@@ -117,6 +118,8 @@ fn respond(name: &str, r: &Received, out: &mut Vec<u8>) -> Option<usize> {
             "etag" => out.extend_from_slice(format!("ETag: \"{v}\"\r\n").as_bytes()),
             "vary" => out.extend_from_slice(format!("Vary: {v}\r\n").as_bytes()),
             "setcookie" => out.extend_from_slice(format!("Set-Cookie: {v}\r\n").as_bytes()),
+            "cdncc" => out.extend_from_slice(format!("CDN-Cache-Control: {v}\r\n").as_bytes()),
+            "age" => out.extend_from_slice(format!("Age: {v}\r\n").as_bytes()),
             "lm" => {
                 let a_year_ago = std::time::SystemTime::now() - Duration::from_secs(365 * 86400);
                 let lm = trireme_core::cache::format_date(a_year_ago);

@@ -199,6 +199,25 @@ pub fn heuristically_cacheable(status: u16) -> bool {
     )
 }
 
+/// Status codes whose caching semantics this cache implements (for `must-understand`).
+pub fn understood_status(status: u16) -> bool {
+    heuristically_cacheable(status) && status != 206 || matches!(status, 302 | 303 | 307)
+}
+
+/// The `Age` field's value (RFC 9111 section 5.1): the first of a list, digits only; an
+/// invalid one is ignored (0), one too large is capped at 2^31 seconds.
+pub fn parse_age(v: &[u8]) -> u64 {
+    let first = trim(v.split(|&b| b == b',').next().unwrap_or(b""));
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) {
+        return 0;
+    }
+    std::str::from_utf8(first)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(u64::MAX)
+        .min(1 << 31)
+}
+
 /// What the cache knows of a response when deciding on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseFacts {
@@ -290,6 +309,11 @@ pub struct Policy {
     /// Freshness for cacheable responses that state none (0: heuristics only).
     pub default_ttl: Duration,
     pub set_cookie: SetCookie,
+    /// Targeted cache-control fields (RFC 9213), lower case, in order of precedence: the
+    /// first one a response carries replaces `Cache-Control` for this cache's decisions.
+    pub targeted: Vec<Vec<u8>>,
+    /// Remove the targeted fields from responses forwarded to clients.
+    pub strip_targeted: bool,
 }
 
 impl Default for Policy {
@@ -300,6 +324,8 @@ impl Default for Policy {
             max_ttl: Duration::from_secs(365 * 24 * 3600),
             default_ttl: Duration::ZERO,
             set_cookie: SetCookie::Strip,
+            targeted: vec![b"cdn-cache-control".to_vec()],
+            strip_targeted: false,
         }
     }
 }
@@ -317,7 +343,12 @@ pub fn storable(
     if !(200..600).contains(&resp.status) || resp.status == 206 || resp.status == 304 {
         return Err(NotStored::Status);
     }
-    if req.cc.no_store || resp.cc.no_store {
+    // RFC 9111 section 5.2.2.3: with `must-understand`, a cache stores only status codes
+    // it understands, and then may ignore `no-store`.
+    if resp.cc.must_understand && !understood_status(resp.status) {
+        return Err(NotStored::Status);
+    }
+    if req.cc.no_store || (resp.cc.no_store && !resp.cc.must_understand) {
         return Err(NotStored::NoStore);
     }
     if resp.cc.private {
@@ -552,20 +583,50 @@ where
     for n in &names {
         k.extend_from_slice(n);
         k.push(b':');
-        let mut first = true;
-        for v in request_field(n) {
-            for item in split_list(v.as_ref()) {
-                if !first {
-                    k.push(b',');
+        if NEGOTIATION_FIELDS.contains(&n.as_slice()) {
+            // Case, order and whitespace of these lists do not change the answer: one
+            // variant for every spelling of the same preferences.
+            let mut items: Vec<Vec<u8>> = request_field(n)
+                .into_iter()
+                .flat_map(|v| {
+                    split_list(v.as_ref())
+                        .map(|i| {
+                            i.iter()
+                                .filter(|b| !b.is_ascii_whitespace())
+                                .map(u8::to_ascii_lowercase)
+                                .collect::<Vec<u8>>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            items.sort();
+            items.dedup();
+            k.extend_from_slice(&items.join(&b","[..]));
+        } else {
+            let mut first = true;
+            for v in request_field(n) {
+                for item in split_list(v.as_ref()) {
+                    if !first {
+                        k.push(b',');
+                    }
+                    first = false;
+                    k.extend_from_slice(item);
                 }
-                first = false;
-                k.extend_from_slice(item);
             }
         }
         k.push(b'\n');
     }
     Some(k)
 }
+
+/// Request fields whose values are case-insensitive lists of preferences (RFC 9110
+/// section 12.5), normalised in a secondary key.
+const NEGOTIATION_FIELDS: [&[u8]; 4] = [
+    b"accept",
+    b"accept-charset",
+    b"accept-encoding",
+    b"accept-language",
+];
 
 /// Does a client's conditional GET match the stored response, so the cache answers 304
 /// (RFC 9110 §13.2.2: `If-None-Match` takes precedence over `If-Modified-Since`)?

@@ -360,6 +360,11 @@ pub struct CacheSection {
     pub set_cookie: SetCookieName,
     /// `Vary` variants kept per URL; a new one beyond that replaces the URL's least
     /// recently used variant (a flood of distinct `Accept-Encoding` values stays bounded).
+    /// Targeted cache-control fields (RFC 9213) this cache obeys over `Cache-Control`,
+    /// first present wins.
+    pub targeted_fields: Vec<String>,
+    /// Remove the targeted fields from what is forwarded to clients.
+    pub strip_targeted_fields: bool,
     pub max_variants: usize,
     /// Background refreshes (stale-while-revalidate, warming) carried out at once; more
     /// wait in a bounded queue.
@@ -476,6 +481,8 @@ impl Default for CacheSection {
             lock_timeout: Dur(Duration::from_secs(5)),
             set_cookie: SetCookieName::default(),
             max_variants: crate::cache::store::DEFAULT_MAX_VARIANTS,
+            targeted_fields: vec!["CDN-Cache-Control".into()],
+            strip_targeted_fields: false,
             refresh_concurrency: 16,
             l1: None,
             l2: None,
@@ -1072,6 +1079,17 @@ impl Config {
             if c.max_variants == 0 {
                 ck.err("cache.max_variants", "must be at least 1");
             }
+            for (i, t) in c.targeted_fields.iter().enumerate() {
+                let token = !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !token || t.eq_ignore_ascii_case("cache-control") {
+                    ck.err(
+                        &format!("cache.targeted_fields[{i}]"),
+                        format!("`{t}` is not a targeted field name (e.g. CDN-Cache-Control)"),
+                    );
+                }
+            }
             if c.l1_size() > 0 && c.max_object_size.0 == 0 {
                 ck.err("cache.max_object_size", "must be above 0");
             }
@@ -1375,6 +1393,12 @@ impl Config {
                                 .and_then(|l| l.ttl)
                                 .map_or(c.default_ttl.0, |t| t.0),
                             set_cookie: c.set_cookie.0,
+                            targeted: c
+                                .targeted_fields
+                                .iter()
+                                .map(|t| t.to_ascii_lowercase().into_bytes())
+                                .collect(),
+                            strip_targeted: c.strip_targeted_fields,
                             ..Policy::default()
                         },
                         c.key_headers.clone(),

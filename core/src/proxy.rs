@@ -1550,7 +1550,9 @@ impl Session {
                             push_header(out, name, hd.value.get(ub));
                             continue;
                         }
-                        if !h.is_hop(ub, hd) {
+                        if !h.is_hop(ub, hd)
+                            && !self.ctx.cache.as_ref().is_some_and(|c| c.strips(name))
+                        {
                             dated |= lower_eq(name, b"date");
                             push_header(out, name, hd.value.get(ub));
                         }

@@ -808,6 +808,7 @@ impl HttpCache {
             _ => return None,
         };
         let mut facts = response_facts(&parsed, &whole, p.request_time, now);
+        self.retarget(&mut facts, &parsed, &whole);
         facts.status = old.facts.status;
         let etag = header(&parsed, &whole, b"etag").map(Bytes::copy_from_slice);
         let entry = Stored {
@@ -853,7 +854,8 @@ impl HttpCache {
         buf: &[u8],
         now: SystemTime,
     ) -> Option<Box<Capture>> {
-        let facts = response_facts(h, buf, p.request_time, now);
+        let mut facts = response_facts(h, buf, p.request_time, now);
+        self.retarget(&mut facts, h, buf);
         if let Err(why) = storable(&p.facts, &facts, &self.policy) {
             tracing::trace!(?why, "response not stored");
             if let Some(l) = &p.lead {
@@ -1021,7 +1023,14 @@ impl HttpCache {
     /// An entry read from L2 by a lookup that started at L2 generation `since`: into L1
     /// (not written back). False when L1 refused it, or an invalidation that covers it
     /// came meanwhile (checked after the insert, so one landing in between removes it).
-    pub fn fill_from_l2(&self, key: &[u8], entry: Stored, since: u64) -> bool {
+    pub fn fill_from_l2(&self, key: &[u8], mut entry: Stored, since: u64) -> bool {
+        let mut whole = entry.head.to_vec();
+        whole.extend_from_slice(b"\r\n");
+        if let Ok(crate::http1::head::Parsed::Complete(h)) =
+            crate::http1::head::parse_response(&whole, whole.len())
+        {
+            self.retarget(&mut entry.facts, &h, &whole);
+        }
         if !self.store.insert(key, entry) {
             return false;
         }
@@ -1032,6 +1041,33 @@ impl HttpCache {
             }
             _ => true,
         }
+    }
+
+    /// RFC 9213: the first targeted field the response carries (`CDN-Cache-Control` by
+    /// default) replaces `Cache-Control` for this cache; one without a valid directive is
+    /// ignored.
+    fn retarget(&self, facts: &mut ResponseFacts, h: &ResponseHead, buf: &[u8]) {
+        for name in &self.policy.targeted {
+            let lines: Vec<&[u8]> = response_values(h, buf, name).collect();
+            if lines.is_empty() {
+                continue;
+            }
+            let d = super::Directives::parse(lines.iter().copied());
+            if d != super::Directives::default() {
+                facts.cc = d;
+                return;
+            }
+        }
+    }
+
+    /// Whether the forwarded response drops this field (`cache.strip_targeted_fields`).
+    pub fn strips(&self, name: &[u8]) -> bool {
+        self.policy.strip_targeted
+            && self
+                .policy
+                .targeted
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name))
     }
 
     /// Drop what is stored under `key`, in L1 and L2.
@@ -1087,10 +1123,7 @@ pub fn response_facts(
     response_time: SystemTime,
 ) -> ResponseFacts {
     let cc = Directives::parse(response_values(h, buf, b"cache-control"));
-    let age = header(h, buf, b"age")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let age = header(h, buf, b"age").map_or(0, super::parse_age);
     ResponseFacts {
         status: h.status,
         date: header(h, buf, b"date").and_then(super::parse_date),

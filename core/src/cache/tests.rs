@@ -287,6 +287,65 @@ fn keys_and_vary() {
 }
 
 #[test]
+fn negotiation_fields_share_one_variant_per_meaning() {
+    let lang = |v: &'static [u8]| {
+        move |name: &[u8]| -> Vec<&'static [u8]> {
+            if name == b"accept-language" {
+                vec![v]
+            } else {
+                vec![]
+            }
+        }
+    };
+    let k = |v| vary_key([&b"Accept-Language"[..]], lang(v));
+    assert_eq!(k(b"en-US, fr;q=0.5"), k(b"fr; q=0.5,EN-us"));
+    assert_eq!(k(b"en-US,fr;q=0.5"), k(b" en-us ,  fr;q=0.5 "));
+    assert_ne!(k(b"en-US"), k(b"fr"));
+    // Other fields keep their case: a cookie or token may be case-sensitive.
+    let tok = |v: &'static [u8]| {
+        move |name: &[u8]| -> Vec<&'static [u8]> {
+            if name == b"x-token" {
+                vec![v]
+            } else {
+                vec![]
+            }
+        }
+    };
+    assert_ne!(
+        vary_key([&b"X-Token"[..]], tok(b"Abc")),
+        vary_key([&b"X-Token"[..]], tok(b"abc"))
+    );
+}
+
+#[test]
+fn age_field_first_value_and_invalid_ones() {
+    assert_eq!(parse_age(b"7200, 0"), 7200);
+    assert_eq!(parse_age(b" 60 "), 60);
+    assert_eq!(parse_age(b"-5"), 0);
+    assert_eq!(parse_age(b"1.5"), 0);
+    assert_eq!(parse_age(b"abc, 7"), 0);
+    assert_eq!(parse_age(b""), 0);
+    assert_eq!(parse_age(b"99999999999999999999999"), 1 << 31);
+}
+
+#[test]
+fn must_understand_overrides_no_store_for_understood_statuses() {
+    let p = Policy::default();
+    let mut r = resp("max-age=60, no-store, must-understand");
+    assert_eq!(storable(&get(), &r, &p), Ok(()));
+    r.status = 299;
+    assert_eq!(storable(&get(), &r, &p), Err(NotStored::Status));
+    let r = resp("max-age=60, no-store");
+    assert_eq!(storable(&get(), &r, &p), Err(NotStored::NoStore));
+    // The request's own no-store still wins.
+    let r = resp("max-age=60, no-store, must-understand");
+    assert_eq!(
+        storable(&get_cc("no-store"), &r, &p),
+        Err(NotStored::NoStore)
+    );
+}
+
+#[test]
 fn conditional_requests_answered_by_the_cache() {
     let lm = t(0);
     assert!(not_modified(
