@@ -314,3 +314,96 @@ fn a_yaml_syntax_error_is_placed_too() {
     assert!(e.starts_with("s.yaml:"), "{e}");
     assert!(e.contains("invalid YAML"), "{e}");
 }
+
+/// `examples/full.yaml` marks each value `[default]` or `[example]`: the defaults must be
+/// the code's. The file with its examples removed must read as the file with its examples
+/// and its defaults removed.
+#[test]
+fn full_yaml_defaults_are_the_code_defaults() {
+    let src = include_str!("../../../examples/full.yaml");
+    let leaf = |l: &str| {
+        let code = l.split(" #").next().unwrap_or("").trim_end();
+        let t = code.trim_start();
+        !t.is_empty() && !t.starts_with('#') && !code.ends_with(':')
+    };
+    for l in src.lines().filter(|l| leaf(l)) {
+        assert!(
+            l.contains("# [default]") || l.contains("# [example]"),
+            "examples/full.yaml: a value marked neither [default] nor [example]: {l}"
+        );
+    }
+    let keep = |defaults: bool| {
+        // (line, whether a [default] under it was dropped)
+        let mut lines: Vec<(String, bool)> = Vec::new();
+        let mut skip_deeper: Option<usize> = None;
+        for l in src.lines() {
+            let indent = l.len() - l.trim_start().len();
+            let t = l.trim_start();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if let Some(d) = skip_deeper {
+                if indent > d {
+                    continue;
+                }
+                skip_deeper = None;
+            }
+            // List items are samples: dropped with what they hold.
+            if t.starts_with("- ") {
+                skip_deeper = Some(indent);
+                continue;
+            }
+            if leaf(l) && l.contains("# [example]") {
+                continue;
+            }
+            if leaf(l) && !defaults {
+                // The section stays (present, with its defaults): mark its header.
+                if let Some(h) = lines
+                    .iter_mut()
+                    .rev()
+                    .find(|(h, _)| h.len() - h.trim_start().len() < indent)
+                {
+                    h.1 = true;
+                }
+                continue;
+            }
+            lines.push((
+                l.split(" #").next().unwrap_or("").trim_end().to_string(),
+                false,
+            ));
+        }
+        // Sections left empty: `{}` where defaults were dropped from them, else gone.
+        loop {
+            let before = lines.clone();
+            let mut out: Vec<(String, bool)> = Vec::new();
+            for i in 0..lines.len() {
+                let (l, had) = &lines[i];
+                let indent = l.len() - l.trim_start().len();
+                let empty = l.ends_with(':')
+                    && lines
+                        .get(i + 1)
+                        .is_none_or(|(n, _)| n.len() - n.trim_start().len() <= indent);
+                match (empty, had) {
+                    (true, true) => out.push((format!("{l} {{}}"), false)),
+                    (true, false) => {}
+                    _ => out.push((l.clone(), *had)),
+                }
+            }
+            lines = out;
+            if lines == before {
+                break;
+            }
+        }
+        lines.into_iter().map(|(l, _)| l + "\n").collect::<String>()
+    };
+    let with_defaults = keep(true);
+    let bare = keep(false);
+    let a: FileConfig =
+        serde_saphyr::from_str(&with_defaults).unwrap_or_else(|e| panic!("{e}\n{with_defaults}"));
+    let b: FileConfig = serde_saphyr::from_str(&bare).unwrap_or_else(|e| panic!("{e}\n{bare}"));
+    assert_eq!(
+        format!("{a:#?}"),
+        format!("{b:#?}"),
+        "a value marked [default] in examples/full.yaml is not the default"
+    );
+}
