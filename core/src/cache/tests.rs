@@ -413,6 +413,14 @@ fn dates_in_all_three_formats() {
     assert_eq!(parse_date(b"Sun Nov  6 08:49:37 1994"), Some(want));
     assert_eq!(parse_date(b"yesterday"), None);
     assert_eq!(format_date(want), "Sun, 06 Nov 1994 08:49:37 GMT");
+    // Conditionals read every format too.
+    for ims in [
+        &b"Sun, 06 Nov 1994 08:49:37 GMT"[..],
+        b"Sunday, 06-Nov-94 08:49:37 GMT",
+        b"Sun Nov  6 08:49:37 1994",
+    ] {
+        assert!(not_modified(None, Some(ims), None, Some(want)));
+    }
 }
 
 proptest! {
