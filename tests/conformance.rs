@@ -28,6 +28,7 @@ matrix!(
     closed_stderr_never_kills_the_process,
     cli_rejects_a_bad_log_filter_and_names_its_build,
     every_response_carries_a_valid_date,
+    http_versions_400_505_and_higher_minors,
     cache_follows_rfc_9111_and_9213,
 );
 
@@ -362,4 +363,33 @@ fn cache_follows_rfc_9111_and_9213(bin: &PathBuf) {
         get(p2.addr, "/t3?cc=no-store&cdncc=max-age=60").header("x-cache"),
         Some("HIT")
     );
+}
+
+fn http_versions_400_505_and_higher_minors(bin: &PathBuf) {
+    let b = Backend::start("b").unwrap();
+    let p = Proxy::with_backends(bin, &[&b], &[]);
+    for (raw, want) in [
+        (&b"GET / http/1.1\r\nHost: a\r\n\r\n"[..], 400),
+        (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1junk\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+        (b"GET /minor HTTP/1.2\r\nHost: a\r\n\r\n", 200),
+    ] {
+        let mut c = p.client();
+        c.send(raw);
+        let r = c.read_response(false).unwrap();
+        assert_eq!(
+            r.status,
+            want,
+            "{}",
+            String::from_utf8_lossy(raw).escape_debug()
+        );
+    }
+    let got = b.requests();
+    assert_eq!(
+        got.len(),
+        1,
+        "only the HTTP/1.2 request reaches the backend"
+    );
+    assert_eq!(got[0].target, "/minor");
 }

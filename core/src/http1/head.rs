@@ -206,6 +206,30 @@ fn version_error(buf: &[u8]) -> HttpError {
     }
 }
 
+/// Where the minor digit of an `HTTP/1.D` version with D above 1 sits in the request line.
+fn higher_minor(buf: &[u8]) -> Option<usize> {
+    let line_end = buf
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[..line_end];
+    let mut spaces = line
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b' ')
+        .map(|(i, _)| i);
+    let (_, second) = (spaces.next()?, spaces.next()?);
+    if spaces.next().is_some() {
+        return None;
+    }
+    match &line[second + 1..] {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', d] if (b'2'..=b'9').contains(d) => {
+            Some(second + 8)
+        }
+        _ => None,
+    }
+}
+
 fn map_httparse_request(e: httparse::Error, buf: &[u8]) -> HttpError {
     match e {
         httparse::Error::Version => version_error(buf),
@@ -250,9 +274,21 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>,
     let mut storage =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_HARD];
     let mut req = httparse::Request::new(&mut []);
-    let status = req
-        .parse_with_uninit_headers(buf, &mut storage[..max_headers])
-        .map_err(|e| map_httparse_request(e, buf))?;
+    let status = match req.parse_with_uninit_headers(buf, &mut storage[..max_headers]) {
+        Ok(s) => s,
+        Err(httparse::Error::Version) => {
+            // RFC 9110 section 2.5: a higher minor version of a major version spoken is
+            // processed as the highest minor spoken. Rare: parse a copy that says 1.1
+            // (same length, so every span is valid in `buf_full` too).
+            if let Some(at) = higher_minor(buf) {
+                let mut copy = buf_full.to_vec();
+                copy[skip + at] = b'1';
+                return parse_request(&copy, limits);
+            }
+            return Err(version_error(buf));
+        }
+        Err(e) => return Err(map_httparse_request(e, buf)),
+    };
     let len = match status {
         httparse::Status::Partial => {
             match first_line_len(buf) {

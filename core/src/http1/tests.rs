@@ -84,7 +84,9 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
         // versions
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
-        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+        // a higher minor of HTTP/1 is read as HTTP/1.1 (RFC 9110 section 2.5)
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 200),
+        (b"GET / HTTP/1.9\r\nHost: a\r\n\r\n", 200),
         (b"GET / HTTP/0.9\r\n\r\n", 505),
         // not an HTTP-version at all: 400 (RFC 9112 sections 2.3, 3)
         (b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
@@ -329,6 +331,15 @@ fn error_response_is_well_formed() {
     assert!(s.contains("Connection: close\r\n"));
     let body = s.split("\r\n\r\n").nth(1).unwrap();
     assert!(s.contains(&format!("Content-Length: {}\r\n", body.len())));
+}
+
+#[test]
+fn higher_minor_version_is_read_as_http_1_1() {
+    let raw = b"GET /x HTTP/1.3\r\nHost: a\r\n\r\n";
+    let h = complete(raw);
+    assert_eq!(h.version, Version::Http11);
+    assert_eq!(h.target.get(raw), b"/x");
+    assert_eq!(h.header(raw, "host"), Some(&b"a"[..]));
 }
 
 #[test]
