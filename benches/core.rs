@@ -11,12 +11,14 @@ use std::time::Instant;
 use trireme_core::balance::{Algorithm, HashMethod, PickInput};
 use trireme_core::config::{resolve_literal, Config};
 use trireme_core::http1::{parse_request, Limits};
-use trireme_core::proxy::{Action, ProxyContext, Session};
+use trireme_core::proxy::{ProxyContext, Session};
 use trireme_core::upstream::{
     BackendConfig, HashKey, PassiveHealth, PoolConfig, Upstream, UpstreamConfig,
 };
 
-const REQ: &[u8] = b"GET /api/v1/users/12345?expand=profile HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\nCookie: session=abcdef0123456789; theme=dark\r\nX-Request-Id: 7f0c1e7a-4c1b-4f7e-9a56-1b2c3d4e5f60\r\nConnection: keep-alive\r\n\r\n";
+#[path = "exchange.rs"]
+mod exchange;
+use exchange::{exchange, REQ};
 
 fn parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse");
@@ -54,24 +56,7 @@ fn session(c: &mut Criterion) {
     let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Elements(1));
     g.bench_function("keepalive_exchange_100B", |b| {
-        b.iter(|| {
-            s.client_in.extend_from_slice(REQ);
-            s.on_client_read(t0);
-            while let Some(a) = s.poll_action() {
-                if let Action::Connect { .. } = a {
-                    s.on_upstream_connected(true, t0);
-                }
-            }
-            let n = s.up_out.len();
-            s.on_upstream_written(n, t0);
-            s.up_in.extend_from_slice(resp_head);
-            s.up_in.extend_from_slice(&body);
-            s.on_upstream_read(t0);
-            while s.poll_action().is_some() {}
-            let n = s.client_out.len();
-            black_box(s.client_out.pending());
-            s.on_client_written(n, t0);
-        })
+        b.iter(|| exchange(&mut s, resp_head, &body, t0))
     });
     g.finish();
 }

@@ -10,9 +10,10 @@
 //! `nodate`: the origin sends no `Date` (trireme adds one).
 use std::time::Instant;
 use trireme_core::config::{resolve_literal, Config};
-use trireme_core::proxy::{Action, Session};
+use trireme_core::proxy::Session;
 
-const REQ: &[u8] = b"GET /api/v1/users/12345?expand=profile HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\nCookie: session=abcdef0123456789; theme=dark\r\nX-Request-Id: 7f0c1e7a-4c1b-4f7e-9a56-1b2c3d4e5f60\r\nConnection: keep-alive\r\n\r\n";
+#[path = "exchange.rs"]
+mod exchange;
 
 #[allow(clippy::disallowed_methods)]
 fn main() {
@@ -36,22 +37,7 @@ fn main() {
     let mut s = Session::new(ctx, "10.0.0.1:40000".parse().unwrap(), t0);
     let mut out = 0usize;
     for _ in 0..n {
-        s.client_in.extend_from_slice(REQ);
-        s.on_client_read(t0);
-        while let Some(a) = s.poll_action() {
-            if let Action::Connect { .. } = a {
-                s.on_upstream_connected(true, t0);
-            }
-        }
-        let k = s.up_out.len();
-        s.on_upstream_written(k, t0);
-        s.up_in.extend_from_slice(resp_head);
-        s.up_in.extend_from_slice(&body);
-        s.on_upstream_read(t0);
-        while s.poll_action().is_some() {}
-        let k = s.client_out.len();
-        out += k;
-        s.on_client_written(k, t0);
+        out += exchange::exchange(&mut s, resp_head, &body, t0);
     }
     println!("{n} exchanges, {out} bytes to the client");
 }
