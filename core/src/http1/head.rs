@@ -181,24 +181,16 @@ pub enum Parsed<T> {
 /// (`http/1.1`, garbage, a target with a space leaving junk in the version's place) a 400;
 /// 505 is for a well-formed `HTTP/D.D` this proxy does not speak (`HTTP/2.0`, `HTTP/0.9`).
 fn version_error(buf: &[u8]) -> HttpError {
-    let complete = buf.contains(&b'\n');
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or(b"");
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let mut parts = line.split(|&b| b == b' ');
     // httparse may stop at the first wrong byte, before the line ends: then what is there
     // must be the start of a well-formed version.
     let shape: &[u8] = b"HTTP/D.D";
-    let fits = |v: &[u8]| {
+    let well_formed = version_token(buf).is_some_and(|(_, v, complete)| {
         (v.len() == shape.len() || (!complete && v.len() < shape.len()))
             && v.iter().zip(shape).all(|(&c, &want)| match want {
                 b'D' => c.is_ascii_digit(),
                 want => c == want,
             })
-    };
-    let well_formed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(_), Some(_), Some(v), None) => fits(v),
-        _ => false,
-    };
+    });
     if well_formed {
         HttpError::new(Status::HttpVersionNotSupported, "unsupported HTTP version")
     } else {
@@ -206,13 +198,11 @@ fn version_error(buf: &[u8]) -> HttpError {
     }
 }
 
-/// Where the minor digit of an `HTTP/1.D` version with D above 1 sits in the request line.
-fn higher_minor(buf: &[u8]) -> Option<usize> {
-    let line_end = buf
-        .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .unwrap_or(buf.len());
-    let line = &buf[..line_end];
+/// The third token of a request line of exactly three: (its offset in `buf`, its bytes,
+/// whether the line is complete).
+fn version_token(buf: &[u8]) -> Option<(usize, &[u8], bool)> {
+    let end = buf.iter().position(|&b| b == b'\r' || b == b'\n');
+    let line = &buf[..end.unwrap_or(buf.len())];
     let mut spaces = line
         .iter()
         .enumerate()
@@ -222,9 +212,14 @@ fn higher_minor(buf: &[u8]) -> Option<usize> {
     if spaces.next().is_some() {
         return None;
     }
-    match &line[second + 1..] {
-        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', d] if (b'2'..=b'9').contains(d) => {
-            Some(second + 8)
+    Some((second + 1, &line[second + 1..], end.is_some()))
+}
+
+/// Where the minor digit of an `HTTP/1.D` version with D above 1 sits in the request line.
+fn higher_minor(buf: &[u8]) -> Option<usize> {
+    match version_token(buf)? {
+        (at, [b'H', b'T', b'T', b'P', b'/', b'1', b'.', d], _) if (b'2'..=b'9').contains(d) => {
+            Some(at + 7)
         }
         _ => None,
     }
