@@ -1543,6 +1543,7 @@ impl Session {
                     let out = self.client_out.vec();
                     let ub: &[u8] = &self.up_in;
                     write_status_line(out, h.status, h.reason.get(ub));
+                    let stripping = self.ctx.cache.as_ref().filter(|c| c.strips_any());
                     let mut dated = false;
                     for hd in &h.headers {
                         let name = hd.name.get(ub);
@@ -1550,9 +1551,7 @@ impl Session {
                             push_header(out, name, hd.value.get(ub));
                             continue;
                         }
-                        if !h.is_hop(ub, hd)
-                            && !self.ctx.cache.as_ref().is_some_and(|c| c.strips(name))
-                        {
+                        if !h.is_hop(ub, hd) && !stripping.is_some_and(|c| c.strips(name)) {
                             dated |= lower_eq(name, b"date");
                             push_header(out, name, hd.value.get(ub));
                         }

@@ -1048,11 +1048,11 @@ impl HttpCache {
     /// ignored.
     fn retarget(&self, facts: &mut ResponseFacts, h: &ResponseHead, buf: &[u8]) {
         for name in &self.policy.targeted {
-            let lines: Vec<&[u8]> = response_values(h, buf, name).collect();
-            if lines.is_empty() {
+            let mut lines = response_values(h, buf, name).peekable();
+            if lines.peek().is_none() {
                 continue;
             }
-            let d = super::Directives::parse(lines.iter().copied());
+            let d = super::Directives::parse(lines);
             if d != super::Directives::default() {
                 facts.cc = d;
                 return;
@@ -1060,9 +1060,14 @@ impl HttpCache {
         }
     }
 
-    /// Whether the forwarded response drops this field (`cache.strip_targeted_fields`).
+    /// Whether forwarded responses lose their targeted fields (`cache.strip_targeted_fields`).
+    pub fn strips_any(&self) -> bool {
+        self.policy.strip_targeted && !self.policy.targeted.is_empty()
+    }
+
+    /// Whether the forwarded response drops this field (see [`strips_any`](Self::strips_any)).
     pub fn strips(&self, name: &[u8]) -> bool {
-        self.policy.strip_targeted
+        self.strips_any()
             && self
                 .policy
                 .targeted
