@@ -4,6 +4,7 @@
 //! bytes and events come in with `now`, output is pulled. See [`proxy::Session`] for the
 //! driving contract and [`sim`] for the deterministic simulator that exercises it.
 
+#![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod admission;

@@ -77,7 +77,7 @@ pub struct Refresh {
 }
 
 /// Keys being fetched or passed, one map per shard.
-type Inflight = HashMap<Vec<u8>, Flight>;
+type Inflight = HashMap<Vec<u8>, Flight, ahash::RandomState>;
 
 #[derive(Clone, Debug)]
 enum Flight {
@@ -408,7 +408,13 @@ impl HttpCache {
             policy,
             key_headers,
             stats: CacheStats::default(),
-            inflight: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
+            inflight: (0..16)
+                .map(|_| {
+                    Mutex::new(HashMap::with_hasher(ahash::RandomState::with_seeds(
+                        5, 6, 7, 8,
+                    )))
+                })
+                .collect(),
             lock_timeout: Duration::from_secs(5),
             refreshes: Mutex::new(std::collections::VecDeque::new()),
             refresh_wake: Mutex::new(None),
