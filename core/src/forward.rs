@@ -13,7 +13,6 @@
 //! variant is chosen by what the backend received, not by what the client sent.
 
 use crate::http1::head::RequestHead;
-use crate::http1::write::push_dec;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -25,6 +24,61 @@ pub struct Peer {
     /// It connects from `server.trusted_proxies`: its forwarding fields are kept (and
     /// appended to), not replaced.
     pub trusted: bool,
+    /// `ip` as text, written once per connection (every request repeats it three times).
+    text: IpText,
+}
+
+/// An address as text, inline: the longest IPv6 form is 45 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IpText {
+    len: u8,
+    buf: [u8; 45],
+}
+
+impl IpText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
+    const fn from_ascii(s: &[u8]) -> IpText {
+        let mut buf = [0u8; 45];
+        let mut i = 0;
+        while i < s.len() && i < buf.len() {
+            buf[i] = s[i];
+            i += 1;
+        }
+        IpText { len: i as u8, buf }
+    }
+
+    fn of(ip: IpAddr) -> IpText {
+        let mut buf = [0u8; 45];
+        let len = match ip {
+            IpAddr::V4(a) => {
+                let mut n = 0;
+                for (i, o) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf[n] = b'.';
+                        n += 1;
+                    }
+                    let mut d = itoa::Buffer::new();
+                    let d = d.format(o).as_bytes();
+                    buf[n..n + d.len()].copy_from_slice(d);
+                    n += d.len();
+                }
+                n
+            }
+            IpAddr::V6(a) => {
+                use std::io::Write;
+                let mut c = std::io::Cursor::new(&mut buf[..]);
+                let _ = write!(c, "{a}");
+                c.position() as usize
+            }
+        };
+        IpText {
+            len: len as u8,
+            buf,
+        }
+    }
 }
 
 impl Peer {
@@ -32,7 +86,21 @@ impl Peer {
     pub const LOCAL: Peer = Peer {
         ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         trusted: false,
+        text: IpText::from_ascii(b"0.0.0.0"),
     };
+
+    pub fn new(ip: IpAddr, trusted: bool) -> Peer {
+        Peer {
+            ip,
+            trusted,
+            text: IpText::of(ip),
+        }
+    }
+
+    /// The address as text, as the forwarding fields carry it.
+    pub fn ip_text(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
 }
 
 /// An IP range, `10.0.0.0/8`, `2001:db8::/32`, or one address.
@@ -88,10 +156,7 @@ pub struct TrustedProxies(pub Vec<Cidr>);
 
 impl TrustedProxies {
     pub fn peer(&self, ip: IpAddr) -> Peer {
-        Peer {
-            ip,
-            trusted: self.0.iter().any(|c| c.contains(ip)),
-        }
+        Peer::new(ip, self.0.iter().any(|c| c.contains(ip)))
     }
 }
 
@@ -128,33 +193,19 @@ pub fn classify(name: &[u8]) -> Option<Field> {
 
 /// Append `ip` as text (no allocation).
 pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(a) => {
-            let [a, b, c, d] = a.octets();
-            for (i, o) in [a, b, c, d].into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                push_dec(out, o as u64);
-            }
-        }
-        IpAddr::V6(a) => {
-            use std::io::Write;
-            let _ = write!(out, "{a}");
-        }
-    }
+    out.extend_from_slice(IpText::of(ip).as_bytes());
 }
 
 /// This hop's `Forwarded` element (RFC 7239): `for=192.0.2.1;host="h";proto=http`, an IPv6
 /// node quoted and bracketed.
-pub fn push_forwarded_element(out: &mut Vec<u8>, ip: IpAddr, host: &[u8], proto: &str) {
+pub fn push_forwarded_element(out: &mut Vec<u8>, peer: &Peer, host: &[u8], proto: &str) {
     out.extend_from_slice(b"for=");
-    if ip.is_ipv6() {
+    if peer.ip.is_ipv6() {
         out.extend_from_slice(b"\"[");
-        push_ip(out, ip);
+        out.extend_from_slice(peer.ip_text());
         out.extend_from_slice(b"]\"");
     } else {
-        push_ip(out, ip);
+        out.extend_from_slice(peer.ip_text());
     }
     // Host values are validated (no quote or backslash can occur); quoted for the ':'.
     out.extend_from_slice(b";host=\"");
@@ -206,15 +257,12 @@ impl<'b> ForwardFields<'b> {
         };
         out.extend_from_slice(b"X-Forwarded-For: ");
         list(out, &self.xff);
-        push_ip(out, peer.ip);
+        out.extend_from_slice(peer.ip_text());
         out.extend_from_slice(b"\r\nForwarded: ");
         list(out, &self.forwarded);
-        push_forwarded_element(out, peer.ip, host, "http");
+        push_forwarded_element(out, &peer, host, "http");
         out.extend_from_slice(b"\r\nX-Real-IP: ");
-        match self.real_ip {
-            Some(v) => out.extend_from_slice(v),
-            None => push_ip(out, peer.ip),
-        }
+        out.extend_from_slice(self.real_ip.unwrap_or(peer.ip_text()));
         out.extend_from_slice(b"\r\nX-Forwarded-Host: ");
         out.extend_from_slice(self.host.unwrap_or(host));
         out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
@@ -258,17 +306,17 @@ pub fn vary_values<'b>(
             if peer.trusted {
                 out.extend(sent().map(Cow::Borrowed));
             }
-            out.push(own(&|v| push_ip(v, peer.ip)));
+            out.push(Cow::Owned(peer.ip_text().to_vec()));
         }
         Some(Field::Forwarded) => {
             if peer.trusted {
                 out.extend(sent().map(Cow::Borrowed));
             }
-            out.push(own(&|v| push_forwarded_element(v, peer.ip, host, "http")));
+            out.push(own(&|v| push_forwarded_element(v, &peer, host, "http")));
         }
         Some(Field::XRealIp) => out.push(match first_if_trusted() {
             Some(v) => Cow::Borrowed(v),
-            None => own(&|v| push_ip(v, peer.ip)),
+            None => Cow::Owned(peer.ip_text().to_vec()),
         }),
         Some(Field::XForwardedHost) => out.push(Cow::Borrowed(first_if_trusted().unwrap_or(host))),
         Some(Field::XForwardedProto) => {
@@ -306,7 +354,7 @@ mod tests {
         let mut v = Vec::new();
         push_forwarded_element(
             &mut v,
-            "2001:db8::1".parse().unwrap(),
+            &Peer::new("2001:db8::1".parse().unwrap(), false),
             b"a.example:8080",
             "http",
         );
@@ -317,5 +365,14 @@ mod tests {
         let mut v = Vec::new();
         push_ip(&mut v, "192.0.2.10".parse().unwrap());
         assert_eq!(v, b"192.0.2.10");
+        assert_eq!(Peer::LOCAL.ip_text(), b"0.0.0.0");
+        assert_eq!(Peer::LOCAL, Peer::new(Peer::LOCAL.ip, false));
+        let long: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            Peer::new(long, false).ip_text(),
+            long.to_string().as_bytes()
+        );
     }
 }

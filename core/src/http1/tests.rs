@@ -522,3 +522,77 @@ proptest! {
         }
     }
 }
+
+/// Bytes a header block is made of in the property test below: the ones that matter at
+/// a field's edges (CR, LF, NUL, DEL, other controls, colon, space, tab, obs-text) often.
+fn header_byte() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        4 => proptest::sample::select(b"aZ-9:: \t\r\n".to_vec()),
+        1 => proptest::sample::select(vec![0u8, 0x01, 0x0b, 0x1f, 0x7f, 0x80, 0xff, b'"', b'(', b'@']),
+    ]
+}
+
+proptest! {
+    /// httparse keeps the promise `field_ok` states (which is only a debug assertion on the
+    /// request path): whatever it returns as a field, request or response, is valid.
+    #[test]
+    fn parsed_fields_are_valid(block in proptest::collection::vec(header_byte(), 0..80)) {
+        for start in [&b"GET / HTTP/1.1\r\nHost: a\r\n"[..], b"HTTP/1.1 200 OK\r\n"] {
+            let mut buf = start.to_vec();
+            buf.extend_from_slice(&block);
+            buf.extend_from_slice(b"\r\n\r\n");
+            let mut storage = [httparse::EMPTY_HEADER; 64];
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = if start.starts_with(b"GET") {
+                let mut r = httparse::Request::new(&mut storage);
+                match r.parse(&buf) {
+                    Ok(httparse::Status::Complete(_)) => r.headers.iter().map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec())).collect(),
+                    _ => continue,
+                }
+            } else {
+                let mut r = httparse::Response::new(&mut storage);
+                match r.parse(&buf) {
+                    Ok(httparse::Status::Complete(_)) => r.headers.iter().map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec())).collect(),
+                    _ => continue,
+                }
+            };
+            for (n, v) in &fields {
+                prop_assert!(head::field_ok(n, v), "{:?}: {:?}", String::from_utf8_lossy(n), v);
+            }
+        }
+    }
+}
+
+#[test]
+fn fields_httparse_must_refuse() {
+    for bad in [
+        &b"X: a\rb\r\n"[..],
+        b"X: a\0b\r\n",
+        b"X: a\x7fb\r\n",
+        b"X: a\x01b\r\n",
+        b"X : a\r\n",
+        b"X: a\r\n b\r\n",
+        b"X\x01: a\r\n",
+        b": a\r\n",
+    ] {
+        let mut req = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        req.extend_from_slice(bad);
+        req.extend_from_slice(b"\r\n");
+        assert!(
+            parse_request(&req, &Limits::default()).is_err(),
+            "request accepted {:?}",
+            String::from_utf8_lossy(bad)
+        );
+        let mut resp = b"HTTP/1.1 200 OK\r\n".to_vec();
+        resp.extend_from_slice(bad);
+        resp.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        assert!(
+            parse_response(&resp, 8192).is_err(),
+            "response accepted {:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert!(head::field_ok(b"X-A", b"v\tw \x80\xff"));
+    assert!(!head::field_ok(b"X A", b"v"));
+    assert!(!head::field_ok(b"", b"v"));
+    assert!(!head::field_ok(b"X", b"\x7f"));
+}

@@ -2,19 +2,10 @@
 
 use crate::error::Status;
 
-/// Append `n` in decimal.
-pub fn push_dec(out: &mut Vec<u8>, mut n: u64) {
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&tmp[i..]);
+/// Append `n` in decimal (itoa: two digits per step from a table, no `fmt`).
+#[inline]
+pub fn push_dec(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Append `n` in lowercase hex.
