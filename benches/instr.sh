@@ -15,7 +15,9 @@
 # requests nginx served in that window is the figure. The top functions (inclusive of
 # nothing: self cost) go to stdout with their share. Needs valgrind, wrk and nginx (installed
 # from Debian when missing). Every process started is killed by PID on exit. CG_OUT=FILE keeps
-# the callgrind dump (for `callgrind_annotate --inclusive=yes FILE`).
+# the callgrind dump (for `callgrind_annotate --inclusive=yes FILE`); BIN_DIR=DIR runs DIR's
+# binary as built (e.g. one built with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only, for
+# `callgrind_annotate --auto=yes`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cand=${1:-trireme-mio}
@@ -63,8 +65,8 @@ wait_port 18301
 
 case $cand in
   trireme-*)
-    cargo build --release --quiet --bin "$cand"
-    cmd=(./target/release/"$cand" --listen 127.0.0.1:18300 --workers 1 --backend http://127.0.0.1:18301)
+    if [ -z "${BIN_DIR:-}" ]; then cargo build --release --quiet --bin "$cand"; fi
+    cmd=("${BIN_DIR:-./target/release}/$cand" --listen 127.0.0.1:18300 --workers 1 --backend http://127.0.0.1:18301)
     ;;
   nginx)
     cat > "$work/proxy/nginx.conf" <<EOF
@@ -114,11 +116,16 @@ wait $w 2>/dev/null || true
 sleep 0.5
 n=$(( $(served) - before - 2 ))
 callgrind_control -d "$vg" >/dev/null
+dump=
+for _ in $(seq 120); do
+  dump=$(ls -t "$out".* 2>/dev/null | head -1 || true)
+  [ -n "$dump" ] && break
+  sleep 0.5
+done
+[ -n "$dump" ] || { echo "callgrind wrote no dump" >&2; exit 1; }
 sleep 1
-dump=$(ls -t "$out"* | grep -v "^$out\$" | head -1 || true)
-[ -n "$dump" ] || dump=$out
-total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}')
-[ -n "${CG_OUT:-}" ] && cp "$dump" "$CG_OUT"
+total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t {gsub(",","",$1); t=$1} END {print t}')
+if [ -n "${CG_OUT:-}" ]; then cp "$dump" "$CG_OUT"; fi
 echo "candidate: $cand   path: $path   requests: $n   instructions: $total"
 echo "instructions per request: $(( total / n ))"
-callgrind_annotate --threshold=95 "$dump" 2>/dev/null | awk '/file:function/ {on=1; next} on && NF' | head -25
+callgrind_annotate --threshold=95 "$dump" 2>/dev/null | awk '/file:function/ {on=1; next} on && NF' | head -25 || true

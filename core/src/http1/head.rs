@@ -93,33 +93,22 @@ impl Method {
 }
 
 /// Hop-by-hop header names (RFC 9110 section 7.6.1), plus `Proxy-Connection`, plus the
-/// framing headers that the proxy always regenerates itself.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 10] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    ];
-    // The lengths that occur, as a bit mask: most fields have none of them and cost one test.
-    const LENGTHS: u32 = {
-        let mut m = 0u32;
-        let mut i = 0;
-        while i < HOP.len() {
-            m |= 1 << HOP[i].len();
-            i += 1;
-        }
-        m
-    };
-    name.len() < 32
-        && LENGTHS & (1 << name.len()) != 0
-        && HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+/// framing headers that the proxy always regenerates itself. Dispatched on the length
+/// first: most fields have none of these lengths and cost one comparison.
+#[inline]
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"content-length"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// A parsed, validated request head.
@@ -587,10 +576,18 @@ pub(crate) fn field_ok(name: &[u8], value: &[u8]) -> bool {
 }
 
 fn valid_host(h: &[u8]) -> bool {
-    h.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'~' | b'%')
-    })
+    static OK: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            t[b] = c.is_ascii_alphanumeric()
+                || matches!(c, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'~' | b'%');
+            b += 1;
+        }
+        t
+    };
+    h.iter().all(|&b| OK[b as usize])
 }
 
 #[inline]

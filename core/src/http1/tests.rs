@@ -596,3 +596,33 @@ fn fields_httparse_must_refuse() {
     assert!(!head::field_ok(b"", b"v"));
     assert!(!head::field_ok(b"X", b"\x7f"));
 }
+
+#[test]
+fn hop_by_hop_names_in_any_case() {
+    for n in [
+        "connection",
+        "Keep-Alive",
+        "PROXY-CONNECTION",
+        "te",
+        "Trailer",
+        "transfer-encoding",
+        "Upgrade",
+        "content-length",
+        "proxy-authenticate",
+        "Proxy-Authorization",
+    ] {
+        assert!(head::is_hop_by_hop(n.as_bytes()), "{n}");
+    }
+    for n in [
+        "",
+        "t",
+        "tex",
+        "date",
+        "content-type",
+        "connections",
+        "upgrade-insecure-requests",
+        "trailers",
+    ] {
+        assert!(!head::is_hop_by_hop(n.as_bytes()), "{n}");
+    }
+}

@@ -2333,3 +2333,23 @@ fn trace_is_answered_405_unless_allowed() {
     s.feed_client(b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", now);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
 }
+
+/// `max_lifetime` retires a pooled connection by age, counted from its creation, not from
+/// its last release.
+#[test]
+fn pooled_connections_retire_after_max_lifetime() {
+    let yaml = two_backends("").replace(
+        "server:\n",
+        "server:\n  connection_pool:\n    max_lifetime: 1s\n    idle_timeout: 30s\n",
+    );
+    let mut sim = sim_with(&yaml, echo_path("b1"), echo_path("b2"), 1);
+    let c = sim.connect_client(CLIENT.parse().unwrap());
+    // Each backend sees a request every 600 ms: a connection carries two, then is too old.
+    for i in 0..12 {
+        sim.send(c, &get(&format!("/r{i}")));
+        sim.run_for(Duration::from_millis(300));
+    }
+    assert_eq!(statuses(&sim.clients[c].received, 12), vec![200; 12]);
+    assert_eq!(sim.backends[0].connections, 3);
+    assert_eq!(sim.backends[1].connections, 3);
+}
