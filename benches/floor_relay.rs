@@ -1,23 +1,43 @@
 //! The cost floor of any proxy on the benchmark harness: a byte relay that does nothing but
-//! the four socket calls per keep-alive request (read the client, write the backend, read the
-//! backend, write the client) on one edge-triggered epoll loop. No parsing, no routing, no
-//! timers, no allocation per request; each client connection gets its own backend connection.
+//! the socket calls of a request (read the client, write the backend, read the backend,
+//! write the client; for a new client connection also its accept and close) on one
+//! edge-triggered epoll loop. No parsing, no routing, no timers, no allocation per request.
 //! It is not a proxy (no HTTP at all): it measures what the kernel charges a proxy's core for
 //! the socket work of a request, which no proxy can go below.
+//!
+//! Backend connections are pooled like a proxy's: a client connection takes an idle one
+//! (and opens one only when none is idle), and gives it back when the client goes. So that
+//! a client's `Connection: close` does not close the backend connection too, the relay
+//! renames that field on the way to the backend (`Xonnection: close`, same length) and puts
+//! it back on the way to the client (`Connection: close` padded with spaces over the
+//! backend's `Connection: keep-alive`): a byte search, no parsing, and only in the first
+//! read of each direction. A new client connection then costs what it costs any pooling
+//! proxy: accept, the four calls, close.
 //!
 //!   cargo build --release --example floor-relay
 //!   target/release/examples/floor-relay --listen 127.0.0.1:PORT --backend http://127.0.0.1:B
 //!
-//! (`benches/floor.sh` runs it beside trireme-mio, nginx and HAProxy in the shared harness.)
+//! (`benches/floor.sh` runs it beside trireme, nginx and HAProxy in the shared harness.)
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 
-struct Pair {
-    client: TcpStream,
-    backend: TcpStream,
+struct Client {
+    stream: TcpStream,
+    /// The backend connection it uses (a key into the backends).
+    backend: usize,
+    /// It asked for `Connection: close`: say so in the answer.
+    closing: bool,
+    /// The first read of each direction was looked at already.
+    seen_request: bool,
+    seen_response: bool,
+}
+
+struct Backend {
+    stream: TcpStream,
+    owner: Option<usize>,
 }
 
 const LISTENER: Token = Token(usize::MAX);
@@ -31,12 +51,47 @@ fn arg(name: &str) -> String {
     args[i + 1].clone()
 }
 
-/// Move what `from` has to `to` until `from` would block. False when the pair is done.
-fn pump(from: &mut TcpStream, to: &mut TcpStream, buf: &mut [u8]) -> bool {
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// What to do with each chunk moved: rewrite it in place (first chunk only).
+enum Rewrite<'a> {
+    Request(&'a mut bool, &'a mut bool),
+    Response(bool, &'a mut bool),
+}
+
+impl Rewrite<'_> {
+    fn apply(&mut self, b: &mut [u8]) {
+        match self {
+            Rewrite::Request(seen, closing) => {
+                if !**seen {
+                    **seen = true;
+                    if let Some(i) = find(b, b"\r\nConnection: close") {
+                        b[i + 2] = b'X';
+                        **closing = true;
+                    }
+                }
+            }
+            Rewrite::Response(closing, seen) => {
+                if *closing && !**seen {
+                    **seen = true;
+                    if let Some(i) = find(b, b"\r\nConnection: keep-alive") {
+                        b[i + 2..i + 24].copy_from_slice(b"Connection: close     ");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Move what `from` has to `to` until `from` would block. False when `from` is done.
+fn pump(from: &mut TcpStream, to: &mut TcpStream, buf: &mut [u8], mut rw: Rewrite<'_>) -> bool {
     loop {
         match from.read(buf) {
             Ok(0) => return false,
             Ok(n) => {
+                rw.apply(&mut buf[..n]);
                 if to.write_all(&buf[..n]).is_err() {
                     return false;
                 }
@@ -61,7 +116,9 @@ fn main() -> std::io::Result<()> {
     let mut listener = TcpListener::bind(listen)?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
-    let mut pairs: slab::Slab<Pair> = slab::Slab::new();
+    let mut clients: slab::Slab<Client> = slab::Slab::new();
+    let mut backends: slab::Slab<Backend> = slab::Slab::new();
+    let mut idle: Vec<usize> = Vec::new();
     let mut events = Events::with_capacity(256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -69,33 +126,82 @@ fn main() -> std::io::Result<()> {
         for ev in events.iter() {
             if ev.token() == LISTENER {
                 while let Ok((mut client, _)) = listener.accept() {
-                    // Blocking connect on loopback, then non-blocking: set-up only.
-                    let b = std::net::TcpStream::connect(backend)?;
-                    b.set_nodelay(true)?;
-                    b.set_nonblocking(true)?;
-                    let mut backend = TcpStream::from_std(b);
                     client.set_nodelay(true)?;
-                    let e = pairs.vacant_entry();
+                    let e = clients.vacant_entry();
                     let k = e.key();
+                    let b = match idle.pop() {
+                        Some(b) => b,
+                        None => {
+                            // Blocking connect on loopback, then non-blocking: set-up only.
+                            let s = std::net::TcpStream::connect(backend)?;
+                            s.set_nodelay(true)?;
+                            s.set_nonblocking(true)?;
+                            let mut stream = TcpStream::from_std(s);
+                            let be = backends.vacant_entry();
+                            poll.registry().register(
+                                &mut stream,
+                                Token(2 * be.key() + 1),
+                                Interest::READABLE,
+                            )?;
+                            let b = be.key();
+                            be.insert(Backend {
+                                stream,
+                                owner: None,
+                            });
+                            b
+                        }
+                    };
+                    backends[b].owner = Some(k);
                     poll.registry()
                         .register(&mut client, Token(2 * k), Interest::READABLE)?;
-                    poll.registry()
-                        .register(&mut backend, Token(2 * k + 1), Interest::READABLE)?;
-                    e.insert(Pair { client, backend });
+                    e.insert(Client {
+                        stream: client,
+                        backend: b,
+                        closing: false,
+                        seen_request: false,
+                        seen_response: false,
+                    });
                 }
                 continue;
             }
-            let k = ev.token().0 / 2;
-            let Some(p) = pairs.get_mut(k) else { continue };
-            let alive = if ev.token().0 % 2 == 0 {
-                pump(&mut p.client, &mut p.backend, &mut buf)
+            let t = ev.token().0;
+            if t % 2 == 0 {
+                let k = t / 2;
+                let Some(c) = clients.get_mut(k) else {
+                    continue;
+                };
+                let b = &mut backends[c.backend];
+                let rw = Rewrite::Request(&mut c.seen_request, &mut c.closing);
+                if !pump(&mut c.stream, &mut b.stream, &mut buf, rw) {
+                    // The client went: its backend connection goes back to the pool.
+                    let mut c = clients.remove(k);
+                    let _ = poll.registry().deregister(&mut c.stream);
+                    backends[c.backend].owner = None;
+                    idle.push(c.backend);
+                }
             } else {
-                pump(&mut p.backend, &mut p.client, &mut buf)
-            };
-            if !alive {
-                let mut p = pairs.remove(k);
-                let _ = poll.registry().deregister(&mut p.client);
-                let _ = poll.registry().deregister(&mut p.backend);
+                let bk = t / 2;
+                let Some(b) = backends.get_mut(bk) else {
+                    continue;
+                };
+                let alive = match b.owner {
+                    Some(k) => {
+                        let c = &mut clients[k];
+                        let rw = Rewrite::Response(c.closing, &mut c.seen_response);
+                        pump(&mut b.stream, &mut c.stream, &mut buf, rw)
+                    }
+                    // Idle: only its close (or stray bytes) wakes it; either way it goes.
+                    None => false,
+                };
+                if !alive {
+                    let mut b = backends.remove(bk);
+                    let _ = poll.registry().deregister(&mut b.stream);
+                    idle.retain(|&i| i != bk);
+                    if let Some(k) = b.owner {
+                        let mut c = clients.remove(k);
+                        let _ = poll.registry().deregister(&mut c.stream);
+                    }
+                }
             }
         }
     }
