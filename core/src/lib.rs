@@ -21,6 +21,7 @@ pub mod route;
 pub mod shutdown;
 pub mod sim;
 pub mod upstream;
+pub mod wake;
 
 pub use error::{HttpError, Status};
 pub use proxy::{Action, ProxyContext, Session};

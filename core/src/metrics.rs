@@ -31,6 +31,12 @@ pub struct Metrics {
     pub connections_evicted_idle: AtomicU64,
     /// New connections closed at accept: their address had `max_connections_per_ip` open.
     pub connections_rejected_per_ip: AtomicU64,
+    /// Requests waiting on another request's fetch (collapsed forwarding, the cache lock)
+    /// that were woken because it moved.
+    pub waiter_wakeups: AtomicU64,
+    /// Looks such waiting requests took because a timer fired instead (polling, for a
+    /// session without a waker; or a stalled fetch's bound).
+    pub waiter_polls: AtomicU64,
 }
 
 /// At most one log line per interval for a repeated event; the line carries how many
@@ -133,6 +139,8 @@ impl Metrics {
                     "trireme_connections_rejected_per_ip_total",
                     &self.connections_rejected_per_ip,
                 ),
+                ("trireme_waiter_wakeups_total", &self.waiter_wakeups),
+                ("trireme_waiter_polls_total", &self.waiter_polls),
             ],
         );
     }

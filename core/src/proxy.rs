@@ -29,7 +29,7 @@ use crate::cache::store::Stored;
 use crate::error::{HttpError, Status};
 use crate::forward::{ForwardFields, Peer};
 use crate::http1::body::{Chunk, ChunkedDecoder};
-use crate::http1::head::{self, Method, Parsed, RequestHead};
+use crate::http1::head::{self, HeaderSpan, Method, Parsed, RequestHead};
 use crate::http1::write::{error_response, push_chunk, push_date, push_dec, LAST_CHUNK};
 use crate::http1::{BodyKind, Limits, Version};
 use crate::metrics::Metrics;
@@ -232,6 +232,8 @@ pub struct Session {
     l2_carry: Option<Box<Pending>>,
     /// The response in flight streams from another request's fetch (collapsed forwarding).
     follow: Option<Box<follow::Follow>>,
+    /// How the runtime is told that a fetch this session waits on moved (else it polls).
+    waker: Option<crate::wake::Waker>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -248,6 +250,20 @@ fn put_bytes(into: &mut BytesMut, buf: BytesMut, pool: &mut BufPool) {
         pool.put_read(buf);
     }
 }
+
+/// A runtime called the session in a state where the call means nothing (a completion for
+/// I/O the session never asked for, more bytes written than were pending). A bug in the
+/// caller: debug builds (tests, the simulator, the fuzz targets) stop at it; release builds
+/// count it (`trireme_api_misuse_total`) and ignore the call.
+#[track_caller]
+fn misuse(what: &'static str) {
+    debug_assert!(false, "session API misuse: {what}");
+    MISUSE.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(what, "session API misuse (a runtime bug); call ignored");
+}
+
+/// Calls ignored as [`misuse`], process-wide.
+pub static MISUSE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn lower_eq(a: &[u8], b: &[u8]) -> bool {
     a.eq_ignore_ascii_case(b)
@@ -290,10 +306,36 @@ impl Session {
             l2_tried: None,
             l2_carry: None,
             follow: None,
+            waker: None,
         }
     }
 
     // ----------------------------------------------------------------- output, pulled
+
+    /// How to reach this session when another request's fetch it waits on (collapsed
+    /// forwarding, the cache lock) moves: the runtime then calls [`on_wake`](Self::on_wake)
+    /// on the session's worker. Without one, a waiting session looks again every
+    /// [`WAIT_POLL`](crate::cache::http::WAIT_POLL) (its [`deadline`](Self::deadline)).
+    pub fn set_waker(&mut self, w: crate::wake::Waker) {
+        self.waker = Some(w);
+    }
+
+    /// The fetch this session waits on moved (see [`set_waker`](Self::set_waker)). A wake-up
+    /// that finds nothing to do (the session stopped waiting meanwhile) is harmless.
+    pub fn on_wake(&mut self, now: Instant) {
+        if self.follow.is_some() || self.cache_wait.is_some() {
+            let m = &self.ctx.metrics;
+            m.waiter_wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.follow.is_some() {
+            self.pump_follow(now);
+        } else if let Some(w) = self.cache_wait.as_mut() {
+            w.next = now;
+            if self.state == State::Idle {
+                self.process_client(now);
+            }
+        }
+    }
 
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -514,6 +556,9 @@ impl Session {
 
     pub fn on_client_written(&mut self, n: usize, now: Instant) {
         let before = self.client_out.len();
+        if n > before {
+            misuse("on_client_written: more bytes than were pending");
+        }
         self.client_out.consume(n);
         self.last_client_io = now;
         if self.follow.is_some() {
@@ -589,7 +634,7 @@ impl Session {
             return;
         }
         if !matches!(self.up, Up::Connecting { .. }) {
-            return;
+            return misuse("on_upstream_connected without a Connect in flight");
         }
         self.up = Up::Connected { reused };
         self.last_up_io = now;
@@ -607,12 +652,15 @@ impl Session {
             return;
         }
         if !matches!(self.up, Up::Connecting { .. }) {
-            return;
+            return misuse("on_upstream_connect_failed without a Connect in flight");
         }
         self.connect_failed(now, false);
     }
 
     pub fn on_upstream_written(&mut self, n: usize, now: Instant) {
+        if n > self.up_out.len() {
+            misuse("on_upstream_written: more bytes than were pending");
+        }
         self.up_out.consume(n);
         self.last_up_io = now;
     }
@@ -623,6 +671,9 @@ impl Session {
         if self.l2.is_some() {
             self.l2_read(now);
             return;
+        }
+        if !matches!(self.up, Up::Connected { .. }) {
+            return misuse("on_upstream_read without a connected upstream");
         }
         if let Some(r) = self.req.as_mut() {
             r.resp_bytes += self.up_in.len() as u64;
@@ -643,7 +694,7 @@ impl Session {
             return;
         }
         if !matches!(self.up, Up::Connected { .. }) {
-            return;
+            return misuse("on_upstream_eof without a connected upstream");
         }
         match &self.resp {
             Resp::AwaitHead => {
@@ -705,6 +756,10 @@ impl Session {
         let Some(d) = self.deadline() else { return };
         if now < d {
             return;
+        }
+        if self.follow.is_some() || (self.state == State::Idle && self.cache_wait.is_some()) {
+            let m = &self.ctx.metrics;
+            m.waiter_polls.fetch_add(1, Ordering::Relaxed);
         }
         if self.state == State::Idle && self.l2.is_some() {
             self.l2_fail("timed out", now);
@@ -1109,13 +1164,16 @@ impl Session {
         } else if let Some(cache) = &ctx.cache {
             let since = waited.map_or(now, |w| w.since);
             let may_wait = now < since + cache.lock_timeout;
-            match cache.lookup(&h, buf, self.peer, ctx.clock.at(now), may_wait) {
+            let waker = self.waker.as_ref();
+            match cache.lookup(&h, buf, self.peer, ctx.clock.at(now), may_wait, waker) {
                 Lookup::Wait => {
-                    // The head stays in `client_in`; the timer looks again.
-                    self.cache_wait = Some(CacheWait {
-                        since,
-                        next: now + crate::cache::http::WAIT_POLL,
-                    });
+                    // The head stays in `client_in`: a wake-up looks again, else the timer
+                    // (polling); with a waker the timer only ends the wait.
+                    let next = match waker {
+                        Some(_) => since + cache.lock_timeout,
+                        None => now + crate::cache::http::WAIT_POLL,
+                    };
+                    self.cache_wait = Some(CacheWait { since, next });
                     return;
                 }
                 Lookup::Bypass => {}
@@ -1545,17 +1603,21 @@ impl Session {
                     write_status_line(out, h.status, h.reason.get(ub));
                     let stripping = self.ctx.cache.as_ref().filter(|c| c.strips_any());
                     let mut dated = false;
+                    let mut runs = Runs::new(ub);
                     for hd in &h.headers {
                         let name = hd.name.get(ub);
                         if no_body && lower_eq(name, b"content-length") && h.status != 204 {
-                            push_header(out, name, hd.value.get(ub));
+                            runs.keep(out, hd);
                             continue;
                         }
                         if !h.is_hop(ub, hd) && !stripping.is_some_and(|c| c.strips(name)) {
                             dated |= lower_eq(name, b"date");
-                            push_header(out, name, hd.value.get(ub));
+                            runs.keep(out, hd);
+                        } else {
+                            runs.flush(out);
                         }
                     }
+                    runs.flush(out);
                     if !dated {
                         // RFC 9110 section 6.6.1: the origin had no clock; this proxy has.
                         push_date(out, self.ctx.clock.at(now));
@@ -1963,6 +2025,56 @@ pub(crate) fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Forwarded header fields copied in runs: consecutive kept fields that `buf` separates by
+/// exactly CRLF go out as one copy of their lines as received (`name:` OWS `value`, already
+/// validated), instead of four appends per field. A field whose line does not look like
+/// that (an empty value httparse placed elsewhere) is written field by field.
+struct Runs<'b> {
+    buf: &'b [u8],
+    start: usize,
+    /// End of the run's last value; 0: no run open.
+    end: usize,
+}
+
+impl<'b> Runs<'b> {
+    fn new(buf: &'b [u8]) -> Self {
+        Runs {
+            buf,
+            start: 0,
+            end: 0,
+        }
+    }
+
+    #[inline]
+    fn keep(&mut self, out: &mut Vec<u8>, h: &HeaderSpan) {
+        let (s, colon, e) = (
+            h.name.start as usize,
+            h.name.end as usize,
+            h.value.end as usize,
+        );
+        if e <= colon || self.buf.get(colon) != Some(&b':') {
+            self.flush(out);
+            push_header(out, h.name.get(self.buf), h.value.get(self.buf));
+            return;
+        }
+        if self.end != 0 && s == self.end + 2 && &self.buf[self.end..s] == b"\r\n" {
+            self.end = e;
+            return;
+        }
+        self.flush(out);
+        (self.start, self.end) = (s, e);
+    }
+
+    #[inline]
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        if self.end != 0 {
+            out.extend_from_slice(&self.buf[self.start..self.end]);
+            out.extend_from_slice(b"\r\n");
+            self.end = 0;
+        }
+    }
+}
+
 #[inline]
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -1999,16 +2111,19 @@ fn write_upstream_head(
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
     let mut fwd = ForwardFields::default();
+    let mut runs = Runs::new(buf);
     for hd in &h.headers {
         let (name, value) = (hd.name.get(buf), hd.value.get(buf));
         if h.is_hop(buf, hd)
             || fwd.note(peer, name, value)
             || (drop_expect && lower_eq(name, b"expect"))
         {
+            runs.flush(out);
             continue;
         }
-        push_header(out, name, value);
+        runs.keep(out, hd);
     }
+    runs.flush(out);
     let via_self: &[u8] = if h.version == Version::Http10 {
         b"1.0 "
     } else {

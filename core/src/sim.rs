@@ -203,6 +203,22 @@ pub struct Sim {
     /// (mio). Off: nothing looks at them until a request takes one (monoio, tokio between
     /// sweeps), so only the check at take time keeps their bytes from a request.
     pub watch_idle: bool,
+    /// Sessions woken by another's fetch (their client index), delivered at the next step.
+    woken: Arc<SimWake>,
+    /// Wake-ups delivered so far.
+    pub wakeups: u64,
+    /// Deadlines that fired so far (a session that polls shows here).
+    pub timeouts: u64,
+}
+
+/// The simulator's [`Wake`](crate::wake::Wake) target: tokens are client indices.
+#[derive(Default)]
+struct SimWake(parking_lot::Mutex<Vec<u64>>);
+
+impl crate::wake::Wake for SimWake {
+    fn wake(&self, token: u64) {
+        self.0.lock().push(token);
+    }
 }
 
 impl Sim {
@@ -237,6 +253,9 @@ impl Sim {
             max_piece: usize::MAX,
             latency: Duration::from_micros(100),
             watch_idle: true,
+            woken: Arc::default(),
+            wakeups: 0,
+            timeouts: 0,
         }
     }
 
@@ -259,7 +278,9 @@ impl Sim {
 
     /// Open a client connection; returns its index.
     pub fn connect_client(&mut self, addr: SocketAddr) -> usize {
-        let session = Session::new(self.ctx.clone(), addr, self.now);
+        let mut session = Session::new(self.ctx.clone(), addr, self.now);
+        let target: Arc<dyn crate::wake::Wake> = self.woken.clone();
+        session.set_waker(crate::wake::Waker::new(target, self.clients.len() as u64));
         self.clients.push(SimClient {
             session,
             received: Vec::new(),
@@ -306,6 +327,15 @@ impl Sim {
     fn step(&mut self) {
         loop {
             let mut progress = false;
+            let woken = std::mem::take(&mut *self.woken.0.lock());
+            for c in woken {
+                let cl = &mut self.clients[c as usize];
+                if !cl.closed {
+                    self.wakeups += 1;
+                    cl.session.on_wake(self.now);
+                    progress = true;
+                }
+            }
             for c in 0..self.clients.len() {
                 progress |= self.step_client(c);
             }
@@ -678,6 +708,7 @@ impl Sim {
                 let now = self.now;
                 for c in &mut self.clients {
                     if !c.closed && c.session.deadline().is_some_and(|d| d <= now) {
+                        self.timeouts += 1;
                         c.session.on_timeout(now);
                     }
                 }

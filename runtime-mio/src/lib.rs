@@ -33,6 +33,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_core::wake::{Wake, Waker as CoreWaker};
 use trireme_rt_support::{peek_idle, read_spare};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -47,6 +48,32 @@ fn client_token(k: usize) -> Token {
 }
 fn upstream_token(u: usize) -> Token {
     Token((u << 1) | 1)
+}
+
+/// Wake-ups for this worker's sessions, from any worker (core's [`Wake`]): a session
+/// waiting on another request's fetch is named by its token (slab key and generation); the
+/// tokens queue here and the worker's poll is woken.
+struct Wakeups {
+    queue: std::sync::Mutex<Vec<u64>>,
+    waker: Arc<Waker>,
+}
+
+impl Wake for Wakeups {
+    fn wake(&self, token: u64) {
+        let first = {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(token);
+            q.len() == 1
+        };
+        // A queue that was not empty has a wake-up on its way already.
+        if first {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+fn wake_token(k: usize, gen: u32) -> u64 {
+    ((k as u64) << 32) | gen as u64
 }
 
 struct Shared {
@@ -162,7 +189,7 @@ struct Worker {
     next_evict: Instant,
     sh: Arc<Shared>,
     shutdown: Arc<Shutdown>,
-    _waker: Arc<Waker>,
+    wakeups: Arc<Wakeups>,
     drain_until: Option<Instant>,
     reject_log: Throttle,
 }
@@ -210,7 +237,10 @@ impl Worker {
             next_evict: Instant::now() + EVICT_EVERY,
             sh,
             shutdown,
-            _waker: waker,
+            wakeups: Arc::new(Wakeups {
+                queue: std::sync::Mutex::new(Vec::new()),
+                waker,
+            }),
             drain_until: None,
             reject_log: Throttle::new(Duration::from_secs(1)),
         })
@@ -251,7 +281,7 @@ impl Worker {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now),
-                    WAKER => {}
+                    WAKER => self.deliver_wakeups(now),
                     Token(t) if t & 1 == 0 => {
                         let k = t >> 1;
                         if let Some(c) = self.conns.get_mut(k) {
@@ -277,6 +307,20 @@ impl Worker {
                         ups.try_remove(u);
                     });
                 }
+            }
+        }
+    }
+
+    /// Sessions woken by a fetch they wait on (see [`Wakeups`]): tell each, if it is
+    /// still the connection the token named.
+    fn deliver_wakeups(&mut self, now: Instant) {
+        let tokens =
+            std::mem::take(&mut *self.wakeups.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tokens {
+            let (k, gen) = ((t >> 32) as usize, t as u32);
+            if let Some(c) = self.conns.get_mut(k).filter(|c| c.gen == gen) {
+                c.s.on_wake(now);
+                self.drive(k, now);
             }
         }
     }
@@ -390,9 +434,12 @@ impl Worker {
             }
             self.sh.active.fetch_add(1, Ordering::Relaxed);
             self.next_gen = self.next_gen.wrapping_add(1);
+            let mut s = Session::new(self.sh.ctx.clone(), peer, now);
+            let target: Arc<dyn Wake> = self.wakeups.clone();
+            s.set_waker(CoreWaker::new(target, wake_token(k, self.next_gen)));
             e.insert(Conn {
                 stream,
-                s: Session::new(self.sh.ctx.clone(), peer, now),
+                s,
                 up: None,
                 readable: false,
                 read_closed: false,

@@ -41,6 +41,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_core::wake::{Wake, Waker as CoreWaker};
 use trireme_rt_support::peek_idle;
 
 /// How often an idle worker looks at the shutdown flag (set from the signal thread).
@@ -146,6 +147,10 @@ struct Local {
     /// Client connections waiting for a request, by descriptor (oldest first): at the
     /// limit the oldest is shut down to admit a new one.
     idle: RefCell<IdleList<RawFd>>,
+    /// Wake-up slots of the connections that may wait on another request's fetch (see
+    /// [`Bell`]); `bell` is `None` without a cache (nobody waits then).
+    woken: RefCell<Slab<Woken>>,
+    bell: Option<Arc<Bell>>,
 }
 
 impl Local {
@@ -159,6 +164,74 @@ impl Local {
             |c| peek_idle(c.fd),
             drop,
         )
+    }
+}
+
+/// Core's wake-ups for this worker's connections, from any worker thread: a session
+/// waiting on another request's fetch is named by its slot in [`Local::woken`]. Tokens
+/// queue here; a byte on a socket pair rings the worker, whose bell task hands them out.
+struct Bell {
+    queue: std::sync::Mutex<Vec<u64>>,
+    tx: std::os::unix::net::UnixStream,
+}
+
+impl Wake for Bell {
+    fn wake(&self, token: u64) {
+        let first = {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(token);
+            q.len() == 1
+        };
+        // A queue that was not empty has a ring on its way already (the bell task takes
+        // the queue only after reading the byte).
+        if first {
+            let _ = io::Write::write(&mut &self.tx, &[1]);
+        }
+    }
+}
+
+/// A connection's wake-up slot: set by the bell task, taken by the connection.
+#[derive(Default)]
+struct Woken {
+    rung: bool,
+    waker: Option<Waker>,
+}
+
+/// Ready once the bell task marked `slot` (a stale token marks a later connection in the
+/// same slot: a spurious wake-up, which the session ignores).
+fn poll_woken(local: &Local, slot: usize, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    let mut ws = local.woken.borrow_mut();
+    let w = &mut ws[slot];
+    if std::mem::take(&mut w.rung) {
+        return Poll::Ready(());
+    }
+    match &w.waker {
+        Some(k) if k.will_wake(cx.waker()) => {}
+        _ => w.waker = Some(cx.waker().clone()),
+    }
+    Poll::Pending
+}
+
+/// The worker's bell task: each ring, mark the slots named since the last one.
+async fn ring_bell(local: Rc<Local>, bell: Arc<Bell>, mut rx: monoio::net::UnixStream) {
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        let (r, b) = rx.read(buf).await;
+        buf = b;
+        buf.clear();
+        if !matches!(r, Ok(1..)) {
+            return;
+        }
+        let tokens = std::mem::take(&mut *bell.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut ws = local.woken.borrow_mut();
+        for t in tokens {
+            if let Some(w) = ws.get_mut(t as usize) {
+                w.rung = true;
+                if let Some(k) = w.waker.take() {
+                    k.wake();
+                }
+            }
+        }
     }
 }
 
@@ -201,7 +274,25 @@ async fn worker(
 ) -> io::Result<usize> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
+    // Only requests answered from the cache wait on another's fetch: no cache, no bell.
+    let bell = match sh.ctx.cache {
+        Some(_) => {
+            let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+            rx.set_nonblocking(true)?;
+            tx.set_nonblocking(true)?;
+            Some((
+                Arc::new(Bell {
+                    queue: std::sync::Mutex::new(Vec::new()),
+                    tx,
+                }),
+                monoio::net::UnixStream::from_std(rx)?,
+            ))
+        }
+        None => None,
+    };
     let local = Rc::new(Local {
+        woken: RefCell::new(Slab::new()),
+        bell: bell.as_ref().map(|(b, _)| b.clone()),
         pools: RefCell::new(Pool::for_each_upstream(&sh.ctx)),
         sh: sh.clone(),
         bufs: RefCell::new(BufPool::default()),
@@ -221,6 +312,10 @@ async fn worker(
                 }
             }
         });
+    }
+
+    if let Some((b, rx)) = bell {
+        monoio::spawn(ring_bell(local.clone(), b, rx));
     }
 
     let mut reject_log = Throttle::new(Duration::from_secs(1));
@@ -416,6 +511,8 @@ enum Ev {
     Connected(io::Result<TcpStream>),
     Timer,
     Drain,
+    /// Another request's fetch this session waits on moved.
+    Woken,
 }
 
 /// Poll an optional in-flight operation; a completed one is taken out of its slot.
@@ -435,6 +532,12 @@ fn poll_slot<F: Future>(
 
 async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
     let mut s = Session::new(local.sh.ctx.clone(), peer, Instant::now());
+    let wake_slot = local.bell.as_ref().map(|b| {
+        let slot = local.woken.borrow_mut().insert(Woken::default());
+        let target: Arc<dyn Wake> = b.clone();
+        s.set_waker(CoreWaker::new(target, slot as u64));
+        slot
+    });
     let cfd = stream.as_raw_fd();
     let mut idle_slot: Option<IdleSlot> = None;
     let (crd, cwr) = stream.into_split();
@@ -593,6 +696,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
             if !draining && local.drain.poll(drain_slot, cx).is_ready() {
                 return Poll::Ready(Ev::Drain);
             }
+            if let Some(slot) = wake_slot {
+                if poll_woken(local, slot, cx).is_ready() {
+                    return Poll::Ready(Ev::Woken);
+                }
+            }
             Poll::Pending
         })
         .await;
@@ -686,10 +794,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                 draining = true;
                 s.begin_drain(now);
             }
+            Ev::Woken => s.on_wake(now),
         }
     }
 
     local.drain.wakers.borrow_mut().remove(drain_slot);
+    if let Some(slot) = wake_slot {
+        local.woken.borrow_mut().remove(slot);
+    }
     // Out of the idle list before the descriptor closes (the acceptor may shut down only
     // descriptors in it).
     if let Some(slot) = idle_slot {

@@ -22,6 +22,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Liveness, Pool};
+use trireme_core::wake::{Wake, Waker as CoreWaker};
 
 /// Idle upstream connections, one pool per upstream, shared by all tasks.
 ///
@@ -34,6 +35,24 @@ struct Pools {
     /// Woken when a watched idle socket turns readable.
     watch: Arc<tokio::sync::Notify>,
     waker: std::task::Waker,
+}
+
+/// A connection task's address for core's wake-ups (another request's fetch it waits on
+/// moved): a permit, so a wake-up between two polls is not lost.
+struct TaskWake(tokio::sync::Notify);
+
+impl Wake for TaskWake {
+    fn wake(&self, _token: u64) {
+        self.0.notify_one();
+    }
+}
+
+/// `select!` evaluates every branch expression, enabled or not: this never unwraps.
+async fn woken_opt(w: Option<&TaskWake>) {
+    match w {
+        Some(w) => w.0.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Turns a readiness wake-up of an idle socket into a notification for the watcher.
@@ -361,6 +380,13 @@ async fn connection(
 ) {
     let pools = &sh.pools;
     let mut s = Session::new(sh.ctx.clone(), peer, Instant::now());
+    // Only requests answered from the cache wait on another's fetch: no cache, no waker.
+    let woken = sh.ctx.cache.as_ref().map(|_| {
+        let w = Arc::new(TaskWake(tokio::sync::Notify::new()));
+        let target: Arc<dyn Wake> = w.clone();
+        s.set_waker(CoreWaker::new(target, 0));
+        w
+    });
     let mut up: Option<UpConn> = None;
     let mut connecting: Option<Connecting> = None;
     let mut draining = false;
@@ -528,6 +554,9 @@ async fn connection(
                         s.on_upstream_connect_failed(now);
                     }
                 }
+            }
+            _ = woken_opt(woken.as_deref()), if woken.is_some() => {
+                s.on_wake(Instant::now());
             }
             _ = &mut sleep, if armed.is_some() => {
                 armed = None;

@@ -545,7 +545,8 @@ fn cache_streams_one_fetch_to_concurrent_requests(bin: &PathBuf) {
     const N: usize = 200_000;
     let b = Backend::start("b1").unwrap();
     b.close_gate();
-    let p = Proxy::with_backends(bin, &[&b], &["--cache", "4MB"]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let p = Proxy::with_backends(bin, &[&b], &["--cache", "4MB", "--admin", &admin]);
     let addr = p.addr;
     let path = "/gated/200000?cc=max-age=60";
     // The first request leads the fetch: the backend sends half the body, then waits.
@@ -592,6 +593,10 @@ fn cache_streams_one_fetch_to_concurrent_requests(bin: &PathBuf) {
     assert_eq!((r.status, r.body.len()), (200, N));
     assert!(r.body == whole);
     assert_eq!(b.requests().len(), 1, "nine requests, one backend fetch");
+    // The followers were woken as the body grew, and never looked on a timer (polling).
+    let m = admin_metrics(admin.parse().unwrap());
+    assert!(metric(&m, "trireme_waiter_wakeups_total") >= 8, "{m}");
+    assert_eq!(metric(&m, "trireme_waiter_polls_total"), 0, "{m}");
     // The keep-alive followers carry on, now from the stored entry.
     let (s, buf) = &mut followers[0];
     buf.clear();

@@ -10,6 +10,7 @@ use super::{
 use crate::forward::{vary_values, Peer};
 use crate::http1::head::{Method, RequestHead, ResponseHead};
 use crate::http1::write::push_dec;
+use crate::wake::{Waiters, Waker};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -79,13 +80,41 @@ pub struct Refresh {
 /// Keys being fetched or passed, one map per shard.
 type Inflight = HashMap<Vec<u8>, Flight, ahash::RandomState>;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 enum Flight {
     /// Being fetched; once its storable response head arrived (with a known length),
-    /// the body as it grows, for waiting requests to stream.
-    Fetching(Option<Arc<Growing>>),
+    /// the body as it grows, for waiting requests to stream. The requests waiting for it
+    /// (the cache lock) are woken when that changes or the fetch ends.
+    Fetching(Option<Arc<Growing>>, Waiters),
     /// Not storable ("hit for pass"): until then, requests go to the backend at once.
     Pass(SystemTime),
+}
+
+/// Why a request does not lead its key's fetch.
+#[derive(Debug)]
+enum Busy {
+    /// Another request fetches it (with its response as it grows, once there is one).
+    Fetching(Option<Arc<Growing>>),
+    /// Its responses are not stored (a live pass marker).
+    Pass,
+}
+
+impl Flight {
+    fn busy(&self, now: SystemTime) -> Option<Busy> {
+        match self {
+            Flight::Fetching(g, _) => Some(Busy::Fetching(g.clone())),
+            Flight::Pass(until) if now < *until => Some(Busy::Pass),
+            Flight::Pass(_) => None,
+        }
+    }
+
+    /// Wake the requests waiting on this fetch (they look again).
+    fn waiters(&mut self) -> Waiters {
+        match self {
+            Flight::Fetching(_, w) => w.take(),
+            Flight::Pass(_) => Waiters::default(),
+        }
+    }
 }
 
 /// A storable response on its way into the cache, shared with the requests that wait on
@@ -106,6 +135,8 @@ pub struct Growing {
 
 #[derive(Debug, Default)]
 struct GrowBody {
+    /// Followers that have sent everything there is: woken when that changes.
+    waiters: Waiters,
     bytes: Vec<u8>,
     /// Complete: the stored entry (its body is `bytes`).
     done: Option<Arc<Stored>>,
@@ -126,8 +157,16 @@ pub enum Grown {
 
 impl Growing {
     /// Append body bytes from `sent` on to `out`, at most `max`; how many, and the state.
-    pub fn copy_from(&self, sent: usize, max: usize, out: &mut Vec<u8>) -> (usize, Grown) {
-        let b = self.body.lock();
+    /// A follower that got all there is and has a `waker` is woken when more arrives, the
+    /// body completes or the fetch fails.
+    pub fn copy_from(
+        &self,
+        sent: usize,
+        max: usize,
+        out: &mut Vec<u8>,
+        waker: Option<&Waker>,
+    ) -> (usize, Grown) {
+        let mut b = self.body.lock();
         if b.failed {
             return (0, Grown::Failed);
         }
@@ -140,12 +179,22 @@ impl Growing {
         if n > 0 {
             out.extend_from_slice(&avail[sent..end]);
         }
-        let state = if b.done.is_some() && end >= avail.len() {
+        let caught_up = end >= avail.len();
+        let state = if b.done.is_some() && caught_up {
             Grown::Done
         } else {
             Grown::More
         };
+        if let (Grown::More, true, Some(w)) = (&state, caught_up, waker) {
+            b.waiters.add(w);
+        }
         (n, state)
+    }
+
+    /// Wake the followers waiting for more (after a change, outside the lock).
+    fn wake(&self) {
+        let w = self.body.lock().waiters.take();
+        w.wake_all();
     }
 }
 
@@ -183,7 +232,9 @@ impl Lead {
             .lock()
             .get_mut(&self.key)
         {
+            let w = v.waiters();
             *v = Flight::Pass(now + self.cache.lock_timeout);
+            w.wake_all();
         }
     }
 }
@@ -192,10 +243,13 @@ impl Drop for Lead {
     fn drop(&mut self) {
         let mut m = self.cache.inflight_shard(&self.key).lock();
         // A pass marker outlives the fetch; a plain fetch ends here.
-        if m.get(&self.key)
-            .is_some_and(|v| matches!(v, Flight::Fetching(_)))
-        {
-            m.remove(&self.key);
+        let ended = match m.get(&self.key) {
+            Some(Flight::Fetching(..)) => m.remove(&self.key),
+            _ => None,
+        };
+        drop(m);
+        if let Some(mut f) = ended {
+            f.waiters().wake_all();
         }
     }
 }
@@ -322,7 +376,8 @@ pub enum Lookup {
     /// Another request is fetching this key and its response may answer this one:
     /// stream it as it arrives.
     Follow(Arc<Growing>),
-    /// Another request is fetching this key: look again in [`WAIT_POLL`].
+    /// Another request is fetching this key: look again when woken (with a waker), else
+    /// in [`WAIT_POLL`].
     Wait,
 }
 
@@ -350,9 +405,12 @@ impl Capture {
             self.dropped = true;
             b.bytes = Vec::new();
             b.failed = true;
-            return;
+        } else {
+            b.bytes.extend_from_slice(data);
         }
-        b.bytes.extend_from_slice(data);
+        let w = b.waiters.take();
+        drop(b);
+        w.wake_all();
     }
 }
 
@@ -361,6 +419,7 @@ impl Drop for Capture {
         if !self.finished {
             // The fetch ended before the response did: whoever streams it is cut off.
             self.grow.body.lock().failed = true;
+            self.grow.wake();
         }
     }
 }
@@ -588,31 +647,34 @@ impl HttpCache {
     }
 
     /// The fetch of `key` under way, or its live pass marker.
-    fn in_flight(&self, key: &[u8], now: SystemTime) -> Option<Flight> {
-        match self.inflight_shard(key).lock().get(key) {
-            Some(f @ Flight::Fetching(_)) => Some(f.clone()),
-            Some(f @ Flight::Pass(until)) if now < *until => Some(f.clone()),
-            _ => None,
+    fn in_flight(&self, key: &[u8], now: SystemTime) -> Option<Busy> {
+        self.inflight_shard(key).lock().get(key)?.busy(now)
+    }
+
+    /// Wake `w` when the fetch of `key` moves (its response head arrives, so it may be
+    /// followed; it ends or gives up the key). At once when it has ended already.
+    fn wait_for(&self, key: &[u8], w: &Waker) {
+        if let Some(Flight::Fetching(_, waiters)) = self.inflight_shard(key).lock().get_mut(key) {
+            return waiters.add(w);
         }
+        w.wake();
     }
 
     /// Become the one fetching `key`, or learn that another request is (`Err(Fetching)`,
     /// with its response as it grows once there is one) or that the key's responses are
     /// not stored, so waiting is pointless (`Err(Pass)`).
-    fn lead(self: &Arc<Self>, key: &[u8], now: SystemTime) -> Result<Lead, Flight> {
+    fn lead(self: &Arc<Self>, key: &[u8], now: SystemTime) -> Result<Lead, Busy> {
         let mut m = self.inflight_shard(key).lock();
-        match m.get(key) {
-            Some(f @ Flight::Fetching(_)) => return Err(f.clone()),
-            Some(f @ Flight::Pass(until)) if now < *until => return Err(f.clone()),
-            _ => {}
+        if let Some(b) = m.get(key).and_then(|f| f.busy(now)) {
+            return Err(b);
         }
         if m.len() >= PASS_SWEEP {
             m.retain(|_, v| match v {
-                Flight::Fetching(_) => true,
+                Flight::Fetching(..) => true,
                 Flight::Pass(until) => now < *until,
             });
         }
-        m.insert(key.to_vec(), Flight::Fetching(None));
+        m.insert(key.to_vec(), Flight::Fetching(None, Waiters::default()));
         Ok(Lead {
             cache: self.clone(),
             key: key.to_vec(),
@@ -669,6 +731,7 @@ impl HttpCache {
         peer: Peer,
         now: SystemTime,
         may_wait: bool,
+        waker: Option<&Waker>,
     ) -> Lookup {
         let safe = matches!(
             h.method,
@@ -741,10 +804,15 @@ impl HttpCache {
         };
         let lead = match flight {
             Ok(l) => l,
-            Err(Flight::Fetching(Some(g))) if self.may_follow(&g, h, buf, peer, &facts, now) => {
+            Err(Busy::Fetching(Some(g))) if self.may_follow(&g, h, buf, peer, &facts, now) => {
                 return Lookup::Follow(g);
             }
-            Err(Flight::Fetching(_)) if may_wait => return Lookup::Wait,
+            Err(Busy::Fetching(_)) if may_wait => {
+                if let Some(w) = waker {
+                    self.wait_for(&key, w);
+                }
+                return Lookup::Wait;
+            }
             Err(_) => None,
         };
         let fresher_may_answer = stored
@@ -894,11 +962,15 @@ impl HttpCache {
         });
         if p.lead.is_some() && length.is_some_and(|n| n <= limit as u64) {
             // Requests waiting on the key may stream it from here on.
-            if let Some(f) = self.inflight_shard(&p.key).lock().get_mut(&p.key) {
-                if matches!(f, Flight::Fetching(None)) {
-                    *f = Flight::Fetching(Some(grow.clone()));
-                }
+            let mut woken = Waiters::default();
+            if let Some(Flight::Fetching(g @ None, w)) =
+                self.inflight_shard(&p.key).lock().get_mut(&p.key)
+            {
+                *g = Some(grow.clone());
+                woken = w.take();
             }
+            // Waiters look again: they follow this response now.
+            woken.wake_all();
         }
         Some(Box::new(Capture {
             key: p.key.clone(),
@@ -1014,7 +1086,9 @@ impl HttpCache {
         };
         // Followers finish from the entry (its body is the bytes they were reading).
         b.done = Some(Arc::new(Stored::clone_of(&stored)));
+        let followers = b.waiters.take();
         drop(b);
+        followers.wake_all();
         // L2 gets what L1 keeps (an entry L1 refuses would be fetched from L2 for nothing).
         let for_l2 = self.l2.as_ref().map(|_| Stored::clone_of(&stored));
         let key = std::mem::take(&mut c.key);

@@ -1,7 +1,9 @@
 //! Collapsed forwarding: a request for a key another request is fetching (a storable
 //! response of known length) gets the response head at once and streams the body from
-//! the fetch as it arrives, instead of waiting for it to complete. The session polls the
-//! growing body every [`WAIT_POLL`] and whenever the client drained its output.
+//! the fetch as it arrives, instead of waiting for it to complete. The session looks at the
+//! growing body when woken (the fetch added to it, ended or failed; see
+//! [`crate::wake`]) and whenever the client drained its output; without a waker it polls
+//! every [`WAIT_POLL`].
 
 use super::{Session, State, HIGH_WATER};
 use crate::cache::http::{write_hit_head, Growing, Grown, HitReply, Served, WAIT_POLL};
@@ -69,11 +71,18 @@ impl Session {
         let Some(f) = self.follow.as_mut() else {
             return;
         };
-        f.next = now + WAIT_POLL;
+        // Woken sessions need no poll: the deadline is only a bound on a fetch that stalls
+        // (its own response timeout fails it first, which wakes this one).
+        f.next = match &self.waker {
+            Some(_) => now + self.ctx.idle_timeout,
+            None => now + WAIT_POLL,
+        };
         if room == 0 {
             return;
         }
-        let (n, state) = f.grow.copy_from(f.sent, room, self.client_out.vec());
+        let (n, state) = f
+            .grow
+            .copy_from(f.sent, room, self.client_out.vec(), self.waker.as_ref());
         f.sent += n;
         match state {
             Grown::More => {}

@@ -2353,3 +2353,80 @@ fn pooled_connections_retire_after_max_lifetime() {
     assert_eq!(sim.backends[0].connections, 3);
     assert_eq!(sim.backends[1].connections, 3);
 }
+
+/// Requests that wait on another request's fetch are woken when it moves, never polled:
+/// a follower streams the body as it drips in and a conditional request waiting on the
+/// cache lock gets its 304 once the entry is stored, with no deadline firing meanwhile.
+#[test]
+fn waiters_are_woken_not_polled() {
+    let body: Vec<u8> = (0..20_000).map(|i| (i % 251) as u8).collect();
+    let b = body.clone();
+    let origin = Behavior::Serve(Box::new(move |_r: &SimRequest| {
+        let mut reply = Reply::ok(&b);
+        reply
+            .headers
+            .push(("Cache-Control".into(), "max-age=60".into()));
+        reply.headers.push(("ETag".into(), "\"v\"".into()));
+        reply.drip = Duration::from_millis(5);
+        reply
+    }));
+    let mut sim = sim_with(&cached(""), origin, echo_path("b2"), 3);
+    sim.max_piece = 1000;
+    let lead = sim.connect_client("10.3.0.1:4000".parse().unwrap());
+    sim.send(lead, &get("/w"));
+    sim.run_for(Duration::from_millis(1));
+    let follower = sim.connect_client("10.3.0.2:4000".parse().unwrap());
+    sim.send(follower, &get("/w"));
+    let waiter = sim.connect_client("10.3.0.3:4000".parse().unwrap());
+    sim.send(waiter, &get_h("/w", "If-None-Match: \"v\"\r\n"));
+    // The body takes about 20 pieces x 5 ms; no request times out in that time.
+    sim.run_for(Duration::from_millis(400));
+    for c in [lead, follower] {
+        let resp = parse_responses(&sim.clients[c].received, &[false]);
+        assert_eq!(resp.len(), 1, "client {c}");
+        assert_eq!(resp[0].0, 200);
+        assert_eq!(resp[0].2, body, "client {c}: the whole body");
+    }
+    assert_eq!(statuses(&sim.clients[waiter].received, 1), vec![304]);
+    assert_eq!(sim.backends[0].requests.len(), 1, "one fetch for all three");
+    assert!(sim.wakeups >= 10, "woken as the body grew: {}", sim.wakeups);
+    assert_eq!(sim.timeouts, 0, "no deadline fired: nobody polled");
+}
+
+/// Forwarded response fields go out as received, in order, one per CRLF line, whatever
+/// the backend's spacing and line ends: runs of kept lines are copied whole, and a
+/// dropped (hop-by-hop) field, extra whitespace, a bare LF or an empty value ends a run.
+#[test]
+fn forwarded_response_fields_keep_order_and_lose_only_hop_by_hop_ones() {
+    let raw = b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nConnection: x-hop\r\nX-Hop: gone\r\nC:   3  \r\nD: 4\nE:\r\nF: \xe9t\xe9\r\nContent-Length: 2\r\nG: 7\r\n\r\nok";
+    let (got, _) = answer_with(raw, &two_backends(""));
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let head = &got[..got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2];
+    let lines: Vec<&[u8]> = head
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    for l in &lines {
+        assert!(l.ends_with(b"\r"), "every line ends with CRLF: {text:?}");
+    }
+    let fields: Vec<String> = lines[1..]
+        .iter()
+        .map(|l| String::from_utf8_lossy(&l[..l.len() - 1]).into_owned())
+        .filter(|l| !l.starts_with("Date:") && !l.starts_with("Via:"))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            "A: 1",
+            "B:2",
+            "C:   3",
+            "D: 4",
+            "E:",
+            "F: \u{fffd}t\u{fffd}",
+            "G: 7",
+            "Content-Length: 2"
+        ],
+        "{text:?}"
+    );
+    assert!(text.ends_with("\r\n\r\nok"));
+}

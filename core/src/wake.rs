@@ -1,0 +1,104 @@
+//! Waking a session that waits on another request's fetch (collapsed forwarding, the cache
+//! lock) when that fetch moves: body bytes arrived, it ended, failed, or gave up its key.
+//!
+//! Core has no threads and no event loop, so the runtime says how a session is reached: a
+//! [`Wake`] target (one per worker, or per connection) and a token it chose, set with
+//! [`Session::set_waker`](crate::proxy::Session::set_waker). The fetching session, on
+//! whatever worker it runs, calls [`Wake::wake`] with the waiter's token; the runtime then
+//! calls [`Session::on_wake`](crate::proxy::Session::on_wake) on its own worker. A session
+//! without a waker looks again every [`WAIT_POLL`](crate::cache::http::WAIT_POLL)
+//! instead (its deadline says when).
+
+use smallvec::SmallVec;
+use std::sync::Arc;
+
+/// Where a runtime receives wake-ups: `token` names the session (the runtime's choice).
+/// Called from any worker thread, with no lock of core's held; must not block.
+pub trait Wake: Send + Sync {
+    fn wake(&self, token: u64);
+}
+
+/// One session's address for wake-ups: cloning it is one reference count, no allocation.
+#[derive(Clone)]
+pub struct Waker {
+    target: Arc<dyn Wake>,
+    token: u64,
+}
+
+impl Waker {
+    pub fn new(target: Arc<dyn Wake>, token: u64) -> Waker {
+        Waker { target, token }
+    }
+
+    pub fn wake(&self) {
+        self.target.wake(self.token);
+    }
+
+    fn same(&self, other: &Waker) -> bool {
+        self.token == other.token && Arc::ptr_eq(&self.target, &other.target)
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Waker({})", self.token)
+    }
+}
+
+/// Sessions waiting for one thing to move; each is woken once per registration (a waiter
+/// that still waits afterwards registers again).
+#[derive(Debug, Default)]
+pub struct Waiters(SmallVec<[Waker; 2]>);
+
+impl Waiters {
+    /// Register `w` (once, however often it asks).
+    pub fn add(&mut self, w: &Waker) {
+        if !self.0.iter().any(|x| x.same(w)) {
+            self.0.push(w.clone());
+        }
+    }
+
+    /// Take the list, to wake it after the lock that guards it is released.
+    pub fn take(&mut self) -> Waiters {
+        Waiters(std::mem::take(&mut self.0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn wake_all(self) {
+        for w in self.0 {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<u64>>);
+    impl Wake for Log {
+        fn wake(&self, token: u64) {
+            self.0.lock().push(token);
+        }
+    }
+
+    #[test]
+    fn each_registration_wakes_once() {
+        let log = Arc::new(Log::default());
+        let (a, b) = (Waker::new(log.clone(), 1), Waker::new(log.clone(), 2));
+        let mut w = Waiters::default();
+        w.add(&a);
+        w.add(&b);
+        w.add(&a);
+        w.take().wake_all();
+        assert_eq!(*log.0.lock(), vec![1, 2]);
+        assert!(w.is_empty());
+        w.take().wake_all();
+        assert_eq!(log.0.lock().len(), 2, "nothing registered: nobody woken");
+    }
+}
