@@ -141,6 +141,7 @@ impl Metrics {
                 ),
                 ("trireme_waiter_wakeups_total", &self.waiter_wakeups),
                 ("trireme_waiter_polls_total", &self.waiter_polls),
+                ("trireme_api_misuse_total", &crate::proxy::MISUSE),
             ],
         );
     }
