@@ -176,7 +176,7 @@ pub enum Field {
 
 /// Which forwarding field `name` is, if any (case-insensitive).
 pub fn classify(name: &[u8]) -> Option<Field> {
-    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    let is = |s: &str| crate::http1::head::name_is(name, s.as_bytes());
     match name.len() {
         3 if is("via") => Some(Field::Via),
         4 if is("host") => Some(Field::Host),

@@ -265,10 +265,6 @@ fn misuse(what: &'static str) {
 /// Calls ignored as [`misuse`], process-wide.
 pub static MISUSE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn lower_eq(a: &[u8], b: &[u8]) -> bool {
-    a.eq_ignore_ascii_case(b)
-}
-
 impl Session {
     pub fn new(ctx: Arc<ProxyContext>, client: SocketAddr, now: Instant) -> Self {
         ctx.metrics
@@ -1606,12 +1602,12 @@ impl Session {
                     let mut runs = Runs::new(ub);
                     for hd in &h.headers {
                         let name = hd.name.get(ub);
-                        if no_body && lower_eq(name, b"content-length") && h.status != 204 {
+                        if no_body && head::name_is(name, b"content-length") && h.status != 204 {
                             runs.keep(out, hd);
                             continue;
                         }
                         if !h.is_hop(ub, hd) && !stripping.is_some_and(|c| c.strips(name)) {
-                            dated |= lower_eq(name, b"date");
+                            dated |= head::name_is(name, b"date");
                             runs.keep(out, hd);
                         } else {
                             runs.flush(out);
@@ -2116,7 +2112,7 @@ fn write_upstream_head(
         let (name, value) = (hd.name.get(buf), hd.value.get(buf));
         if h.is_hop(buf, hd)
             || fwd.note(peer, name, value)
-            || (drop_expect && lower_eq(name, b"expect"))
+            || (drop_expect && head::name_is(name, b"expect"))
         {
             runs.flush(out);
             continue;

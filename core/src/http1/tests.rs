@@ -626,3 +626,32 @@ fn hop_by_hop_names_in_any_case() {
         assert!(!head::is_hop_by_hop(n.as_bytes()), "{n}");
     }
 }
+
+/// `name_is` agrees with `eq_ignore_ascii_case` for every token byte at every position
+/// (and every byte a field value may hold), on the names it is used with.
+#[test]
+fn name_is_matches_case_insensitive_equality_on_tokens() {
+    for needle in [
+        "te",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "proxy-authorization",
+        "x-forwarded-for",
+    ] {
+        let n = needle.as_bytes();
+        for pos in 0..n.len() {
+            for b in (0u8..=255).filter(|&b| b == b'\t' || b >= 0x20) {
+                let mut name = n.to_vec();
+                name[pos] = b;
+                assert_eq!(
+                    head::name_is(&name, n),
+                    name.eq_ignore_ascii_case(n),
+                    "{needle} with {b:#x} at {pos}"
+                );
+            }
+        }
+        assert!(head::name_is(needle.to_ascii_uppercase().as_bytes(), n));
+        assert!(!head::name_is(&n[1..], n));
+    }
+}
