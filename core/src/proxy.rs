@@ -105,6 +105,36 @@ pub enum Action {
     },
 }
 
+/// Every deadline a session can arm ([`Session::timers`]), in the order
+/// [`Session::on_timeout`] handles them when several are due, and what each expiry does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// An L2 (Redis) lookup's bound: it fails, the request goes on without L2.
+    L2,
+    /// A small request body buffered before any backend is involved, late or idle: 408.
+    BodyBuffer,
+    /// A request waiting on another's fetch of its key (the cache lock): look again (a poll
+    /// without a waker; the end of the wait, `lock_timeout`, with one).
+    CacheWait,
+    /// Waiting for a request head (the first, a started one, or keep-alive idle): 408 for
+    /// a started head, else the connection closes.
+    Head,
+    /// Connecting to a backend (`connect_timeout`): retry elsewhere, or 502/504.
+    Connect,
+    /// Waiting on the backend's response (`response_timeout`): 504.
+    Response,
+    /// The client idles while its body is read or its response written (`server.timeout`):
+    /// 408 before any of the response went out, else the connection is cut.
+    ClientIdle,
+    /// The whole request body within `client_body_timeout` of its head: as `ClientIdle`.
+    RequestBody,
+    /// Streaming another request's fetch: look at the growing body (a poll without a
+    /// waker; a bound on a stalled fetch with one).
+    Follow,
+    /// Writing a final (error) response the client does not read: close.
+    Closing,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Waiting for (the rest of) a request head.
@@ -489,51 +519,72 @@ impl Session {
         self.state == State::Closed || (self.state == State::Closing && self.client_out.is_empty())
     }
 
-    /// The one deadline the runtime should arm; call [`on_timeout`](Self::on_timeout) then.
+    /// The one deadline the runtime should arm; call [`on_timeout`](Self::on_timeout) then:
+    /// the earliest of the [`timers`](Self::timers) armed now.
     pub fn deadline(&self) -> Option<Instant> {
+        self.timers().into_iter().map(|(_, t)| t).min()
+    }
+
+    /// The session's timer table: every deadline armed in the current state, with what it is
+    /// for ([`Timer`] says what each expiry does). The one place deadlines are derived:
+    /// [`deadline`](Self::deadline) takes the earliest, [`on_timeout`](Self::on_timeout)
+    /// handles the first due one in [`Timer`] order.
+    fn timers(&self) -> SmallVec<[(Timer, Instant); 4]> {
         let c = &self.ctx;
+        let mut t: SmallVec<[(Timer, Instant); 4]> = SmallVec::new();
         match self.state {
-            State::Idle if self.l2.is_some() => self.l2_deadline(),
-            State::Idle if self.cache_wait.is_some() => self.cache_wait.map(|w| w.next),
-            State::Idle if self.body_wait.is_some() => self
-                .body_wait
-                .map(|t| (t + c.body_timeout).min(self.last_client_io + c.idle_timeout)),
-            State::Idle => Some(match self.head_started {
-                Some(t) => t + c.header_timeout,
-                None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
-                None => self.last_client_io + c.keep_alive_timeout,
-            }),
+            State::Idle if self.l2.is_some() => {
+                if let Some(d) = self.l2_deadline() {
+                    t.push((Timer::L2, d));
+                }
+            }
+            State::Idle if self.cache_wait.is_some() => {
+                if let Some(w) = self.cache_wait {
+                    t.push((Timer::CacheWait, w.next));
+                }
+            }
+            State::Idle if self.body_wait.is_some() => {
+                if let Some(since) = self.body_wait {
+                    let d = (since + c.body_timeout).min(self.last_client_io + c.idle_timeout);
+                    t.push((Timer::BodyBuffer, d));
+                }
+            }
+            State::Idle => t.push((
+                Timer::Head,
+                match self.head_started {
+                    Some(s) => s + c.header_timeout,
+                    None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
+                    None => self.last_client_io + c.keep_alive_timeout,
+                },
+            )),
             State::Active => {
-                let mut d: Option<Instant> = None;
-                let mut add = |t: Instant| d = Some(d.map_or(t, |x: Instant| x.min(t)));
                 let up = self.current_upstream();
                 match self.up {
-                    Up::Connecting { since, .. } => add(since + up.cfg.connect_timeout),
+                    Up::Connecting { since, .. } => {
+                        t.push((Timer::Connect, since + up.cfg.connect_timeout))
+                    }
                     Up::Connected { .. } if !matches!(self.resp, Resp::Done) => {
-                        add(self.last_up_io + up.cfg.response_timeout)
+                        t.push((Timer::Response, self.last_up_io + up.cfg.response_timeout))
                     }
                     _ => {}
                 }
-                if !matches!(self.req_body, ReqBody::Done) || !self.client_out.is_empty() {
-                    add(self.last_client_io + c.idle_timeout);
+                let body_open = !matches!(self.req_body, ReqBody::Done);
+                if body_open || !self.client_out.is_empty() {
+                    t.push((Timer::ClientIdle, self.last_client_io + c.idle_timeout));
                 }
-                if let Some(r) = self
-                    .req
-                    .as_ref()
-                    .filter(|_| !matches!(self.req_body, ReqBody::Done))
-                {
-                    add(r.body_since + c.body_timeout);
+                if let Some(r) = self.req.as_ref().filter(|_| body_open) {
+                    t.push((Timer::RequestBody, r.body_since + c.body_timeout));
                 }
                 if let Some(f) = self.follow.as_ref() {
                     if self.client_out.len() < HIGH_WATER {
-                        add(f.next);
+                        t.push((Timer::Follow, f.next));
                     }
                 }
-                d
             }
-            State::Closing => Some(self.last_client_io + c.idle_timeout),
-            State::Closed => None,
+            State::Closing => t.push((Timer::Closing, self.last_client_io + c.idle_timeout)),
+            State::Closed => {}
         }
+        t
     }
 
     // ----------------------------------------------------------------- client input
@@ -747,36 +798,34 @@ impl Session {
     }
 
     /// The timer armed at [`deadline`](Self::deadline) fired (it may be stale: the session
-    /// rechecks against `now`).
+    /// rechecks against `now`). Handles the first due timer of the table.
     pub fn on_timeout(&mut self, now: Instant) {
-        let Some(d) = self.deadline() else { return };
-        if now < d {
-            return;
-        }
-        if self.follow.is_some() || (self.state == State::Idle && self.cache_wait.is_some()) {
-            let m = &self.ctx.metrics;
-            m.waiter_polls.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.state == State::Idle && self.l2.is_some() {
-            self.l2_fail("timed out", now);
-            return;
-        }
-        if self.state == State::Idle && self.body_wait.is_some() {
-            tracing::debug!(client = %self.peer.ip, "client request body timed out");
-            self.body_wait = None;
-            self.client_error(
-                HttpError::new(Status::RequestTimeout, "request body not received in time"),
-                now,
-            );
-            return;
-        }
-        if self.state == State::Idle && self.cache_wait.is_some() {
-            // Look in the cache again.
-            self.process_client(now);
-            return;
-        }
-        match self.state {
-            State::Idle => {
+        let due = self
+            .timers()
+            .into_iter()
+            .filter(|&(_, t)| t <= now)
+            .map(|(k, _)| k)
+            .min();
+        let Some(timer) = due else { return };
+        match timer {
+            Timer::L2 => self.l2_fail("timed out", now),
+            Timer::BodyBuffer => {
+                tracing::debug!(client = %self.peer.ip, "client request body timed out");
+                self.body_wait = None;
+                self.client_error(
+                    HttpError::new(Status::RequestTimeout, "request body not received in time"),
+                    now,
+                );
+            }
+            Timer::CacheWait => {
+                self.ctx
+                    .metrics
+                    .waiter_polls
+                    .fetch_add(1, Ordering::Relaxed);
+                // Look in the cache again (or, past the lock timeout, go to the backend).
+                self.process_client(now);
+            }
+            Timer::Head => {
                 if self.head_started.is_some() || !self.client_in.is_empty() {
                     tracing::debug!(client = %self.peer.ip, "client request head timed out");
                     self.client_error(
@@ -787,65 +836,46 @@ impl Session {
                     self.state = State::Closed;
                 }
             }
-            State::Active if self.follow.is_some() => {
-                if !self.client_out.is_empty() && now >= self.last_client_io + self.ctx.idle_timeout
-                {
+            Timer::Connect => self.connect_failed(now, true),
+            Timer::Response => {
+                self.report_backend_failure(now);
+                self.upstream_error(
+                    Status::GatewayTimeout,
+                    "backend did not respond in time",
+                    now,
+                );
+            }
+            Timer::ClientIdle | Timer::RequestBody => {
+                let started = self.req.as_ref().is_some_and(|r| r.response_started);
+                if self.follow.is_none() && !started && !matches!(self.req_body, ReqBody::Done) {
+                    self.release_upstream(false);
+                    self.client_error(
+                        HttpError::new(Status::RequestTimeout, "request body not received in time"),
+                        now,
+                    );
+                } else {
                     tracing::debug!(client = %self.peer.ip, "client stalled; closing");
                     self.abort(now);
-                } else {
-                    self.pump_follow(now);
                 }
             }
-            State::Active => {
-                let up_cfg_ct = self.current_upstream().cfg.connect_timeout;
-                let up_cfg_rt = self.current_upstream().cfg.response_timeout;
-                match self.up {
-                    Up::Connecting { since, .. } if now >= since + up_cfg_ct => {
-                        self.connect_failed(now, true);
-                        return;
-                    }
-                    Up::Connected { .. }
-                        if !matches!(self.resp, Resp::Done)
-                            && now >= self.last_up_io + up_cfg_rt =>
-                    {
-                        self.report_backend_failure(now);
-                        self.upstream_error(
-                            Status::GatewayTimeout,
-                            "backend did not respond in time",
-                            now,
-                        );
-                        return;
-                    }
-                    _ => {}
-                }
-                let body_late = self.req.as_ref().is_some_and(|r| {
-                    !matches!(self.req_body, ReqBody::Done)
-                        && now >= r.body_since + self.ctx.body_timeout
-                });
-                if body_late || now >= self.last_client_io + self.ctx.idle_timeout {
-                    let started = self.req.as_ref().is_some_and(|r| r.response_started);
-                    if !started && !matches!(self.req_body, ReqBody::Done) {
-                        self.release_upstream(false);
-                        self.client_error(
-                            HttpError::new(
-                                Status::RequestTimeout,
-                                "request body not received in time",
-                            ),
-                            now,
-                        );
-                    } else {
-                        tracing::debug!(client = %self.peer.ip, "client stalled; closing");
-                        self.abort(now);
-                    }
-                }
+            Timer::Follow => {
+                self.ctx
+                    .metrics
+                    .waiter_polls
+                    .fetch_add(1, Ordering::Relaxed);
+                self.pump_follow(now);
             }
-            State::Closing => {
+            Timer::Closing => {
                 // The client does not read its error response: give up on it.
                 self.client_out.clear();
                 self.state = State::Closed;
             }
-            State::Closed => {}
         }
+        // An expiry that leaves its own timer due would have the runtime spin on it.
+        debug_assert!(
+            !self.timers().iter().any(|&(k, t)| k == timer && t <= now),
+            "{timer:?} still due after its expiry"
+        );
     }
 
     // ----------------------------------------------------------------- internals
