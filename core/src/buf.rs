@@ -13,10 +13,6 @@ pub const INITIAL_CAPACITY: usize = 4096;
 /// ([`OutBuf::push_shared`]) instead of being copied.
 pub const SHARE_MIN: usize = 2048;
 
-/// [`OutBuf::lend`] copies shared bytes up to this long into the lent buffer (one write);
-/// longer ones stay shared and go out in writes of their own ([`OutBuf::shared_alone`]).
-pub const LEND_COPY_MAX: usize = 64 * 1024;
-
 #[derive(Debug, Default)]
 pub struct OutBuf {
     buf: Vec<u8>,
@@ -28,6 +24,9 @@ pub struct OutBuf {
     written: u64,
     /// Pending bytes out on a lend (in a write in flight; not in `buf` meanwhile).
     lent: usize,
+    /// The shared bytes are out on a lend ([`lend_with_shared`](Self::lend_with_shared)):
+    /// no other may be queued until they are back.
+    lent_shared: bool,
 }
 
 impl OutBuf {
@@ -38,6 +37,7 @@ impl OutBuf {
             shared: None,
             written: 0,
             lent: 0,
+            lent_shared: false,
         }
     }
     /// The next bytes to write, contiguous: the owned ones first, then the shared ones.
@@ -65,7 +65,7 @@ impl OutBuf {
     /// Shared bytes wait to be written (their read buffer is not to be reused yet).
     #[inline]
     pub fn has_shared(&self) -> bool {
-        self.shared.is_some()
+        self.shared.is_some() || self.lent_shared
     }
     /// The stream offset just past the pending bytes: where bytes queued next begin.
     pub fn end_offset(&self) -> u64 {
@@ -140,31 +140,9 @@ impl OutBuf {
         v.clear();
         v
     }
-    /// For writes that must own their buffer while in flight (io_uring): hand over the
-    /// allocation with the pending bytes (they start at the returned offset) and put
-    /// `spare` in its place for bytes appended meanwhile. Give it back with
-    /// [`unlend`](Self::unlend) before reporting how much was written.
-    /// Shared bytes longer than [`LEND_COPY_MAX`] are not lent: they stay, to be written on
-    /// their own once the lent bytes are out. Lend only when the owned part is not empty
-    /// (see [`shared_alone`](Self::shared_alone)).
-    pub fn lend(&mut self, mut spare: Vec<u8>) -> (Vec<u8>, usize) {
-        if self
-            .shared
-            .as_ref()
-            .is_some_and(|s| s.len() <= LEND_COPY_MAX)
-        {
-            self.own_shared();
-        }
-        spare.clear();
-        let pos = std::mem::replace(&mut self.pos, 0);
-        self.lent = self.buf.len() - pos;
-        (std::mem::replace(&mut self.buf, spare), pos)
-    }
-
-    /// Take back a lent buffer: its bytes from `pos` come first again, before anything
-    /// appended while it was away (and before the shared bytes, which stay shared).
-    /// Returns the spare, emptied, for the pool.
-    pub fn unlend(&mut self, mut lent: Vec<u8>, mut pos: usize) -> Vec<u8> {
+    /// Take back a lent owned buffer: its bytes from `pos` come first again, before
+    /// anything appended while it was away. Returns the spare, emptied, for the pool.
+    fn unlend_owned(&mut self, mut lent: Vec<u8>, mut pos: usize) -> Vec<u8> {
         self.lent = 0;
         let own = &self.buf[self.pos..];
         // Drop the bytes written before the lend when appending would grow the allocation
@@ -182,15 +160,43 @@ impl OutBuf {
         spare
     }
 
-    /// Nothing owned is pending, only shared bytes longer than [`LEND_COPY_MAX`]: those, to
-    /// write without copying them (report with [`consume`](Self::consume)). For runtimes
-    /// that must own what they write; shorter ones are lent (copied), which frees their
-    /// read buffer at once.
-    pub fn shared_alone(&self) -> Option<Bytes> {
-        if self.pos < self.buf.len() {
-            return None;
+    /// For writes that own what they write (io_uring), without copying shared bytes: hand
+    /// over the allocation with the pending owned bytes (from the returned offset) and the
+    /// shared bytes that follow them, for one vectored write; `spare` takes the allocation's
+    /// place for bytes appended meanwhile. Give both back with
+    /// [`unlend`](Self::unlend) before reporting how much was written. While they are out,
+    /// [`has_shared`](Self::has_shared) stays true.
+    pub fn lend(&mut self, mut spare: Vec<u8>) -> (Vec<u8>, usize, Option<Bytes>) {
+        spare.clear();
+        let shared = self.shared.take();
+        let pos = std::mem::replace(&mut self.pos, 0);
+        self.lent = self.buf.len() - pos + shared.as_ref().map_or(0, Bytes::len);
+        self.lent_shared = shared.is_some();
+        (std::mem::replace(&mut self.buf, spare), pos, shared)
+    }
+
+    /// Take back what [`lend`](Self::lend) lent: the owned bytes
+    /// from `pos`, then the shared ones, then anything appended meanwhile (the shared bytes
+    /// are copied only in that case, to keep the order). Returns the spare, emptied.
+    pub fn unlend(&mut self, lent: Vec<u8>, pos: usize, shared: Option<Bytes>) -> Vec<u8> {
+        self.lent_shared = false;
+        let Some(sh) = shared else {
+            return self.unlend_owned(lent, pos);
+        };
+        if self.pos == self.buf.len() {
+            let spare = self.unlend_owned(lent, pos);
+            self.shared = Some(sh);
+            return spare;
         }
-        self.shared.clone().filter(|s| s.len() > LEND_COPY_MAX)
+        self.lent = 0;
+        let mut v = lent;
+        v.drain(..pos.min(v.len()));
+        v.extend_from_slice(&sh);
+        v.extend_from_slice(&self.buf[self.pos..]);
+        let mut spare = std::mem::replace(&mut self.buf, v);
+        self.pos = 0;
+        spare.clear();
+        spare
     }
 
     /// Use `v` (emptied) as the allocation. Pending bytes, if any, are kept.
@@ -318,14 +324,14 @@ mod tests {
     fn stream_offsets_tell_whether_a_message_went_out_even_across_a_lend() {
         let mut o = OutBuf::new();
         o.vec().extend_from_slice(b"first");
-        let (lent, pos) = o.lend(Vec::new());
+        let (lent, pos, sh) = o.lend(Vec::new());
         // While "first" is in a write in flight, a second message is queued.
         let at = o.end_offset();
         assert_eq!(at, 5);
         o.vec().extend_from_slice(b"second");
         assert!(o.untouched_from(at));
         assert!(!o.untouched_from(2), "lent bytes may be on the wire");
-        let spare = o.unlend(lent, pos);
+        let spare = o.unlend(lent, pos, sh);
         drop(spare);
         o.consume(3);
         assert!(o.untouched_from(at));
@@ -350,14 +356,14 @@ mod tests {
         };
         fill(&mut o, 48 * 1024);
         for _ in 0..1000 {
-            let (v, pos) = o.lend(Vec::new());
+            let (v, pos, sh) = o.lend(Vec::new());
             // While the write flies, the session appends (flow control keeps the total
             // pending near 64 KiB).
             fill(&mut o, 24 * 1024);
             // Half of what was lent got written.
             let n = (v.len() - pos) / 2;
             sent.extend_from_slice(&v[pos..pos + n]);
-            let _spare = o.unlend(v, pos);
+            let _spare = o.unlend(v, pos, sh);
             o.consume(n);
             assert!(o.capacity() <= 512 * 1024, "capacity {}", o.capacity());
         }
@@ -368,37 +374,45 @@ mod tests {
         );
     }
 
-    /// io_uring: a long shared body is not copied into the lent buffer; it goes out on its
-    /// own after the lent bytes, in order, and bytes appended meanwhile follow it.
+    /// io_uring, vectored: the shared body goes out with the owned bytes before it, neither
+    /// copied; bytes appended meanwhile follow it, whatever part of the write went out.
     #[test]
-    fn long_shared_bytes_are_written_alone_after_the_lent_ones() {
-        let body = Bytes::from(vec![b'b'; LEND_COPY_MAX + 1]);
-        let mut o = OutBuf::new();
-        o.vec().extend_from_slice(b"head");
-        o.push_shared(body.clone());
-        assert!(o.shared_alone().is_none(), "owned bytes first");
-        let (v, pos) = o.lend(Vec::new());
-        assert_eq!(&v[pos..], b"head", "the body is not copied in");
-        let spare = o.unlend(v, pos);
-        assert!(spare.is_empty());
-        o.consume(4);
-        let alone = o.shared_alone().expect("the body, alone");
-        assert_eq!(alone.len(), body.len());
-        assert_eq!(alone.as_ptr(), body.as_ptr(), "the same bytes");
-        o.consume(1000);
-        o.vec().extend_from_slice(b"next");
-        let mut rest = o.pending().to_vec();
-        o.consume(rest.len());
-        rest.extend_from_slice(o.pending());
-        assert_eq!(rest.len(), body.len() - 1000 + 4);
-        assert!(rest.ends_with(b"bnext"));
-        // A short one is copied in: one write.
-        let mut o = OutBuf::new();
-        o.vec().extend_from_slice(b"head");
-        o.push_shared(Bytes::from(vec![b'b'; SHARE_MIN]));
-        let (v, pos) = o.lend(Vec::new());
-        assert_eq!(v.len() - pos, 4 + SHARE_MIN);
-        assert!(o.is_empty());
+    fn lent_shared_bytes_come_back_in_order_uncopied() {
+        for written in [0usize, 2, 4, 10, 4 + 3000] {
+            for append in [false, true] {
+                let body = Bytes::from(vec![b'b'; 3000]);
+                let mut o = OutBuf::new();
+                o.vec().extend_from_slice(b"head");
+                o.push_shared(body.clone());
+                let (v, pos, sh) = o.lend(Vec::new());
+                assert_eq!(&v[pos..], b"head");
+                let sh = sh.expect("the body, lent");
+                assert_eq!(sh.as_ptr(), body.as_ptr(), "not copied");
+                assert!(o.has_shared(), "no other body may queue meanwhile");
+                assert_eq!(o.end_offset(), 3004);
+                if append {
+                    o.vec().extend_from_slice(b"next");
+                }
+                let spare = o.unlend(v, pos, Some(sh));
+                assert!(spare.is_empty());
+                o.consume(written);
+                let mut rest = Vec::new();
+                while !o.is_empty() {
+                    let (a, b) = o.pending_parts();
+                    rest.extend_from_slice(a);
+                    rest.extend_from_slice(b);
+                    let n = a.len() + b.len();
+                    o.consume(n);
+                }
+                let mut all = b"head".to_vec();
+                all.extend_from_slice(&body);
+                if append {
+                    all.extend_from_slice(b"next");
+                }
+                assert_eq!(rest, all[written..], "written {written}, append {append}");
+                assert_eq!(o.written() as usize, all.len());
+            }
+        }
     }
 
     #[test]
@@ -423,16 +437,21 @@ mod tests {
         assert_eq!(o.len(), SHARE_MIN - 2 + 4);
         o.consume(o.len());
         assert!(o.is_empty() && !o.has_shared());
-        // Short bodies are copied; a lent buffer carries the shared bytes along.
+        // Short bodies are copied; a lend hands the shared bytes over beside the owned ones.
         o.push_shared(Bytes::from_static(b"short"));
         assert!(!o.has_shared());
         o.clear();
         o.vec().extend_from_slice(b"h");
         o.push_shared(body.clone());
-        let (lent, pos) = o.lend(Vec::new());
-        assert_eq!(lent.len() - pos, 1 + SHARE_MIN);
+        let (lent, pos, sh) = o.lend(Vec::new());
+        assert_eq!(lent.len() - pos, 1);
+        assert_eq!(
+            sh.as_ref().map(|b| b.as_ptr()),
+            Some(body.as_ptr()),
+            "not copied"
+        );
         assert!(o.is_empty());
-        o.unlend(lent, pos);
+        o.unlend(lent, pos, sh);
         assert_eq!(o.len(), 1 + SHARE_MIN);
     }
 
@@ -456,11 +475,11 @@ mod tests {
         let mut o = OutBuf::new();
         o.vec().extend_from_slice(b"xxhello ");
         o.consume(2);
-        let (lent, pos) = o.lend(Vec::with_capacity(64));
+        let (lent, pos, sh) = o.lend(Vec::with_capacity(64));
         assert_eq!(&lent[pos..], b"hello ");
         assert!(o.is_empty());
         o.vec().extend_from_slice(b"world");
-        let spare = o.unlend(lent, pos);
+        let spare = o.unlend(lent, pos, sh);
         assert!(spare.is_empty() && spare.capacity() >= 64);
         assert_eq!(o.pending(), b"hello world");
         o.consume(6); // the lent write sent "hello "
@@ -469,9 +488,9 @@ mod tests {
         // Nothing appended meanwhile: the same allocation comes back.
         let mut o = OutBuf::new();
         o.vec().extend_from_slice(b"abc");
-        let (lent, pos) = o.lend(Vec::new());
+        let (lent, pos, sh) = o.lend(Vec::new());
         let ptr = lent.as_ptr();
-        o.unlend(lent, pos);
+        o.unlend(lent, pos, sh);
         assert_eq!(o.pending().as_ptr(), ptr);
         assert_eq!(o.pending(), b"abc");
     }

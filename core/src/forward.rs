@@ -24,33 +24,23 @@ pub struct Peer {
     /// It connects from `server.trusted_proxies`: its forwarding fields are kept (and
     /// appended to), not replaced.
     pub trusted: bool,
-    /// `ip` as text, written once per connection (every request repeats it three times).
-    text: IpText,
 }
 
-/// An address as text, inline: the longest IPv6 form is 45 bytes.
+/// An address as text, on the stack: the longest IPv6 form is 45 bytes. Written once per
+/// request, which names the client three times (`X-Forwarded-For`, `Forwarded`,
+/// `X-Real-IP`); not kept per connection (an idle connection's memory counts more).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct IpText {
+pub struct IpText {
     len: u8,
     buf: [u8; 45],
 }
 
 impl IpText {
-    fn as_bytes(&self) -> &[u8] {
+    pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
     }
 
-    const fn from_ascii(s: &[u8]) -> IpText {
-        let mut buf = [0u8; 45];
-        let mut i = 0;
-        while i < s.len() && i < buf.len() {
-            buf[i] = s[i];
-            i += 1;
-        }
-        IpText { len: i as u8, buf }
-    }
-
-    fn of(ip: IpAddr) -> IpText {
+    pub fn of(ip: IpAddr) -> IpText {
         let mut buf = [0u8; 45];
         let len = match ip {
             IpAddr::V4(a) => {
@@ -86,20 +76,15 @@ impl Peer {
     pub const LOCAL: Peer = Peer {
         ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         trusted: false,
-        text: IpText::from_ascii(b"0.0.0.0"),
     };
 
     pub fn new(ip: IpAddr, trusted: bool) -> Peer {
-        Peer {
-            ip,
-            trusted,
-            text: IpText::of(ip),
-        }
+        Peer { ip, trusted }
     }
 
     /// The address as text, as the forwarding fields carry it.
-    pub fn ip_text(&self) -> &[u8] {
-        self.text.as_bytes()
+    pub fn ip_text(&self) -> IpText {
+        IpText::of(self.ip)
     }
 }
 
@@ -198,14 +183,20 @@ pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 
 /// This hop's `Forwarded` element (RFC 7239): `for=192.0.2.1;host="h";proto=http`, an IPv6
 /// node quoted and bracketed.
-pub fn push_forwarded_element(out: &mut Vec<u8>, peer: &Peer, host: &[u8], proto: &str) {
+pub fn push_forwarded_element(
+    out: &mut Vec<u8>,
+    ip: IpAddr,
+    text: &IpText,
+    host: &[u8],
+    proto: &str,
+) {
     out.extend_from_slice(b"for=");
-    if peer.ip.is_ipv6() {
+    if ip.is_ipv6() {
         out.extend_from_slice(b"\"[");
-        out.extend_from_slice(peer.ip_text());
+        out.extend_from_slice(text.as_bytes());
         out.extend_from_slice(b"]\"");
     } else {
-        out.extend_from_slice(peer.ip_text());
+        out.extend_from_slice(text.as_bytes());
     }
     // Host values are validated (no quote or backslash can occur); quoted for the ':'.
     out.extend_from_slice(b";host=\"");
@@ -256,13 +247,14 @@ impl<'b> ForwardFields<'b> {
             }
         };
         out.extend_from_slice(b"X-Forwarded-For: ");
+        let text = peer.ip_text();
         list(out, &self.xff);
-        out.extend_from_slice(peer.ip_text());
+        out.extend_from_slice(text.as_bytes());
         out.extend_from_slice(b"\r\nForwarded: ");
         list(out, &self.forwarded);
-        push_forwarded_element(out, &peer, host, "http");
+        push_forwarded_element(out, peer.ip, &text, host, "http");
         out.extend_from_slice(b"\r\nX-Real-IP: ");
-        out.extend_from_slice(self.real_ip.unwrap_or(peer.ip_text()));
+        out.extend_from_slice(self.real_ip.unwrap_or(text.as_bytes()));
         out.extend_from_slice(b"\r\nX-Forwarded-Host: ");
         out.extend_from_slice(self.host.unwrap_or(host));
         out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
@@ -306,17 +298,19 @@ pub fn vary_values<'b>(
             if peer.trusted {
                 out.extend(sent().map(Cow::Borrowed));
             }
-            out.push(Cow::Owned(peer.ip_text().to_vec()));
+            out.push(Cow::Owned(peer.ip_text().as_bytes().to_vec()));
         }
         Some(Field::Forwarded) => {
             if peer.trusted {
                 out.extend(sent().map(Cow::Borrowed));
             }
-            out.push(own(&|v| push_forwarded_element(v, &peer, host, "http")));
+            out.push(own(&|v| {
+                push_forwarded_element(v, peer.ip, &peer.ip_text(), host, "http")
+            }));
         }
         Some(Field::XRealIp) => out.push(match first_if_trusted() {
             Some(v) => Cow::Borrowed(v),
-            None => Cow::Owned(peer.ip_text().to_vec()),
+            None => Cow::Owned(peer.ip_text().as_bytes().to_vec()),
         }),
         Some(Field::XForwardedHost) => out.push(Cow::Borrowed(first_if_trusted().unwrap_or(host))),
         Some(Field::XForwardedProto) => {
@@ -352,12 +346,8 @@ mod tests {
     #[test]
     fn forwarded_element_quotes_ipv6_and_host() {
         let mut v = Vec::new();
-        push_forwarded_element(
-            &mut v,
-            &Peer::new("2001:db8::1".parse().unwrap(), false),
-            b"a.example:8080",
-            "http",
-        );
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        push_forwarded_element(&mut v, ip, &IpText::of(ip), b"a.example:8080", "http");
         assert_eq!(
             String::from_utf8(v).unwrap(),
             "for=\"[2001:db8::1]\";host=\"a.example:8080\";proto=http"
@@ -365,13 +355,12 @@ mod tests {
         let mut v = Vec::new();
         push_ip(&mut v, "192.0.2.10".parse().unwrap());
         assert_eq!(v, b"192.0.2.10");
-        assert_eq!(Peer::LOCAL.ip_text(), b"0.0.0.0");
-        assert_eq!(Peer::LOCAL, Peer::new(Peer::LOCAL.ip, false));
+        assert_eq!(Peer::LOCAL.ip_text().as_bytes(), b"0.0.0.0");
         let long: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
             .parse()
             .unwrap();
         assert_eq!(
-            Peer::new(long, false).ip_text(),
+            Peer::new(long, false).ip_text().as_bytes(),
             long.to_string().as_bytes()
         );
     }

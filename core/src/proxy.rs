@@ -522,69 +522,70 @@ impl Session {
     /// The one deadline the runtime should arm; call [`on_timeout`](Self::on_timeout) then:
     /// the earliest of the [`timers`](Self::timers) armed now.
     pub fn deadline(&self) -> Option<Instant> {
-        self.timers().into_iter().map(|(_, t)| t).min()
+        let mut d: Option<Instant> = None;
+        self.each_timer(|_, t| d = Some(d.map_or(t, |x| x.min(t))));
+        d
     }
 
     /// The session's timer table: every deadline armed in the current state, with what it is
-    /// for ([`Timer`] says what each expiry does). The one place deadlines are derived:
-    /// [`deadline`](Self::deadline) takes the earliest, [`on_timeout`](Self::on_timeout)
-    /// handles the first due one in [`Timer`] order.
-    fn timers(&self) -> SmallVec<[(Timer, Instant); 4]> {
+    /// for ([`Timer`] says what each expiry does), handed to `push`. The one place deadlines
+    /// are derived: [`deadline`](Self::deadline) takes the earliest,
+    /// [`on_timeout`](Self::on_timeout) handles the first due one in [`Timer`] order.
+    #[inline]
+    fn each_timer(&self, mut push: impl FnMut(Timer, Instant)) {
         let c = &self.ctx;
-        let mut t: SmallVec<[(Timer, Instant); 4]> = SmallVec::new();
         match self.state {
             State::Idle if self.l2.is_some() => {
                 if let Some(d) = self.l2_deadline() {
-                    t.push((Timer::L2, d));
+                    push(Timer::L2, d);
                 }
             }
             State::Idle if self.cache_wait.is_some() => {
                 if let Some(w) = self.cache_wait {
-                    t.push((Timer::CacheWait, w.next));
+                    push(Timer::CacheWait, w.next);
                 }
             }
             State::Idle if self.body_wait.is_some() => {
                 if let Some(since) = self.body_wait {
                     let d = (since + c.body_timeout).min(self.last_client_io + c.idle_timeout);
-                    t.push((Timer::BodyBuffer, d));
+                    push(Timer::BodyBuffer, d);
                 }
             }
-            State::Idle => t.push((
+            State::Idle => push(
                 Timer::Head,
                 match self.head_started {
                     Some(s) => s + c.header_timeout,
                     None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
                     None => self.last_client_io + c.keep_alive_timeout,
                 },
-            )),
+            ),
             State::Active => {
                 let up = self.current_upstream();
                 match self.up {
                     Up::Connecting { since, .. } => {
-                        t.push((Timer::Connect, since + up.cfg.connect_timeout))
+                        push(Timer::Connect, since + up.cfg.connect_timeout)
                     }
                     Up::Connected { .. } if !matches!(self.resp, Resp::Done) => {
-                        t.push((Timer::Response, self.last_up_io + up.cfg.response_timeout))
+                        push(Timer::Response, self.last_up_io + up.cfg.response_timeout)
                     }
                     _ => {}
                 }
                 let body_open = !matches!(self.req_body, ReqBody::Done);
                 if body_open || !self.client_out.is_empty() {
-                    t.push((Timer::ClientIdle, self.last_client_io + c.idle_timeout));
+                    push(Timer::ClientIdle, self.last_client_io + c.idle_timeout);
                 }
                 if let Some(r) = self.req.as_ref().filter(|_| body_open) {
-                    t.push((Timer::RequestBody, r.body_since + c.body_timeout));
+                    push(Timer::RequestBody, r.body_since + c.body_timeout);
                 }
                 if let Some(f) = self.follow.as_ref() {
                     if self.client_out.len() < HIGH_WATER {
-                        t.push((Timer::Follow, f.next));
+                        push(Timer::Follow, f.next);
                     }
                 }
             }
-            State::Closing => t.push((Timer::Closing, self.last_client_io + c.idle_timeout)),
+            State::Closing => push(Timer::Closing, self.last_client_io + c.idle_timeout),
             State::Closed => {}
         }
-        t
     }
 
     // ----------------------------------------------------------------- client input
@@ -800,12 +801,12 @@ impl Session {
     /// The timer armed at [`deadline`](Self::deadline) fired (it may be stale: the session
     /// rechecks against `now`). Handles the first due timer of the table.
     pub fn on_timeout(&mut self, now: Instant) {
-        let due = self
-            .timers()
-            .into_iter()
-            .filter(|&(_, t)| t <= now)
-            .map(|(k, _)| k)
-            .min();
+        let mut due: Option<Timer> = None;
+        self.each_timer(|k, t| {
+            if t <= now {
+                due = Some(due.map_or(k, |d| d.min(k)));
+            }
+        });
         let Some(timer) = due else { return };
         match timer {
             Timer::L2 => self.l2_fail("timed out", now),
@@ -872,10 +873,13 @@ impl Session {
             }
         }
         // An expiry that leaves its own timer due would have the runtime spin on it.
-        debug_assert!(
-            !self.timers().iter().any(|&(k, t)| k == timer && t <= now),
-            "{timer:?} still due after its expiry"
-        );
+        #[cfg(debug_assertions)]
+        self.each_timer(|k, t| {
+            debug_assert!(
+                k != timer || t > now,
+                "{timer:?} still due after its expiry"
+            )
+        });
     }
 
     // ----------------------------------------------------------------- internals

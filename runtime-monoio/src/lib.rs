@@ -5,7 +5,8 @@
 //! context (atomics) and the connection count. io_uring operations own their buffers, so
 //! reads go into pooled `BytesMut` buffers that are handed to the session when they
 //! complete (swapped in, not copied, when the session had nothing buffered), and writes
-//! borrow the session's output allocation with [`OutBuf::lend`] for as long as they fly.
+//! borrow the session's output allocation and the shared body bytes after it with
+//! [`OutBuf::lend`] for as long as they fly: one vectored write, neither copied.
 //!
 //! When io_uring is unavailable (old kernel, seccomp, memlock limits) the workers run on
 //! monoio's epoll ("legacy") driver instead, and say so at start.
@@ -19,7 +20,6 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use bytes::BytesMut;
-use monoio::buf::IoBuf;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
@@ -151,9 +151,15 @@ struct Local {
     /// [`Bell`]); `bell` is `None` without a cache (nobody waits then).
     woken: RefCell<Slab<Woken>>,
     bell: Option<Arc<Bell>>,
+    /// Free iovec pairs for vectored writes (one per write in flight, reused).
+    iovs: RefCell<Vec<Iov>>,
 }
 
 impl Local {
+    fn iov(&self) -> Iov {
+        self.iovs.borrow_mut().pop().unwrap_or_else(empty_iov)
+    }
+
     /// An idle pooled connection, checked by core's pool: one with unread bytes or a
     /// closed peer is never handed out. No read watches idle connections under io_uring,
     /// so the check is a peek at the socket, on every reuse.
@@ -292,6 +298,7 @@ async fn worker(
     };
     let local = Rc::new(Local {
         woken: RefCell::new(Slab::new()),
+        iovs: RefCell::new(Vec::new()),
         bell: bell.as_ref().map(|(b, _)| b.clone()),
         pools: RefCell::new(Pool::for_each_upstream(&sh.ctx)),
         sh: sh.clone(),
@@ -435,59 +442,89 @@ async fn read_owned<R: AsyncReadRent>(
     (half, r, buf)
 }
 
-/// A write of `buf[pos..]` that owns its half and buffer and hands both back.
-/// What one write owns while the ring has it: a lent output buffer from an offset, or
-/// shared bytes (a stored body) written as they are.
-enum Out {
-    Lent(Vec<u8>, usize),
-    Shared(bytes::Bytes),
+/// The iovec pair a vectored write hands the ring, with how many are used and where the
+/// lent bytes start: heap memory, so its address does not move while the ring owns the
+/// write (and the write future, kept in every connection's task, stays small); pooled per
+/// worker ([`Local::iovs`]).
+struct IovPair {
+    iov: [libc::iovec; 2],
+    n: usize,
+    pos: usize,
+    /// The shared bytes the second entry points into, kept alive while the ring has them.
+    shared: Option<bytes::Bytes>,
+}
+type Iov = Box<IovPair>;
+
+fn empty_iov() -> Iov {
+    Box::new(IovPair {
+        iov: [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2],
+        n: 0,
+        pos: 0,
+        shared: None,
+    })
+}
+
+/// What one write owns while the ring has it: the session's output allocation, lent from
+/// an offset, and the shared bytes (a body in its read buffer, or a stored one) that follow
+/// it, written together by one vectored write without copying either.
+struct Out {
+    lent: Vec<u8>,
+    iov: Iov,
 }
 
 impl Out {
-    /// The next write of `o`: long shared bytes alone when nothing owned is pending (not
-    /// copied), else its owned bytes lent (`spare` takes their place meanwhile).
-    fn take(o: &mut trireme_core::buf::OutBuf, spare: impl FnOnce() -> Vec<u8>) -> Out {
-        match o.shared_alone() {
-            Some(b) => Out::Shared(b),
-            None => {
-                let (v, pos) = o.lend(spare());
-                Out::Lent(v, pos)
-            }
+    /// The next write of `o`: its owned bytes lent (`spare` takes their place meanwhile)
+    /// and its shared ones.
+    fn take(o: &mut trireme_core::buf::OutBuf, spare: Vec<u8>, mut iov: Iov) -> Out {
+        let (lent, pos, shared) = o.lend(spare);
+        let mut n = 0;
+        if lent.len() > pos {
+            iov.iov[n] = libc::iovec {
+                iov_base: lent[pos..].as_ptr() as *mut _,
+                iov_len: lent.len() - pos,
+            };
+            n += 1;
         }
+        if let Some(b) = shared.as_ref().filter(|b| !b.is_empty()) {
+            iov.iov[n] = libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            };
+            n += 1;
+        }
+        (iov.n, iov.pos, iov.shared) = (n, pos, shared);
+        Out { lent, iov }
     }
 
-    /// Back after the write: a lent buffer returns to `o`; the spare goes to the pool.
-    fn give_back(self, o: &mut trireme_core::buf::OutBuf) -> Option<Vec<u8>> {
-        match self {
-            Out::Lent(v, pos) => Some(o.unlend(v, pos)),
-            Out::Shared(_) => None,
-        }
+    /// Back after the write: the lent bytes return to `o`; the spare and the iovec pair go
+    /// back to their pools.
+    fn give_back(self, o: &mut trireme_core::buf::OutBuf) -> (Vec<u8>, Iov) {
+        let mut iov = self.iov;
+        (o.unlend(self.lent, iov.pos, iov.shared.take()), iov)
     }
 }
 
-// SAFETY: both variants point into heap memory that does not move while the value is
-// moved around (a `Vec`'s allocation, a `Bytes`' shared buffer) and is not touched while the
-// ring owns the value; `bytes_init` stays within it.
-unsafe impl IoBuf for Out {
-    fn read_ptr(&self) -> *const u8 {
-        match self {
-            Out::Lent(v, pos) => v[(*pos).min(v.len())..].as_ptr(),
-            Out::Shared(b) => b.as_ptr(),
-        }
+// SAFETY: the iovec pair is on the heap (its address does not change while the value is
+// moved or owned by the ring) and its first `n` entries are valid ranges: the lent `Vec`'s
+// allocation from `pos` and the shared `Bytes`' buffer, both heap memory that stays put and is not
+// touched while the ring owns the value (the `Vec` is kept in it, the `Bytes` in the pair).
+unsafe impl monoio::buf::IoVecBuf for Out {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iov.iov.as_ptr()
     }
 
-    fn bytes_init(&self) -> usize {
-        match self {
-            Out::Lent(v, pos) => v.len().saturating_sub(*pos),
-            Out::Shared(b) => b.len(),
-        }
+    fn read_iovec_len(&self) -> usize {
+        self.iov.n
     }
 }
 
 /// One write of `out`: a single op type whatever it holds (the future sits in every
 /// connection's task, so its size counts per idle connection).
 async fn write_owned<W: AsyncWriteRent>(mut half: W, out: Out) -> (W, io::Result<usize>, Out) {
-    let (r, out) = half.write(out).await;
+    let (r, out) = half.writev(out).await;
     (half, r, out)
 }
 
@@ -625,13 +662,21 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
         // Start writes.
         if cwrite.is_none() && !s.client_out.is_empty() {
             if let Some(h) = cwr.take() {
-                let out = Out::take(&mut s.client_out, || local.bufs.borrow_mut().out_buf());
+                let out = Out::take(
+                    &mut s.client_out,
+                    local.bufs.borrow_mut().out_buf(),
+                    local.iov(),
+                );
                 cwrite.set(Some(write_owned(h, out)));
             }
         }
         if uwrite.is_none() && !s.up_out.is_empty() {
             if let Some(h) = uwr.take() {
-                let out = Out::take(&mut s.up_out, || local.bufs.borrow_mut().out_buf());
+                let out = Out::take(
+                    &mut s.up_out,
+                    local.bufs.borrow_mut().out_buf(),
+                    local.iov(),
+                );
                 uwrite.set(Some(write_owned(h, out)));
             }
         }
@@ -709,9 +754,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
         match ev {
             Ev::ClientWritten(h, r, out) => {
                 cwr = Some(h);
-                if let Some(spare) = out.give_back(&mut s.client_out) {
-                    local.bufs.borrow_mut().put_out(spare);
-                }
+                let (spare, iov) = out.give_back(&mut s.client_out);
+                local.bufs.borrow_mut().put_out(spare);
+                local.iovs.borrow_mut().push(iov);
                 match r {
                     Ok(n) if n > 0 => s.on_client_written(n, now),
                     _ => s.on_client_error(now),
@@ -719,9 +764,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
             }
             Ev::UpWritten(h, r, out) => {
                 uwr = Some(h);
-                if let Some(spare) = out.give_back(&mut s.up_out) {
-                    local.bufs.borrow_mut().put_out(spare);
-                }
+                let (spare, iov) = out.give_back(&mut s.up_out);
+                local.bufs.borrow_mut().put_out(spare);
+                local.iovs.borrow_mut().push(iov);
                 match r {
                     Ok(n) if n > 0 => s.on_upstream_written(n, now),
                     _ => s.on_upstream_eof(true, now),
