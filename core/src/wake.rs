@@ -74,6 +74,27 @@ impl Waiters {
     }
 }
 
+/// Tokens of sessions to wake on one worker, pushed from any thread: for runtimes whose
+/// worker is rung once per batch (an eventfd, a socket pair). [`push`](Self::push) says
+/// whether to ring: only the first token after the worker took the queue needs one (the
+/// worker takes the queue only after it was rung, so no token is left waiting).
+#[derive(Debug, Default)]
+pub struct TokenQueue(parking_lot::Mutex<Vec<u64>>);
+
+impl TokenQueue {
+    /// Queue `token`; true when the worker must be rung.
+    pub fn push(&self, token: u64) -> bool {
+        let mut q = self.0.lock();
+        q.push(token);
+        q.len() == 1
+    }
+
+    /// Everything queued since the last take.
+    pub fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.0.lock())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +121,14 @@ mod tests {
         assert!(w.is_empty());
         w.take().wake_all();
         assert_eq!(log.0.lock().len(), 2, "nothing registered: nobody woken");
+    }
+
+    #[test]
+    fn a_token_queue_rings_once_per_batch() {
+        let q = TokenQueue::default();
+        assert!(q.push(7), "the first token rings");
+        assert!(!q.push(8), "a ring is on its way");
+        assert_eq!(q.take(), vec![7, 8]);
+        assert!(q.push(9), "taken: the next one rings again");
     }
 }

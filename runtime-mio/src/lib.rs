@@ -33,7 +33,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
-use trireme_core::wake::{Wake, Waker as CoreWaker};
+use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
 use trireme_rt_support::{peek_idle, read_spare};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -54,19 +54,13 @@ fn upstream_token(u: usize) -> Token {
 /// waiting on another request's fetch is named by its token (slab key and generation); the
 /// tokens queue here and the worker's poll is woken.
 struct Wakeups {
-    queue: std::sync::Mutex<Vec<u64>>,
+    queue: TokenQueue,
     waker: Arc<Waker>,
 }
 
 impl Wake for Wakeups {
     fn wake(&self, token: u64) {
-        let first = {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.push(token);
-            q.len() == 1
-        };
-        // A queue that was not empty has a wake-up on its way already.
-        if first {
+        if self.queue.push(token) {
             let _ = self.waker.wake();
         }
     }
@@ -238,7 +232,7 @@ impl Worker {
             sh,
             shutdown,
             wakeups: Arc::new(Wakeups {
-                queue: std::sync::Mutex::new(Vec::new()),
+                queue: TokenQueue::default(),
                 waker,
             }),
             drain_until: None,
@@ -314,9 +308,7 @@ impl Worker {
     /// Sessions woken by a fetch they wait on (see [`Wakeups`]): tell each, if it is
     /// still the connection the token named.
     fn deliver_wakeups(&mut self, now: Instant) {
-        let tokens =
-            std::mem::take(&mut *self.wakeups.queue.lock().unwrap_or_else(|e| e.into_inner()));
-        for t in tokens {
+        for t in self.wakeups.queue.take() {
             let (k, gen) = ((t >> 32) as usize, t as u32);
             if let Some(c) = self.conns.get_mut(k).filter(|c| c.gen == gen) {
                 c.s.on_wake(now);

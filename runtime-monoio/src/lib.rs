@@ -41,7 +41,7 @@ use trireme_core::metrics::Throttle;
 use trireme_core::proxy::{Action, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
-use trireme_core::wake::{Wake, Waker as CoreWaker};
+use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
 use trireme_rt_support::peek_idle;
 
 /// How often an idle worker looks at the shutdown flag (set from the signal thread).
@@ -177,20 +177,13 @@ impl Local {
 /// waiting on another request's fetch is named by its slot in [`Local::woken`]. Tokens
 /// queue here; a byte on a socket pair rings the worker, whose bell task hands them out.
 struct Bell {
-    queue: std::sync::Mutex<Vec<u64>>,
+    queue: TokenQueue,
     tx: std::os::unix::net::UnixStream,
 }
 
 impl Wake for Bell {
     fn wake(&self, token: u64) {
-        let first = {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.push(token);
-            q.len() == 1
-        };
-        // A queue that was not empty has a ring on its way already (the bell task takes
-        // the queue only after reading the byte).
-        if first {
+        if self.queue.push(token) {
             let _ = io::Write::write(&mut &self.tx, &[1]);
         }
     }
@@ -228,7 +221,7 @@ async fn ring_bell(local: Rc<Local>, bell: Arc<Bell>, mut rx: monoio::net::UnixS
         if !matches!(r, Ok(1..)) {
             return;
         }
-        let tokens = std::mem::take(&mut *bell.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        let tokens = bell.queue.take();
         let mut ws = local.woken.borrow_mut();
         for t in tokens {
             if let Some(w) = ws.get_mut(t as usize) {
@@ -288,7 +281,7 @@ async fn worker(
             tx.set_nonblocking(true)?;
             Some((
                 Arc::new(Bell {
-                    queue: std::sync::Mutex::new(Vec::new()),
+                    queue: TokenQueue::default(),
                     tx,
                 }),
                 monoio::net::UnixStream::from_std(rx)?,
