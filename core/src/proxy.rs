@@ -83,6 +83,15 @@ pub struct ProxyContext {
     pub per_ip: Option<Arc<crate::admission::PerIp>>,
 }
 
+impl ProxyContext {
+    /// Whether a session may wait on another request's fetch (collapsed forwarding, the
+    /// cache lock): only with a cache. A runtime gives sessions a waker
+    /// ([`Session::set_waker`]) only then.
+    pub fn sessions_may_wait(&self) -> bool {
+        self.cache.is_some()
+    }
+}
+
 /// What the session asks of the runtime.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {

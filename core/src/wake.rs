@@ -89,9 +89,11 @@ impl TokenQueue {
         q.len() == 1
     }
 
-    /// Everything queued since the last take.
-    pub fn take(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.0.lock())
+    /// Everything queued since the last take, swapped into `out` (emptied first), so the
+    /// two allocations take turns and a busy worker allocates none.
+    pub fn take_into(&self, out: &mut Vec<u64>) {
+        out.clear();
+        std::mem::swap(&mut *self.0.lock(), out);
     }
 }
 
@@ -128,7 +130,9 @@ mod tests {
         let q = TokenQueue::default();
         assert!(q.push(7), "the first token rings");
         assert!(!q.push(8), "a ring is on its way");
-        assert_eq!(q.take(), vec![7, 8]);
+        let mut got = vec![1];
+        q.take_into(&mut got);
+        assert_eq!(got, vec![7, 8]);
         assert!(q.push(9), "taken: the next one rings again");
     }
 }

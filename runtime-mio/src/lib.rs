@@ -184,6 +184,8 @@ struct Worker {
     sh: Arc<Shared>,
     shutdown: Arc<Shutdown>,
     wakeups: Arc<Wakeups>,
+    /// The tokens of the last batch of wake-ups (a buffer kept for the next one).
+    woken: Vec<u64>,
     drain_until: Option<Instant>,
     reject_log: Throttle,
 }
@@ -231,6 +233,7 @@ impl Worker {
             next_evict: Instant::now() + EVICT_EVERY,
             sh,
             shutdown,
+            woken: Vec::new(),
             wakeups: Arc::new(Wakeups {
                 queue: TokenQueue::default(),
                 waker,
@@ -308,13 +311,16 @@ impl Worker {
     /// Sessions woken by a fetch they wait on (see [`Wakeups`]): tell each, if it is
     /// still the connection the token named.
     fn deliver_wakeups(&mut self, now: Instant) {
-        for t in self.wakeups.queue.take() {
+        let mut tokens = std::mem::take(&mut self.woken);
+        self.wakeups.queue.take_into(&mut tokens);
+        for &t in &tokens {
             let (k, gen) = ((t >> 32) as usize, t as u32);
             if let Some(c) = self.conns.get_mut(k).filter(|c| c.gen == gen) {
                 c.s.on_wake(now);
                 self.drive(k, now);
             }
         }
+        self.woken = tokens;
     }
 
     fn next_wake(&self, now: Instant) -> Option<Instant> {

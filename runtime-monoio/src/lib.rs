@@ -214,6 +214,7 @@ fn poll_woken(local: &Local, slot: usize, cx: &mut std::task::Context<'_>) -> Po
 /// The worker's bell task: each ring, mark the slots named since the last one.
 async fn ring_bell(local: Rc<Local>, bell: Arc<Bell>, mut rx: monoio::net::UnixStream) {
     let mut buf = Vec::with_capacity(64);
+    let mut tokens = Vec::new();
     loop {
         let (r, b) = rx.read(buf).await;
         buf = b;
@@ -221,9 +222,9 @@ async fn ring_bell(local: Rc<Local>, bell: Arc<Bell>, mut rx: monoio::net::UnixS
         if !matches!(r, Ok(1..)) {
             return;
         }
-        let tokens = bell.queue.take();
+        bell.queue.take_into(&mut tokens);
         let mut ws = local.woken.borrow_mut();
-        for t in tokens {
+        for &t in &tokens {
             if let Some(w) = ws.get_mut(t as usize) {
                 w.rung = true;
                 if let Some(k) = w.waker.take() {
@@ -274,8 +275,8 @@ async fn worker(
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     // Only requests answered from the cache wait on another's fetch: no cache, no bell.
-    let bell = match sh.ctx.cache {
-        Some(_) => {
+    let bell = match sh.ctx.sessions_may_wait() {
+        true => {
             let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
             rx.set_nonblocking(true)?;
             tx.set_nonblocking(true)?;
@@ -287,7 +288,7 @@ async fn worker(
                 monoio::net::UnixStream::from_std(rx)?,
             ))
         }
-        None => None,
+        false => None,
     };
     let local = Rc::new(Local {
         woken: RefCell::new(Slab::new()),

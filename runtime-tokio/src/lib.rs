@@ -381,7 +381,7 @@ async fn connection(
     let pools = &sh.pools;
     let mut s = Session::new(sh.ctx.clone(), peer, Instant::now());
     // Only requests answered from the cache wait on another's fetch: no cache, no waker.
-    let woken = sh.ctx.cache.as_ref().map(|_| {
+    let woken = sh.ctx.sessions_may_wait().then(|| {
         let w = Arc::new(TaskWake(tokio::sync::Notify::new()));
         let target: Arc<dyn Wake> = w.clone();
         s.set_waker(CoreWaker::new(target, 0));
