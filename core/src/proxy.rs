@@ -436,6 +436,10 @@ impl Session {
             || self.l2.is_some()
             || !self.client_in.is_empty()
             || !self.client_out.is_empty()
+            // Shared body bytes still in a write (lent to io_uring) hold part of the read
+            // buffer: parked now, it would go back to the pool cut short and the next read
+            // would allocate. The runtime parks again once the write is back.
+            || self.client_out.has_shared()
             || !self.up_in.is_empty()
             || !self.up_out.is_empty()
         {

@@ -2430,3 +2430,44 @@ fn forwarded_response_fields_keep_order_and_lose_only_hop_by_hop_ones() {
     );
     assert!(text.ends_with("\r\n\r\nok"));
 }
+
+/// A body written from the read buffer it arrived in, by a write that owns it while in
+/// flight (io_uring's lend): the session's buffers are parked only once it is back, so the
+/// read buffer returns to the pool whole and the next response's read allocates nothing.
+#[test]
+fn buffers_park_whole_after_a_lent_shared_body() {
+    let now = crate::test_origin();
+    let mut pool = BufPool::default();
+    let ctx = ctx_from(&two_backends(""), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    s.reserve_client_in(&mut pool).extend_from_slice(&get("/"));
+    s.on_client_read(now);
+    assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+    s.on_upstream_connected(false, now);
+    let n = s.up_out.len();
+    s.on_upstream_written(n, now);
+    let up = s.reserve_up_in(&mut pool);
+    let read_buf = up.as_ptr();
+    up.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 16384\r\n\r\n");
+    up.extend_from_slice(&[b'x'; 16384]);
+    s.on_upstream_read(now);
+    while s.poll_action().is_some() {}
+    // The write takes the head and the body (shared with the read buffer) with it.
+    let (v, pos, shared) = s.client_out.lend(pool.out_buf());
+    assert_eq!(
+        shared.as_ref().map(|b| b.len()),
+        Some(16384),
+        "the body is shared"
+    );
+    let total = v.len() - pos + 16384;
+    s.park_buffers(&mut pool);
+    let spare = s.client_out.unlend(v, pos, shared);
+    pool.put_out(spare);
+    s.on_client_written(total, now);
+    s.park_buffers(&mut pool);
+    assert_eq!(
+        pool.read_buf(UP_READ_CHUNK).as_ptr(),
+        read_buf,
+        "the read buffer came back to the pool whole"
+    );
+}
