@@ -24,7 +24,7 @@ pub struct OutBuf {
     written: u64,
     /// Pending bytes out on a lend (in a write in flight; not in `buf` meanwhile).
     lent: usize,
-    /// The shared bytes are out on a lend ([`lend_with_shared`](Self::lend_with_shared)):
+    /// The shared bytes are out on a lend ([`lend`](Self::lend)):
     /// no other may be queued until they are back.
     lent_shared: bool,
 }

@@ -114,7 +114,7 @@ pub enum Action {
     },
 }
 
-/// Every deadline a session can arm ([`Session::timers`]), in the order
+/// Every deadline a session can arm ([`Session::each_timer`]), in the order
 /// [`Session::on_timeout`] handles them when several are due, and what each expiry does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
@@ -301,7 +301,7 @@ fn misuse(what: &'static str) {
     tracing::error!(what, "session API misuse (a runtime bug); call ignored");
 }
 
-/// Calls ignored as [`misuse`], process-wide.
+/// Calls ignored as API misuse (see `misuse`), process-wide.
 pub static MISUSE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Session {
@@ -533,7 +533,7 @@ impl Session {
     }
 
     /// The one deadline the runtime should arm; call [`on_timeout`](Self::on_timeout) then:
-    /// the earliest of the [`timers`](Self::timers) armed now.
+    /// the earliest of the timers armed now (`each_timer`, the timer table).
     pub fn deadline(&self) -> Option<Instant> {
         let mut d: Option<Instant> = None;
         self.each_timer(|_, t| d = Some(d.map_or(t, |x| x.min(t))));

@@ -263,7 +263,7 @@ impl L2 {
     }
 
     /// Whether an invalidation since generation `g` covers `key` (also true when more
-    /// than [`RECENT`] happened since: too many to tell, and a lookup is cheap to redo).
+    /// than `RECENT` happened since: too many to tell, and a lookup is cheap to redo).
     pub fn invalidated_since(&self, key: &[u8], g: u64) -> bool {
         if self.generation.load(Ordering::Acquire) == g {
             return false;

@@ -1,5 +1,5 @@
 //! HTTP/1.1 messages: head parsing and validation ([`head`]), body framing ([`body`]) and
-//! serialization helpers ([`write`]).
+//! serialization helpers ([`write`](mod@write)).
 
 pub mod body;
 pub mod head;
