@@ -17,6 +17,7 @@ pub mod forward;
 pub mod http1;
 pub mod metrics;
 pub mod proxy;
+pub mod respond;
 pub mod route;
 pub mod shutdown;
 pub mod sim;

@@ -5,18 +5,25 @@
 //! The runtime owns the sockets and the clock; the session owns the buffers and every
 //! decision. After each input, the runtime drains the session's output:
 //!
-//! 1. Input: read client bytes into [`Session::client_in`] then call
-//!    [`Session::on_client_read`]; likewise [`Session::up_in`] and
+//! 1. Input: read client bytes into the buffer [`Session::reserve_client_in`] returns (or
+//!    hand over a buffer read into, [`Session::put_client_bytes`]) then call
+//!    [`Session::on_client_read`]; likewise [`Session::reserve_up_in`] and
 //!    [`Session::on_upstream_read`]. Report EOF, errors, connect outcomes and timer expiry
 //!    with the other `on_*` methods, always passing `now`.
 //! 2. Output, pulled: [`Session::poll_action`] until `None` (connect to a backend, release
-//!    the upstream connection to the pool or close it); write [`Session::client_out`] and
-//!    [`Session::up_out`] and report progress with `on_*_written`; read only while
-//!    [`Session::wants_client_read`] / [`Session::wants_upstream_read`]; arm one timer at
-//!    [`Session::deadline`]; close the client when [`Session::wants_close`].
+//!    the upstream connection to the pool or close it); write what
+//!    [`Session::client_output`] and [`Session::upstream_output`] hold (while
+//!    [`Session::has_client_output`] / [`Session::has_upstream_output`]) and report progress
+//!    with `on_*_written`; read only while [`Session::wants_client_read`] /
+//!    [`Session::wants_upstream_read`]; arm one timer at [`Session::deadline`]; close the
+//!    client when [`Session::wants_close`].
+//!
+//! The buffers are the session's: a runtime reaches them only through these calls, so a
+//! transport (TLS) or another framing (HTTP/2) can sit between the socket and the parser
+//! without the runtimes changing.
 //!
 //! Requests on one connection are handled one at a time, in order: pipelined requests wait
-//! in `client_in` until the response before them is complete. Bodies stream through in
+//! in the input buffer until the response before them is complete. Bodies stream through in
 //! both directions with a bounded amount buffered (backpressure through `wants_*_read`).
 //!
 //! After a client protocol error the read side stays failed: the error response is written
@@ -29,10 +36,12 @@ use crate::cache::store::Stored;
 use crate::error::{HttpError, Status};
 use crate::forward::{ForwardFields, Peer};
 use crate::http1::body::{Chunk, ChunkedDecoder};
-use crate::http1::head::{self, HeaderSpan, Method, Parsed, RequestHead};
-use crate::http1::write::{error_response, push_chunk, push_date, push_dec, LAST_CHUNK};
+use crate::http1::head::{self, Method, Parsed, RequestHead, ResponseHead};
+use crate::http1::response::ResponseReader;
+use crate::http1::write::{error_response, push_chunk, push_dec, LAST_CHUNK};
 use crate::http1::{BodyKind, Limits, Version};
 use crate::metrics::Metrics;
+use crate::respond::{push_header, CaptureStage, ClientBody, Framing, ResponsePlan, Runs};
 use crate::route::Router;
 use crate::upstream::{HashKey, Upstream};
 use bytes::{Buf, BytesMut};
@@ -163,23 +172,6 @@ enum ReqBody {
     Chunked(ChunkedDecoder),
 }
 
-#[derive(Debug)]
-enum RespBody {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-    UntilClose,
-}
-
-#[derive(Debug)]
-enum Resp {
-    AwaitHead,
-    Body {
-        body: RespBody,
-        chunked_to_client: bool,
-    },
-    Done,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Up {
     None,
@@ -231,18 +223,21 @@ pub struct Session {
     /// The client, and whether its forwarding fields are believed.
     peer: Peer,
     /// Bytes read from the client, not yet consumed.
-    pub client_in: BytesMut,
+    client_in: BytesMut,
     /// Bytes to write to the client.
-    pub client_out: OutBuf,
+    client_out: OutBuf,
     /// Bytes read from the current upstream connection, not yet consumed.
-    pub up_in: BytesMut,
+    up_in: BytesMut,
     /// Bytes to write to the current upstream connection.
-    pub up_out: OutBuf,
+    up_out: OutBuf,
     actions: VecDeque<Action>,
     state: State,
     req: Option<Req>,
     req_body: ReqBody,
-    resp: Resp,
+    /// The response in flight, as read off the backend connection.
+    resp: ResponseReader,
+    /// How its body is delimited for the client.
+    resp_framing: Framing,
     up: Up,
     /// The upstream request head, kept for a retry.
     up_head: Vec<u8>,
@@ -255,8 +250,6 @@ pub struct Session {
     requests_done: u32,
     draining: bool,
     client_eof: bool,
-    /// The backend did not announce a close for the response in flight.
-    up_reuse_ok: bool,
     /// The buffers are back in the runtime's [`BufPool`] (idle connection).
     parked: bool,
     /// The response in flight is being copied into the cache.
@@ -323,7 +316,8 @@ impl Session {
             state: State::Idle,
             req: None,
             req_body: ReqBody::Done,
-            resp: Resp::Done,
+            resp: ResponseReader::done(),
+            resp_framing: Framing::NoBody,
             up: Up::None,
             up_head: Vec::new(),
             head_started: None,
@@ -333,7 +327,6 @@ impl Session {
             requests_done: 0,
             draining: false,
             client_eof: false,
-            up_reuse_ok: false,
             parked: false,
             capture: None,
             cache_wait: None,
@@ -376,15 +369,43 @@ impl Session {
         self.actions.pop_front()
     }
 
-    /// Ensure `client_in` has room for a read of at least [`READ_CHUNK`] bytes, taking the
-    /// session's buffers from `pool` if it had parked them.
+    /// What to write to the client: write from [`OutBuf::pending_parts`] (or lend it,
+    /// [`OutBuf::lend`]) and report with [`on_client_written`](Self::on_client_written).
+    #[inline]
+    pub fn client_output(&mut self) -> &mut OutBuf {
+        &mut self.client_out
+    }
+
+    /// Bytes wait to be written to the client.
+    #[inline]
+    pub fn has_client_output(&self) -> bool {
+        !self.client_out.is_empty()
+    }
+
+    /// What to write to the upstream connection (see [`client_output`](Self::client_output));
+    /// report with [`on_upstream_written`](Self::on_upstream_written).
+    #[inline]
+    pub fn upstream_output(&mut self) -> &mut OutBuf {
+        &mut self.up_out
+    }
+
+    /// Bytes wait to be written to the upstream connection.
+    #[inline]
+    pub fn has_upstream_output(&self) -> bool {
+        !self.up_out.is_empty()
+    }
+
+    /// Ensure the client input buffer has room for a read of at least [`READ_CHUNK`] bytes,
+    /// taking the session's buffers from `pool` if it had parked them; the runtime reads into
+    /// its spare capacity, then calls [`on_client_read`](Self::on_client_read).
     pub fn reserve_client_in(&mut self, pool: &mut BufPool) -> &mut BytesMut {
         self.unpark(pool);
         self.client_in.reserve(READ_CHUNK);
         &mut self.client_in
     }
 
-    /// Ensure `up_in` has room for a read of at least [`UP_READ_CHUNK`] bytes.
+    /// Ensure the upstream input buffer has room for a read of at least [`UP_READ_CHUNK`]
+    /// bytes (then [`on_upstream_read`](Self::on_upstream_read)).
     pub fn reserve_up_in(&mut self, pool: &mut BufPool) -> &mut BytesMut {
         self.unpark(pool);
         self.up_in.reserve(UP_READ_CHUNK);
@@ -521,7 +542,7 @@ impl Session {
             return self.l2_wants_read();
         }
         matches!(self.up, Up::Connected { .. })
-            && !matches!(self.resp, Resp::Done)
+            && !self.resp.is_done()
             && !self.client_out.has_shared()
             && self.client_out.len() < HIGH_WATER
             && self.up_in.len() < HIGH_WATER
@@ -578,7 +599,7 @@ impl Session {
                     Up::Connecting { since, .. } => {
                         push(Timer::Connect, since + up.cfg.connect_timeout)
                     }
-                    Up::Connected { .. } if !matches!(self.resp, Resp::Done) => {
+                    Up::Connected { .. } if !self.resp.is_done() => {
                         push(Timer::Response, self.last_up_io + up.cfg.response_timeout)
                     }
                     _ => {}
@@ -757,8 +778,8 @@ impl Session {
         if !matches!(self.up, Up::Connected { .. }) {
             return misuse("on_upstream_eof without a connected upstream");
         }
-        match &self.resp {
-            Resp::AwaitHead => {
+        if self.resp.awaiting_head() {
+            {
                 let reused = matches!(self.up, Up::Connected { reused: true });
                 let (retryable, no_bytes) = match &self.req {
                     Some(r) => (r.method.is_idempotent() && !r.has_body, r.resp_bytes == 0),
@@ -794,20 +815,20 @@ impl Session {
                     now,
                 );
             }
-            Resp::Body {
-                body: RespBody::UntilClose,
-                chunked_to_client,
-            } if !error => {
-                if *chunked_to_client {
-                    self.client_out.vec().extend_from_slice(LAST_CHUNK);
-                }
-                self.resp = Resp::Done;
-                self.finish_exchange(false, now);
-            }
-            Resp::Body { .. } => {
-                self.broken_response("backend closed the connection mid-response", now);
-            }
-            Resp::Done => {}
+            return;
+        }
+        if self.resp.is_done() {
+            return;
+        }
+        let complete = !error && {
+            let mut sink = ClientBody::new(&mut self.client_out, self.resp_framing);
+            self.resp.on_eof(&mut sink)
+        };
+        if complete {
+            // A body read until close: the connection is spent.
+            self.finish_exchange(false, now);
+        } else {
+            self.broken_response("backend closed the connection mid-response", now);
         }
     }
 
@@ -1370,7 +1391,7 @@ impl Session {
             since: now,
             fresh: false,
         };
-        self.resp = Resp::AwaitHead;
+        self.resp = ResponseReader::new();
         self.state = State::Active;
     }
 
@@ -1476,7 +1497,7 @@ impl Session {
             fresh: fresh || repick,
         });
         self.up = Up::Connecting { since: now, fresh };
-        self.resp = Resp::AwaitHead;
+        self.resp = ResponseReader::new();
         true
     }
 
@@ -1527,293 +1548,188 @@ impl Session {
         }
     }
 
+    /// Read the backend's response into the client's output: the head through the
+    /// response pipeline ([`crate::respond`]), the body de-framed by the reader and passed
+    /// through the body stages (the cache's capture) to the client's framing.
     fn process_upstream(&mut self, now: Instant) {
-        loop {
-            match &mut self.resp {
-                Resp::AwaitHead => {
-                    let parsed = head::parse_response(&self.up_in, 64 * 1024);
-                    let h = match parsed {
-                        Err(e) => {
-                            self.report_backend_failure(now);
-                            self.upstream_error(e.status, e.why, now);
-                            return;
-                        }
-                        Ok(Parsed::Partial) => return,
-                        Ok(Parsed::Complete(h)) => h,
-                    };
-                    let Some(req) = self.req.as_mut() else { return };
-                    if h.status == 101 {
-                        self.report_backend_failure(now);
-                        self.upstream_error(
-                            Status::BadGateway,
-                            "backend switched protocols without an upgrade request",
-                            now,
-                        );
-                        return;
-                    }
-                    if (100..200).contains(&h.status) {
-                        // Interim response: relay to HTTP/1.1 clients (100 Continue, 103).
-                        if req.version == Version::Http11 {
-                            let out = self.client_out.vec();
-                            write_status_line(out, h.status, h.reason.get(&self.up_in));
-                            for hd in &h.headers {
-                                if !h.is_hop(&self.up_in, hd) {
-                                    push_header(
-                                        out,
-                                        hd.name.get(&self.up_in),
-                                        hd.value.get(&self.up_in),
-                                    );
-                                }
-                            }
-                            out.extend_from_slice(b"\r\n");
-                        }
-                        self.up_in.advance(h.len);
-                        continue;
-                    }
-                    let upstream = &self.ctx.upstreams[req.upstream as usize];
-                    if let Some(b) = req.backend {
-                        if h.status >= 500 && upstream.cfg.passive.on_5xx {
-                            upstream.report_failure(b as usize, now);
-                        } else {
-                            upstream.report_success(b as usize);
-                        }
-                    }
-                    // The cache validated a stale response: a 304 refreshes and serves it; an
-                    // origin error may be answered with it (stale-if-error).
-                    let cache_turn = match (&self.ctx.cache, &req.cache) {
-                        (Some(cache), CacheReq::Miss(p)) => {
-                            let wall = self.ctx.clock.at(now);
-                            if h.status == 304 && p.validating {
-                                cache
-                                    .revalidated(p, &h, &self.up_in, wall)
-                                    .map(|s| (Some(s), wall))
-                            } else if matches!(h.status, 500 | 502 | 503 | 504) {
-                                Some((None, wall))
-                            } else {
-                                None
-                            }
-                        }
-                        _ => None,
-                    };
-                    match cache_turn {
-                        Some((Some(stored), wall)) => {
-                            self.up_in.advance(h.len);
-                            self.finish_revalidated(&stored, wall, !h.close, now);
-                            return;
-                        }
-                        Some((None, _)) => {
-                            let close = self.req.as_ref().is_none_or(|r| r.close_after);
-                            if self.serve_stale_on_error(close, now) {
-                                return;
-                            }
-                        }
-                        None => {}
-                    }
-                    let Some(req) = self.req.as_mut() else { return };
-                    self.ctx.metrics.count_status(h.status);
-                    let no_body = req.method == Method::Head || h.status == 204 || h.status == 304;
-                    // Request body still unsent when the answer comes: close afterwards.
-                    if !matches!(self.req_body, ReqBody::Done) {
-                        req.close_after = true;
-                    }
-                    let body = if no_body {
-                        None
-                    } else {
-                        match h.body {
-                            BodyKind::None => None,
-                            BodyKind::Length(n) => Some(RespBody::Length(n)),
-                            BodyKind::Chunked => Some(RespBody::Chunked(ChunkedDecoder::new())),
-                            BodyKind::UntilClose => Some(RespBody::UntilClose),
-                        }
-                    };
-                    let delimited_for_client = match &body {
-                        Some(RespBody::Chunked(_)) | Some(RespBody::UntilClose) => {
-                            req.version == Version::Http11
-                        }
-                        _ => true,
-                    };
-                    if !delimited_for_client {
-                        req.close_after = true;
-                    }
-                    let chunked_to_client = matches!(
-                        body,
-                        Some(RespBody::Chunked(_)) | Some(RespBody::UntilClose)
-                    ) && req.version == Version::Http11;
-                    // Client response head.
-                    req.resp_at = self.client_out.end_offset();
-                    let out = self.client_out.vec();
-                    let ub: &[u8] = &self.up_in;
-                    write_status_line(out, h.status, h.reason.get(ub));
-                    let stripping = self.ctx.cache.as_ref().filter(|c| c.strips_any());
-                    let mut dated = false;
-                    let mut runs = Runs::new(ub);
-                    for hd in &h.headers {
-                        let name = hd.name.get(ub);
-                        if no_body && head::name_is(name, b"content-length") && h.status != 204 {
-                            runs.keep(out, hd);
-                            continue;
-                        }
-                        if !h.is_hop(ub, hd) && !stripping.is_some_and(|c| c.strips(name)) {
-                            dated |= head::name_is(name, b"date");
-                            runs.keep(out, hd);
-                        } else {
-                            runs.flush(out);
-                        }
-                    }
-                    runs.flush(out);
-                    if !dated {
-                        // RFC 9110 section 6.6.1: the origin had no clock; this proxy has.
-                        push_date(out, self.ctx.clock.at(now));
-                    }
-                    match &body {
-                        None if !no_body => out.extend_from_slice(b"Content-Length: 0\r\n"),
-                        Some(RespBody::Length(n)) => {
-                            out.extend_from_slice(b"Content-Length: ");
-                            push_dec(out, *n);
-                            out.extend_from_slice(b"\r\n");
-                        }
-                        _ if chunked_to_client => {
-                            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
-                        }
-                        _ => {}
-                    }
-                    self.capture = None;
-                    if let Some(cache) = &self.ctx.cache {
-                        match &req.cache {
-                            CacheReq::Miss(p) => {
-                                // Bodies delimited by the backend's close are not stored.
-                                if req.method == Method::Get
-                                    && !matches!(body, Some(RespBody::UntilClose))
-                                {
-                                    let wall = self.ctx.clock.at(now);
-                                    self.capture = cache.begin_capture(p, &h, ub, wall);
-                                } else {
-                                    p.pass(self.ctx.clock.at(now));
-                                }
-                                cache.stats.misses.fetch_add(1, Ordering::Relaxed);
-                                out.extend_from_slice(if self.capture.is_some() {
-                                    b"X-Cache: MISS\r\nCache-Status: trireme; fwd=miss; stored\r\n"
-                                } else {
-                                    b"X-Cache: MISS\r\nCache-Status: trireme; fwd=miss\r\n"
-                                });
-                            }
-                            CacheReq::Invalidate { key, host } => {
-                                if crate::cache::invalidating_status(h.status) {
-                                    cache.invalidate(key, host, &h, ub);
-                                }
-                            }
-                            CacheReq::None => {}
-                        }
-                    }
-                    if req.close_after {
-                        out.extend_from_slice(b"Connection: close\r\n");
-                    } else if req.version == Version::Http10 {
-                        out.extend_from_slice(b"Connection: keep-alive\r\n");
-                    }
-                    out.extend_from_slice(b"\r\n");
-                    req.response_started = true;
-                    let up_close = h.close;
-                    self.up_in.advance(h.len);
-                    match body {
-                        None => {
-                            self.resp = Resp::Done;
-                            self.finish_capture();
-                            self.finish_exchange(!up_close, now);
-                            return;
-                        }
-                        Some(body) => {
-                            self.resp = Resp::Body {
-                                body,
-                                chunked_to_client,
-                            };
-                            self.up_reuse_ok = !up_close;
-                        }
-                    }
-                }
-                Resp::Body {
-                    body,
-                    chunked_to_client,
-                } => {
-                    let chunked_out = *chunked_to_client;
-                    let mut complete = false;
-                    if let RespBody::Length(rem) = body {
-                        // Written from the read buffer (no copy when long); reading from
-                        // the backend pauses until it is written (`wants_upstream_read`).
-                        let n = (*rem).min(self.up_in.len() as u64) as usize;
-                        if let Some(c) = self.capture.as_mut() {
-                            c.push(&self.up_in[..n]);
-                        }
-                        self.client_out.push_shared(self.up_in.split_to(n).freeze());
-                        *rem -= n as u64;
-                        complete = *rem == 0;
-                    }
-                    match body {
-                        RespBody::Length(_) => {}
-                        RespBody::UntilClose => {
-                            let out = self.client_out.vec();
-                            if chunked_out {
-                                push_chunk(out, &self.up_in);
-                            } else {
-                                out.extend_from_slice(&self.up_in);
-                            }
-                            self.up_in.clear();
-                        }
-                        RespBody::Chunked(dec) => {
-                            let out = self.client_out.vec();
-                            let mut pos = 0;
-                            loop {
-                                let r = dec.decode(&self.up_in[pos..]);
-                                let (used, chunk) = match r {
-                                    Ok(x) => x,
-                                    Err(e) => {
-                                        tracing::debug!(client = %self.peer.ip, error = %e, "invalid chunk");
-                                        self.up_in.clear();
-                                        self.broken_response(
-                                            "invalid chunked response from backend",
-                                            now,
-                                        );
-                                        return;
-                                    }
-                                };
-                                match chunk {
-                                    Some(Chunk::Data(r)) => {
-                                        let d = &self.up_in[pos + r.start..pos + r.end];
-                                        if let Some(c) = self.capture.as_mut() {
-                                            c.push(d);
-                                        }
-                                        if chunked_out {
-                                            push_chunk(out, d);
-                                        } else {
-                                            out.extend_from_slice(d);
-                                        }
-                                    }
-                                    Some(Chunk::End) => {
-                                        if chunked_out {
-                                            out.extend_from_slice(LAST_CHUNK);
-                                        }
-                                        complete = true;
-                                    }
-                                    None => {}
-                                }
-                                pos += used;
-                                if complete || used == 0 || pos == self.up_in.len() {
-                                    break;
-                                }
-                            }
-                            self.up_in.advance(pos);
-                        }
-                    }
-                    if complete {
-                        self.resp = Resp::Done;
-                        self.finish_capture();
-                        let reuse = self.up_reuse_ok;
-                        self.finish_exchange(reuse, now);
-                    }
-                    return;
-                }
-                Resp::Done => return,
+        if self.resp.awaiting_head() && !self.process_response_head(now) {
+            return;
+        }
+        if !self.resp.in_body() {
+            return;
+        }
+        let sink = ClientBody::new(&mut self.client_out, self.resp_framing);
+        let read = match (self.capture.as_mut(), &self.ctx.cache) {
+            (Some(capture), Some(cache)) => self.resp.read_body(
+                &mut self.up_in,
+                &mut CaptureStage {
+                    cache,
+                    capture,
+                    next: sink,
+                },
+            ),
+            _ => self.resp.read_body(&mut self.up_in, &mut { sink }),
+        };
+        match read {
+            Ok(true) => {
+                self.capture = None;
+                let reuse = self.resp.reusable(&self.up_in);
+                self.finish_exchange(reuse, now);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(client = %self.peer.ip, error = %e, "invalid chunk");
+                self.up_in.clear();
+                self.broken_response("invalid chunked response from backend", now);
             }
         }
+    }
+
+    /// Read response heads until the final one: interim ones are relayed, the final one is
+    /// judged (passive health, revalidation, stale-if-error) and its head queued for the
+    /// client. True when its body is to be read next.
+    fn process_response_head(&mut self, now: Instant) -> bool {
+        loop {
+            let h = match self.resp.head(&self.up_in) {
+                Err(e) => {
+                    self.report_backend_failure(now);
+                    self.upstream_error(e.status, e.why, now);
+                    return false;
+                }
+                Ok(Parsed::Partial) => return false,
+                Ok(Parsed::Complete(h)) => h,
+            };
+            let Some(req) = self.req.as_mut() else {
+                return false;
+            };
+            if h.status == 101 {
+                self.report_backend_failure(now);
+                self.upstream_error(
+                    Status::BadGateway,
+                    "backend switched protocols without an upgrade request",
+                    now,
+                );
+                return false;
+            }
+            if (100..200).contains(&h.status) {
+                // Interim response: relay to HTTP/1.1 clients (100 Continue, 103).
+                if req.version == Version::Http11 {
+                    let out = self.client_out.vec();
+                    write_status_line(out, h.status, h.reason.get(&self.up_in));
+                    for hd in &h.headers {
+                        if !h.is_hop(&self.up_in, hd) {
+                            push_header(out, hd.name.get(&self.up_in), hd.value.get(&self.up_in));
+                        }
+                    }
+                    out.extend_from_slice(b"\r\n");
+                }
+                self.resp.skip_interim(&mut self.up_in, &h);
+                continue;
+            }
+            return self.final_response_head(&h, now);
+        }
+    }
+
+    fn final_response_head(&mut self, h: &ResponseHead, now: Instant) -> bool {
+        let Some(req) = self.req.as_mut() else {
+            return false;
+        };
+        let upstream = &self.ctx.upstreams[req.upstream as usize];
+        if let Some(b) = req.backend {
+            if h.status >= 500 && upstream.cfg.passive.on_5xx {
+                upstream.report_failure(b as usize, now);
+            } else {
+                upstream.report_success(b as usize);
+            }
+        }
+        // The cache validated a stale response: a 304 refreshes and serves it; an origin
+        // error may be answered with it (stale-if-error).
+        if let (Some(cache), CacheReq::Miss(p)) = (&self.ctx.cache, &req.cache) {
+            let wall = self.ctx.clock.at(now);
+            if h.status == 304 && p.validating {
+                if let Some(stored) = cache.revalidated(p, h, &self.up_in, wall) {
+                    self.resp.start_body(&mut self.up_in, h, true);
+                    let reuse = self.resp.reusable(&self.up_in);
+                    self.finish_revalidated(&stored, wall, reuse, now);
+                    return false;
+                }
+            } else if matches!(h.status, 500 | 502 | 503 | 504) {
+                let close = req.close_after;
+                if self.serve_stale_on_error(close, now) {
+                    return false;
+                }
+            }
+        }
+        let Some(req) = self.req.as_mut() else {
+            return false;
+        };
+        self.ctx.metrics.count_status(h.status);
+        let no_body = req.method == Method::Head || h.status == 204 || h.status == 304;
+        // Request body still unsent when the answer comes: close afterwards.
+        if !matches!(self.req_body, ReqBody::Done) {
+            req.close_after = true;
+        }
+        let framing = match (no_body, h.body) {
+            (true, _) => Framing::NoBody,
+            (false, BodyKind::None) => Framing::Length(0),
+            (false, BodyKind::Length(n)) => Framing::Length(n),
+            (false, BodyKind::Chunked | BodyKind::UntilClose) => {
+                if req.version == Version::Http11 {
+                    Framing::Chunked
+                } else {
+                    Framing::Close
+                }
+            }
+        };
+        if framing == Framing::Close {
+            req.close_after = true;
+        }
+        let ub: &[u8] = &self.up_in;
+        let mut plan = ResponsePlan::forwarded(h, ub, framing);
+        if let Some(cache) = self.ctx.cache.as_ref().filter(|c| c.strips_any()) {
+            plan.drop_where(|name| cache.strips(name));
+        }
+        self.capture = None;
+        if let Some(cache) = &self.ctx.cache {
+            match &req.cache {
+                CacheReq::Miss(p) => {
+                    // Bodies delimited by the backend's close are not stored.
+                    if req.method == Method::Get && h.body != BodyKind::UntilClose {
+                        self.capture = cache.begin_capture(p, h, ub, self.ctx.clock.at(now));
+                    } else {
+                        p.pass(self.ctx.clock.at(now));
+                    }
+                    cache.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    plan.add_lines(if self.capture.is_some() {
+                        b"X-Cache: MISS\r\nCache-Status: trireme; fwd=miss; stored\r\n"
+                    } else {
+                        b"X-Cache: MISS\r\nCache-Status: trireme; fwd=miss\r\n"
+                    });
+                }
+                CacheReq::Invalidate { key, host } => {
+                    if crate::cache::invalidating_status(h.status) {
+                        cache.invalidate(key, host, h, ub);
+                    }
+                }
+                CacheReq::None => {}
+            }
+        }
+        plan.close = req.close_after;
+        plan.http10_keep_alive = !req.close_after && req.version == Version::Http10;
+        // Client response head.
+        req.resp_at = self.client_out.end_offset();
+        let clock = &self.ctx.clock;
+        plan.write_h1(self.client_out.vec(), || clock.at(now));
+        drop(plan);
+        req.response_started = true;
+        self.resp_framing = framing;
+        if self.resp.start_body(&mut self.up_in, h, no_body) == BodyKind::None {
+            self.finish_capture();
+            let reuse = self.resp.reusable(&self.up_in);
+            self.finish_exchange(reuse, now);
+            return false;
+        }
+        true
     }
 
     /// A 304 from the origin refreshed the stored response: answer the client from it.
@@ -1843,7 +1759,7 @@ impl Session {
                 http10_keep_alive: http10 && !close,
             },
         );
-        self.resp = Resp::Done;
+        self.resp = ResponseReader::done();
         self.finish_exchange(up_reusable, now);
     }
 
@@ -1869,7 +1785,7 @@ impl Session {
             || self.client_finished();
         self.req = None;
         self.req_body = ReqBody::Done;
-        self.resp = Resp::Done;
+        self.resp = ResponseReader::done();
         if close {
             self.state = State::Closing;
         } else {
@@ -1903,7 +1819,7 @@ impl Session {
         error_response(self.client_out.vec(), status, close, self.ctx.clock.at(now));
         self.requests_done += 1;
         self.req = None;
-        self.resp = Resp::Done;
+        self.resp = ResponseReader::done();
         self.head_started = None;
         if close {
             self.client_in.clear();
@@ -1986,7 +1902,7 @@ impl Session {
         tracing::info!(client = %self.peer.ip, "origin failed; served a stale response (stale-if-error)");
         self.requests_done += 1;
         self.req = None;
-        self.resp = Resp::Done;
+        self.resp = ResponseReader::done();
         self.req_body = ReqBody::Done;
         self.state = if close { State::Closing } else { State::Idle };
         true
@@ -2004,7 +1920,7 @@ impl Session {
                 self.client_out.truncate_at(at);
                 // An unfinished copy into the cache is abandoned (cutting off followers).
                 self.capture = None;
-                self.resp = Resp::Done;
+                self.resp = ResponseReader::done();
                 if let Some(r) = self.req.as_mut() {
                     r.response_started = false;
                     // The backend's framing is lost: nothing more on this connection.
@@ -2032,7 +1948,7 @@ impl Session {
         self.up_out.clear();
         self.req = None;
         self.req_body = ReqBody::Done;
-        self.resp = Resp::Done;
+        self.resp = ResponseReader::done();
         self.state = State::Closed;
     }
 }
@@ -2065,64 +1981,6 @@ pub(crate) fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
     push_dec(out, status as u64);
     out.push(b' ');
     out.extend_from_slice(reason);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Forwarded header fields copied in runs: consecutive kept fields that `buf` separates by
-/// exactly CRLF go out as one copy of their lines as received (`name:` OWS `value`, already
-/// validated), instead of four appends per field. A field whose line does not look like
-/// that (an empty value httparse placed elsewhere) is written field by field.
-struct Runs<'b> {
-    buf: &'b [u8],
-    start: usize,
-    /// End of the run's last value; 0: no run open.
-    end: usize,
-}
-
-impl<'b> Runs<'b> {
-    fn new(buf: &'b [u8]) -> Self {
-        Runs {
-            buf,
-            start: 0,
-            end: 0,
-        }
-    }
-
-    #[inline]
-    fn keep(&mut self, out: &mut Vec<u8>, h: &HeaderSpan) {
-        let (s, colon, e) = (
-            h.name.start as usize,
-            h.name.end as usize,
-            h.value.end as usize,
-        );
-        if e <= colon || self.buf.get(colon) != Some(&b':') {
-            self.flush(out);
-            push_header(out, h.name.get(self.buf), h.value.get(self.buf));
-            return;
-        }
-        if self.end != 0 && s == self.end + 2 && &self.buf[self.end..s] == b"\r\n" {
-            self.end = e;
-            return;
-        }
-        self.flush(out);
-        (self.start, self.end) = (s, e);
-    }
-
-    #[inline]
-    fn flush(&mut self, out: &mut Vec<u8>) {
-        if self.end != 0 {
-            out.extend_from_slice(&self.buf[self.start..self.end]);
-            out.extend_from_slice(b"\r\n");
-            self.end = 0;
-        }
-    }
-}
-
-#[inline]
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -389,8 +389,7 @@ impl Sim {
                         s.on_upstream_connected(true, now);
                         if !unread.is_empty() {
                             // What the runtime's first read would return.
-                            s.up_in.extend_from_slice(&unread);
-                            s.on_upstream_read(now);
+                            s.feed_upstream(&unread, now);
                         }
                         continue;
                     }
@@ -451,8 +450,8 @@ impl Sim {
             }
         }
         let cl = &mut self.clients[c];
-        if !cl.session.client_out.is_empty() {
-            let (own, shared) = cl.session.client_out.pending_parts();
+        if cl.session.has_client_output() {
+            let (own, shared) = cl.session.client_output().pending_parts();
             cl.received.extend_from_slice(own);
             cl.received.extend_from_slice(shared);
             let n = own.len() + shared.len();
@@ -460,10 +459,10 @@ impl Sim {
             progress = true;
         }
         if let Some(id) = cl.up {
-            let connected = self.conns[id].client == Some(c) && !cl.session.up_out.is_empty();
+            let connected = self.conns[id].client == Some(c) && cl.session.has_upstream_output();
             if connected && self.conns[id].alive {
-                let n = cl.session.up_out.len();
-                let data = cl.session.up_out.pending().to_vec();
+                let n = cl.session.upstream_output().len();
+                let data = cl.session.upstream_output().pending().to_vec();
                 cl.session.on_upstream_written(n, now);
                 self.conns[id].inbuf.extend_from_slice(&data);
                 self.serve(id);
@@ -616,8 +615,7 @@ impl Sim {
                 match self.conns[conn].client {
                     Some(c) => {
                         let s = &mut self.clients[c].session;
-                        s.up_in.extend_from_slice(&data);
-                        s.on_upstream_read(now);
+                        s.feed_upstream(&data, now);
                     }
                     None => {
                         // Idle in the pool: the bytes wait in the socket.

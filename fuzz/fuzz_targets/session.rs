@@ -63,10 +63,10 @@ fuzz_target!(|data: &[u8]| {
                 Action::ReleaseUpstream { .. } => up_connected = false,
             }
         }
-        let n = s.client_out.len();
+        let n = s.client_output().len();
         s.on_client_written(n, now);
         if up_connected {
-            let n = s.up_out.len();
+            let n = s.upstream_output().len();
             s.on_upstream_written(n, now);
             let end = (backend_pos + split).min(backend.len());
             if backend_pos < end && s.wants_upstream_read() {

@@ -609,9 +609,9 @@ impl Worker {
             }
 
             // Client: write, then read.
-            if c.writable && !c.s.client_out.is_empty() {
+            if c.writable && c.s.has_client_output() {
                 // The response head and a body shared with the read buffer: one writev.
-                let (own, shared) = c.s.client_out.pending_parts();
+                let (own, shared) = c.s.client_output().pending_parts();
                 let want = own.len() + shared.len();
                 let written = if shared.is_empty() {
                     (&c.stream).write(own)
@@ -663,8 +663,8 @@ impl Worker {
             // Upstream: write, then read.
             if let Some(u) = c.up {
                 let up = &mut io.ups[u];
-                if !up.connecting && up.writable && !c.s.up_out.is_empty() {
-                    let buf = c.s.up_out.pending();
+                if !up.connecting && up.writable && c.s.has_upstream_output() {
+                    let buf = c.s.upstream_output().pending();
                     match (&up.stream).write(buf) {
                         Ok(n) if n > 0 => {
                             if n < buf.len() {

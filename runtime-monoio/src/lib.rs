@@ -654,20 +654,20 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
         }
 
         // Start writes.
-        if cwrite.is_none() && !s.client_out.is_empty() {
+        if cwrite.is_none() && s.has_client_output() {
             if let Some(h) = cwr.take() {
                 let out = Out::take(
-                    &mut s.client_out,
+                    s.client_output(),
                     local.bufs.borrow_mut().out_buf(),
                     local.iov(),
                 );
                 cwrite.set(Some(write_owned(h, out)));
             }
         }
-        if uwrite.is_none() && !s.up_out.is_empty() {
+        if uwrite.is_none() && s.has_upstream_output() {
             if let Some(h) = uwr.take() {
                 let out = Out::take(
-                    &mut s.up_out,
+                    s.upstream_output(),
                     local.bufs.borrow_mut().out_buf(),
                     local.iov(),
                 );
@@ -748,7 +748,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
         match ev {
             Ev::ClientWritten(h, r, out) => {
                 cwr = Some(h);
-                let (spare, iov) = out.give_back(&mut s.client_out);
+                let (spare, iov) = out.give_back(s.client_output());
                 local.bufs.borrow_mut().put_out(spare);
                 local.iovs.borrow_mut().push(iov);
                 match r {
@@ -758,7 +758,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
             }
             Ev::UpWritten(h, r, out) => {
                 uwr = Some(h);
-                let (spare, iov) = out.give_back(&mut s.up_out);
+                let (spare, iov) = out.give_back(s.upstream_output());
                 local.bufs.borrow_mut().put_out(spare);
                 local.iovs.borrow_mut().push(iov);
                 match r {

@@ -447,8 +447,8 @@ async fn connection(
             if s.wants_close() {
                 break;
             }
-            if !s.client_out.is_empty() {
-                let (own, shared) = s.client_out.pending_parts();
+            if s.has_client_output() {
+                let (own, shared) = s.client_output().pending_parts();
                 match write_now(&client, own, shared) {
                     Ok(0) => {}
                     Ok(n) => {
@@ -462,8 +462,8 @@ async fn connection(
                 }
             }
             if let Some(c) = &up {
-                if !s.up_out.is_empty() {
-                    match write_now(&c.stream, s.up_out.pending(), &[]) {
+                if s.has_upstream_output() {
+                    match write_now(&c.stream, s.upstream_output().pending(), &[]) {
                         Ok(0) => {}
                         Ok(n) => {
                             s.on_upstream_written(n, now);
@@ -500,9 +500,9 @@ async fn connection(
         if idle != idle_slot.is_some() {
             sh.idle.lock().track(&mut idle_slot, idle, cfd);
         }
-        let ci = interest(s.wants_client_read(), !s.client_out.is_empty());
+        let ci = interest(s.wants_client_read(), s.has_client_output());
         let ui = match &up {
-            Some(_) => interest(s.wants_upstream_read(), !s.up_out.is_empty()),
+            Some(_) => interest(s.wants_upstream_read(), s.has_upstream_output()),
             None => None,
         };
         tokio::select! {

@@ -9,7 +9,6 @@ use super::{
 };
 use crate::forward::{vary_values, Peer};
 use crate::http1::head::{Method, RequestHead, ResponseHead};
-use crate::http1::write::push_dec;
 use crate::wake::{Waiters, Waker};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -1319,65 +1318,46 @@ pub fn write_hit(out: &mut crate::buf::OutBuf, stored: &Stored, r: HitReply) {
     }
 }
 
-/// The head part of [`write_hit`], for a stored `head` and a body of `body_len` bytes.
+/// The head part of [`write_hit`], for a stored `head` and a body of `body_len` bytes,
+/// through the response pipeline ([`crate::respond`]).
 pub fn write_hit_head(out: &mut Vec<u8>, head: &[u8], body_len: u64, r: HitReply) {
-    let HitReply {
-        age,
-        how,
-        head_only: _,
-        not_modified,
-        close,
-        http10_keep_alive,
-    } = r;
-    if not_modified {
+    use crate::respond::{Framing, ResponsePlan};
+    let mut age = itoa::Buffer::new();
+    let mut plan = if r.not_modified {
         // 304: the validators and caching fields of the stored response, no body.
-        out.extend_from_slice(b"HTTP/1.1 304 Not Modified\r\n");
-        for (name, l) in stored_fields(head) {
-            let keep = [
-                &b"etag"[..],
-                b"cache-control",
-                b"expires",
-                b"date",
-                b"vary",
-                b"content-location",
-                b"last-modified",
-            ];
-            if keep.iter().any(|k| name.eq_ignore_ascii_case(k)) {
-                out.extend_from_slice(l);
-                out.extend_from_slice(b"\r\n");
-            }
-        }
+        let mut p = ResponsePlan::stored(head, Framing::NoBody);
+        p.set_status(304, b"Not Modified");
+        const KEEP: [&[u8]; 7] = [
+            b"etag",
+            b"cache-control",
+            b"expires",
+            b"date",
+            b"vary",
+            b"content-location",
+            b"last-modified",
+        ];
+        p.drop_where(|name| !KEEP.iter().any(|k| name.eq_ignore_ascii_case(k)));
+        p
     } else {
-        out.extend_from_slice(head);
-        out.extend_from_slice(b"Content-Length: ");
-        push_dec(out, body_len);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"Age: ");
-    push_dec(out, age);
-    out.extend_from_slice(b"\r\n");
-    match how {
-        Served::Hit => out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; hit\r\n"),
-        Served::L2Hit => {
-            out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; hit; detail=l2\r\n")
+        ResponsePlan::stored(head, Framing::Length(body_len))
+    };
+    plan.add_field(b"Age", age.format(r.age).as_bytes());
+    plan.add_lines(match r.how {
+        Served::Hit => b"X-Cache: HIT\r\nCache-Status: trireme; hit\r\n",
+        Served::L2Hit => b"X-Cache: HIT\r\nCache-Status: trireme; hit; detail=l2\r\n",
+        Served::Stale => {
+            b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-while-revalidate\r\n"
         }
-        Served::Stale => out.extend_from_slice(
-            b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-while-revalidate\r\n",
-        ),
-        Served::Revalidated => out.extend_from_slice(
-            b"X-Cache: REVALIDATED\r\nCache-Status: trireme; fwd=stale; fwd-status=304\r\n",
-        ),
-        Served::StaleIfError => out.extend_from_slice(
-            b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-if-error\r\n",
-        ),
-        Served::Collapsed => {
-            out.extend_from_slice(b"X-Cache: HIT\r\nCache-Status: trireme; fwd=miss; collapsed\r\n")
+        Served::Revalidated => {
+            b"X-Cache: REVALIDATED\r\nCache-Status: trireme; fwd=stale; fwd-status=304\r\n"
         }
-    }
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if http10_keep_alive {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+        Served::StaleIfError => {
+            b"X-Cache: STALE\r\nCache-Status: trireme; hit; detail=stale-if-error\r\n"
+        }
+        Served::Collapsed => b"X-Cache: HIT\r\nCache-Status: trireme; fwd=miss; collapsed\r\n",
+    });
+    plan.close = r.close;
+    plan.http10_keep_alive = r.http10_keep_alive;
+    // Stored heads always carry a `Date`: the clock is never asked.
+    plan.write_h1(out, || std::time::UNIX_EPOCH);
 }

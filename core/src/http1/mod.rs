@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod head;
+pub mod response;
 pub mod write;
 
 pub use body::{BodyError, ChunkedDecoder};
