@@ -170,11 +170,11 @@ impl<'b> ResponsePlan<'b> {
     /// it is hop-by-hop (framing fields included, except the representation's length on a
     /// response without a body, which describes what a GET would get; not on a 204).
     #[inline]
-    fn parsed_dropped(&self, h: &ResponseHead, src: &[u8], i: usize, name: &[u8]) -> bool {
+    fn parsed_dropped(&self, h: &ResponseHead, i: usize, name: &[u8]) -> bool {
         if self.dropped_bit(i) {
             return true;
         }
-        if !h.is_hop(src, &h.headers[i]) {
+        if !h.is_hop_at(i) {
             return false;
         }
         !(self.framing == Framing::NoBody
@@ -192,7 +192,7 @@ impl<'b> ResponsePlan<'b> {
                 .enumerate()
                 .find(|&(i, hd)| {
                     let n = hd.name.get(src);
-                    head::name_is(n, name) && !self.parsed_dropped(h, src, i, n)
+                    head::name_is(n, name) && !self.parsed_dropped(h, i, n)
                 })
                 .map(|(_, hd)| hd.value.get(src)),
             Fields::Stored { lines, .. } => stored_lines(lines)
@@ -264,7 +264,7 @@ impl<'b> ResponsePlan<'b> {
                 let mut dated = false;
                 for (i, hd) in h.headers.iter().enumerate() {
                     let name = hd.name.get(src);
-                    if self.parsed_dropped(h, src, i, name) {
+                    if self.parsed_dropped(h, i, name) {
                         runs.flush(out);
                     } else {
                         dated |= head::name_is(name, b"date");

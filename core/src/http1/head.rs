@@ -255,6 +255,8 @@ fn first_line_len(buf: &[u8]) -> Option<usize> {
 
 const MAX_HEADERS_HARD: usize = 256;
 const MAX_RESPONSE_HEADERS: usize = 128;
+// `ResponseHead::hop` has a bit per field.
+const _: () = assert!(MAX_RESPONSE_HEADERS <= 128);
 
 /// Parse and validate a request head at the start of `buf`.
 ///
@@ -651,9 +653,20 @@ pub struct ResponseHead {
     /// The backend intends to close the connection after this response.
     pub close: bool,
     pub connection_tokens: SmallVec<[Span; 4]>,
+    /// Which fields are hop-by-hop (bit i: `headers[i]`), framing fields and the fields
+    /// `Connection` names included: judged once, while parsing.
+    pub hop: [u64; 2],
 }
 
 impl ResponseHead {
+    /// Field `i` is hop-by-hop (see [`hop`](Self::hop)).
+    #[inline]
+    pub fn is_hop_at(&self, i: usize) -> bool {
+        self.hop
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
     pub fn is_hop(&self, buf: &[u8], h: &HeaderSpan) -> bool {
         let name = h.name.get(buf);
         is_hop_by_hop(name)
@@ -700,7 +713,8 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
     let mut te_chunked_last = false;
     let mut close = version == Version::Http10;
     let mut connection_tokens: SmallVec<[Span; 4]> = SmallVec::new();
-    for h in resp.headers.iter() {
+    let mut hop = [0u64; 2];
+    for (i, h) in resp.headers.iter().enumerate() {
         let name = h.name.as_bytes();
         debug_assert!(
             field_ok(name, h.value),
@@ -710,6 +724,9 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
             name: Span::of(buf, name),
             value: Span::of(buf, h.value),
         });
+        if is_hop_by_hop(name) {
+            hop[i / 64] |= 1 << (i % 64);
+        }
         // Only three names matter for framing: look at the length before the bytes.
         if !matches!(name.len(), 10 | 14 | 17) {
             continue;
@@ -755,6 +772,18 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
             "backend sent both Content-Length and Transfer-Encoding",
         ));
     }
+    if !connection_tokens.is_empty() {
+        // Fields named by `Connection` are this hop's too.
+        for (i, h) in headers.iter().enumerate() {
+            let name = h.name.get(buf);
+            if connection_tokens
+                .iter()
+                .any(|t| t.get(buf).eq_ignore_ascii_case(name))
+            {
+                hop[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
     let body = if (100..200).contains(&code) || code == 204 || code == 304 {
         BodyKind::None
     } else if te_seen {
@@ -783,6 +812,7 @@ pub fn parse_response(buf: &[u8], max_head: usize) -> Result<Parsed<ResponseHead
         body,
         close,
         connection_tokens,
+        hop,
     }))
 }
 

@@ -655,3 +655,22 @@ fn name_is_matches_case_insensitive_equality_on_tokens() {
         assert!(!head::name_is(&n[1..], n));
     }
 }
+
+#[test]
+fn response_hop_bits_match_the_hop_rule_field_by_field() {
+    let raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: x-b, Keep-Alive\r\nX-B: 2\r\nkeep-alive: t=5\r\nTE: trailers\r\nContent-Length: 3\r\nx-b: 3\r\nVary: *\r\n\r\n";
+    let h = match head::parse_response(raw, 64 * 1024).unwrap() {
+        Parsed::Complete(h) => h,
+        Parsed::Partial => panic!("partial"),
+    };
+    let bits: Vec<bool> = (0..h.headers.len()).map(|i| h.is_hop_at(i)).collect();
+    let rule: Vec<bool> = h.headers.iter().map(|f| h.is_hop(raw, f)).collect();
+    assert_eq!(bits, rule);
+    assert_eq!(
+        bits,
+        [false, true, true, true, true, true, true, false],
+        "X-A, Connection, X-B, keep-alive, TE, Content-Length, x-b, Vary"
+    );
+    // A field past the parsed ones is not a hop field (no bit).
+    assert!(!h.is_hop_at(h.headers.len()) && !h.is_hop_at(500));
+}
