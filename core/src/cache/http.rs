@@ -155,31 +155,37 @@ pub enum Grown {
 }
 
 impl Growing {
-    /// Append body bytes from `sent` on to `out`, at most `max`; how many, and the state.
-    /// A follower that got all there is and has a `waker` is woken when more arrives, the
-    /// body completes or the fetch fails.
+    /// Hand body bytes from `sent` on to `out` (a body stage), at most `max`; how many, and
+    /// the state (`out`'s `end` is called when that is [`Grown::Done`]). Bytes of a
+    /// completed fetch are shared with the stored body, not copied. A follower that got all
+    /// there is and has a `waker` is woken when more arrives, the body completes or the
+    /// fetch fails.
     pub fn copy_from(
         &self,
         sent: usize,
         max: usize,
-        out: &mut Vec<u8>,
+        out: &mut impl crate::http1::response::BodySink,
         waker: Option<&Waker>,
     ) -> (usize, Grown) {
         let mut b = self.body.lock();
         if b.failed {
             return (0, Grown::Failed);
         }
-        let avail: &[u8] = match &b.done {
-            Some(s) => &s.body,
-            None => &b.bytes,
+        let avail = match &b.done {
+            Some(s) => s.body.len(),
+            None => b.bytes.len(),
         };
-        let end = avail.len().min(sent.saturating_add(max));
+        let end = avail.min(sent.saturating_add(max));
         let n = end.saturating_sub(sent);
         if n > 0 {
-            out.extend_from_slice(&avail[sent..end]);
+            match &b.done {
+                Some(s) => out.shared(s.body.slice(sent..end)),
+                None => out.copy(&b.bytes[sent..end]),
+            }
         }
-        let caught_up = end >= avail.len();
+        let caught_up = end >= avail;
         let state = if b.done.is_some() && caught_up {
+            out.end();
             Grown::Done
         } else {
             Grown::More
@@ -1314,7 +1320,11 @@ pub fn write_hit(out: &mut crate::buf::OutBuf, stored: &Stored, r: HitReply) {
     write_hit_head(out.vec(), &stored.head, stored.body.len() as u64, r);
     if !r.head_only && !r.not_modified {
         // The stored body itself, not a copy (short ones are copied in).
-        out.push_shared(stored.body.clone());
+        let len = stored.body.len() as u64;
+        use crate::http1::response::BodySink;
+        let mut body = crate::respond::ClientBody::new(out, crate::respond::Framing::Length(len));
+        body.shared(stored.body.clone());
+        body.end();
     }
 }
 

@@ -9,6 +9,7 @@ use super::{Session, State, HIGH_WATER};
 use crate::cache::http::{write_hit_head, Growing, Grown, HitReply, Served, WAIT_POLL};
 use crate::http1::head::{Method, RequestHead};
 use crate::http1::Version;
+use crate::respond::{ClientBody, Framing};
 use bytes::Buf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -80,9 +81,10 @@ impl Session {
         if room == 0 {
             return;
         }
+        let mut sink = ClientBody::new(&mut self.client_out, Framing::Length(f.grow.length));
         let (n, state) = f
             .grow
-            .copy_from(f.sent, room, self.client_out.vec(), self.waker.as_ref());
+            .copy_from(f.sent, room, &mut sink, self.waker.as_ref());
         f.sent += n;
         match state {
             Grown::More => {}
