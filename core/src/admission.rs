@@ -143,6 +143,7 @@ impl<T> IdleList<T> {
 }
 
 /// Connections open per client address, all workers together.
+#[derive(Debug)]
 pub struct PerIp {
     limit: u32,
     shards: Box<[Mutex<HashMap<IpAddr, u32, ahash::RandomState>>]>,
@@ -150,6 +151,7 @@ pub struct PerIp {
 }
 
 /// One counted connection; uncounted when dropped.
+#[derive(Debug)]
 pub struct IpSlot {
     per_ip: Arc<PerIp>,
     ip: IpAddr,

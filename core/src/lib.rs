@@ -12,6 +12,7 @@ pub mod balance;
 pub mod buf;
 pub mod cache;
 pub mod config;
+pub mod driver;
 pub mod error;
 pub mod forward;
 pub mod http1;

@@ -433,16 +433,19 @@ impl Sim {
                     reuse,
                 } => {
                     if let Some(id) = self.clients[c].up.take() {
-                        self.conns[id].client = None;
-                        let alive = self.conns[id].alive;
-                        self.conns[id].meta.requests += 1;
-                        let meta = self.conns[id].meta;
-                        if !(reuse
-                            && alive
-                            && self.pool[upstream as usize]
-                                .put(backend as usize, id, meta, now)
-                                .is_none())
-                        {
+                        let conn = &mut self.conns[id];
+                        conn.client = None;
+                        let (alive, meta) = (conn.alive, conn.meta);
+                        // Core's rule, as the runtimes apply it (the pool counts the
+                        // request; the pooled copy of the metadata is the one kept).
+                        let back = self.pool[upstream as usize].release(
+                            backend as usize,
+                            id,
+                            meta,
+                            reuse && alive,
+                            now,
+                        );
+                        if back.is_some() {
                             self.conns[id].alive = false;
                         }
                     }

@@ -510,6 +510,26 @@ impl<C> Pool<C> {
 
     /// Offer a connection whose last exchange completed cleanly. Returns it back when it
     /// must not be kept (pool full, disabled, or past its request or lifetime limit).
+    /// A session released `conn` after a completed exchange on it (`reusable`: the
+    /// session says it may carry another; the runtime's own checks, such as a write still
+    /// in flight or a closed read side, are folded in by the caller). It counts the
+    /// request and goes back to the pool if it may; else, or when the pool refuses it
+    /// (full, past its lifetime or request limit), it is handed back to be closed.
+    pub fn release(
+        &mut self,
+        backend: usize,
+        conn: C,
+        mut meta: ConnMeta,
+        reusable: bool,
+        now: Instant,
+    ) -> Option<C> {
+        meta.requests = meta.requests.saturating_add(1);
+        if !reusable {
+            return Some(conn);
+        }
+        self.put(backend, conn, meta, now)
+    }
+
     pub fn put(&mut self, backend: usize, conn: C, meta: ConnMeta, now: Instant) -> Option<C> {
         if !self.cfg.enabled || !Self::usable(&self.cfg, &meta, now, now) {
             return Some(conn);

@@ -25,11 +25,11 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use trireme_core::admission::{IdleList, IdleSlot, IpSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
-use trireme_core::metrics::Throttle;
+use trireme_core::driver::{Admit, Gate, TimerSlot, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
@@ -38,9 +38,6 @@ use trireme_rt_support::{peek_idle, read_spare};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
-/// How long to wait before accepting again after the process ran out of file descriptors.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-const EVICT_EVERY: Duration = Duration::from_secs(1);
 
 /// Client connection `k` has token `2k`; upstream socket `u` has token `2u + 1`.
 fn client_token(k: usize) -> Token {
@@ -111,7 +108,7 @@ struct Conn {
     read_closed: bool,
     writable: bool,
     /// The earliest deadline with an entry in the timer heap.
-    armed: Option<Instant>,
+    timer: TimerSlot,
     /// Tells this connection's timer entries from those of an earlier one in the same slot.
     gen: u32,
     /// Its place among the worker's idle connections, while it waits for a request.
@@ -187,7 +184,7 @@ struct Worker {
     /// The tokens of the last batch of wake-ups (a buffer kept for the next one).
     woken: Vec<u64>,
     drain_until: Option<Instant>,
-    reject_log: Throttle,
+    gate: Gate,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -230,7 +227,12 @@ impl Worker {
             conns: Slab::new(),
             timers: BinaryHeap::new(),
             next_gen: 0,
-            next_evict: Instant::now() + EVICT_EVERY,
+            next_evict: Instant::now() + POOL_SWEEP_EVERY,
+            gate: Gate::new(
+                sh.ctx.per_ip.clone(),
+                sh.opts.max_connections,
+                sh.ctx.metrics.clone(),
+            ),
             sh,
             shutdown,
             woken: Vec::new(),
@@ -239,7 +241,6 @@ impl Worker {
                 waker,
             }),
             drain_until: None,
-            reject_log: Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -297,7 +298,7 @@ impl Worker {
                 self.accept(now);
             }
             if now >= self.next_evict {
-                self.next_evict = now + EVICT_EVERY;
+                self.next_evict = now + POOL_SWEEP_EVERY;
                 let Io { ups, pools, .. } = &mut self.io;
                 for p in pools.iter_mut() {
                     p.evict_expired(now, |(u, _)| {
@@ -370,55 +371,27 @@ impl Worker {
                 Err(e) if would_block(&e) => return,
                 Err(e) if interrupted(&e) => continue,
                 Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog; retry
-                    // shortly rather than spin (edge-triggered: no new event would come).
-                    tracing::warn!(error = %e, "accept failed");
-                    self.accept_retry = Some(now + ACCEPT_BACKOFF);
+                    // The connection waits in the backlog (edge-triggered: no new event
+                    // would come): core's back-off says when to try again.
+                    self.accept_retry = Some(self.gate.accept_failed(&e, now));
                     return;
                 }
             };
-            let ctx = self.sh.ctx.clone();
-            let ip_slot = match &ctx.per_ip {
-                Some(p) => match p.try_open(peer.ip()) {
-                    Some(s) => Some(s),
-                    None => {
-                        drop(stream);
-                        ctx.metrics
-                            .connections_rejected_per_ip
-                            .fetch_add(1, Ordering::Relaxed);
-                        if let Some(more) = self.reject_log.hit(now) {
-                            tracing::warn!(client = %peer, more, "max_connections_per_ip reached for this address; closing its new connections");
-                        }
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            let max = self.sh.opts.max_connections;
-            if self.sh.active.load(Ordering::Relaxed) >= max {
-                // Make room: the connection idle the longest goes.
-                match self.io.idle.pop_oldest() {
-                    Some(old) => {
+            let Io { idle, .. } = &mut self.io;
+            let open = self.sh.active.load(Ordering::Relaxed);
+            let ip_slot = match self.gate.admit(peer, open, || idle.pop_oldest(), now) {
+                Admit::Refuse => continue,
+                Admit::Open { ip, evicted } => {
+                    if let Some(old) = evicted {
+                        // Make room: the connection idle the longest goes.
                         if let Some(c) = self.conns.get_mut(old) {
                             c.idle = None;
                         }
                         self.close_conn(old);
-                        ctx.metrics
-                            .connections_evicted_idle
-                            .fetch_add(1, Ordering::Relaxed);
                     }
-                    None => {
-                        drop(stream);
-                        ctx.metrics
-                            .connections_rejected
-                            .fetch_add(1, Ordering::Relaxed);
-                        if let Some(more) = self.reject_log.hit(now) {
-                            tracing::warn!(client = %peer, max, more, "max_connections reached and none idle; closing new connections");
-                        }
-                        continue;
-                    }
+                    ip
                 }
-            }
+            };
             let _ = stream.set_nodelay(true);
             let e = self.conns.vacant_entry();
             let k = e.key();
@@ -442,7 +415,7 @@ impl Worker {
                 readable: false,
                 read_closed: false,
                 writable: true,
-                armed: None,
+                timer: TimerSlot::default(),
                 gen: self.next_gen,
                 idle: None,
                 _ip: ip_slot,
@@ -526,13 +499,10 @@ impl Worker {
             let Some(c) = self.conns.get_mut(k) else {
                 continue;
             };
-            if c.gen != gen || c.armed != Some(t) {
+            if c.gen != gen || c.timer.armed() != Some(t) {
                 continue; // a closed connection's entry, or superseded by an earlier one
             }
-            c.armed = None;
-            if c.s.deadline().is_some_and(|d| d <= now) {
-                c.s.on_timeout(now);
-            }
+            c.timer.fire(&mut c.s, now);
             self.drive(k, now);
         }
     }
@@ -585,21 +555,17 @@ impl Worker {
                     } => {
                         let Some(u) = c.up.take() else { continue };
                         let up = &mut io.ups[u];
-                        if reuse && !up.connecting && !up.read_closed {
-                            up.owner = None;
-                            let mut meta = up.meta;
-                            meta.requests += 1;
-                            let fd = up.stream.as_raw_fd();
-                            if let Some((r, _)) = io.pools[upstream as usize].put(
-                                backend as usize,
-                                (u, fd),
-                                meta,
-                                now,
-                            ) {
-                                io.close_up(r);
-                            }
-                        } else {
-                            io.close_up(u);
+                        up.owner = None;
+                        let reusable = reuse && !up.connecting && !up.read_closed;
+                        let (meta, fd) = (up.meta, up.stream.as_raw_fd());
+                        if let Some((r, _)) = io.pools[upstream as usize].release(
+                            backend as usize,
+                            (u, fd),
+                            meta,
+                            reusable,
+                            now,
+                        ) {
+                            io.close_up(r);
                         }
                     }
                 }
@@ -721,14 +687,10 @@ impl Worker {
         c.s.park_buffers(&mut io.bufs);
         // An idle connection may make room at the limit.
         io.idle.track(&mut c.idle, c.s.is_idle(), k);
-        // Arm the timer only when the deadline moves earlier; when an entry fires early
-        // (the deadline moved later meanwhile) the session's deadline is checked again.
-        if let Some(d) = c.s.deadline() {
-            if c.armed.is_none_or(|a| d < a) {
-                c.armed = Some(d);
-                self.timers.push(Reverse((d, k, c.gen)));
-                self.compact_timers();
-            }
+        // Core's rule: a new heap entry only when the deadline moves earlier.
+        if let Some(d) = c.timer.rearm(&c.s) {
+            self.timers.push(Reverse((d, k, c.gen)));
+            self.compact_timers();
         }
     }
 
@@ -759,7 +721,7 @@ impl Worker {
         self.timers.retain(|Reverse((t, k, gen))| {
             conns
                 .get(*k)
-                .is_some_and(|c| c.gen == *gen && c.armed == Some(*t))
+                .is_some_and(|c| c.gen == *gen && c.timer.armed() == Some(*t))
         });
     }
 }

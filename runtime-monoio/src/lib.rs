@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use trireme_core::admission::{IdleList, IdleSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
-use trireme_core::metrics::Throttle;
+use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
@@ -46,7 +46,6 @@ use trireme_rt_support::peek_idle;
 
 /// How often an idle worker looks at the shutdown flag (set from the signal thread).
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
-const EVICT_EVERY: Duration = Duration::from_secs(1);
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 4096;
 
@@ -305,7 +304,7 @@ async fn worker(
         let local = local.clone();
         monoio::spawn(async move {
             while !local.drain.on.get() {
-                monoio::time::sleep(EVICT_EVERY).await;
+                monoio::time::sleep(POOL_SWEEP_EVERY).await;
                 let now = Instant::now();
                 // Expired connections, and idle ones the backend closed or wrote to.
                 for p in local.pools.borrow_mut().iter_mut() {
@@ -319,7 +318,11 @@ async fn worker(
         monoio::spawn(ring_bell(local.clone(), b, rx));
     }
 
-    let mut reject_log = Throttle::new(Duration::from_secs(1));
+    let mut gate = Gate::new(
+        sh.ctx.per_ip.clone(),
+        sh.opts.max_connections,
+        sh.ctx.metrics.clone(),
+    );
     {
         // One accept in flight for the worker's lifetime (never cancelled mid-way, so a
         // connection the kernel already handed over is never lost), and a tick that looks
@@ -351,54 +354,25 @@ async fn worker(
             let (stream, peer) = match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = gate.accept_failed(&e, Instant::now());
+                    monoio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
-            let ip_slot = match &sh.ctx.per_ip {
-                Some(p) => match p.try_open(peer.ip()) {
-                    Some(s) => Some(s),
-                    None => {
-                        drop(stream);
-                        sh.ctx
-                            .metrics
-                            .connections_rejected_per_ip
-                            .fetch_add(1, Ordering::Relaxed);
-                        if let Some(more) = reject_log.hit(Instant::now()) {
-                            tracing::warn!(client = %peer, more, "max_connections_per_ip reached for this address; closing its new connections");
-                        }
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            let max = sh.opts.max_connections;
-            if sh.active.load(Ordering::Relaxed) >= max {
-                // Make room: the connection idle the longest is shut down (its pending
-                // read sees the end and it closes). Its descriptor is still open: a
-                // connection leaves the list before it closes.
-                match local.idle.borrow_mut().pop_oldest() {
-                    Some(fd) => {
+            let open = sh.active.load(Ordering::Relaxed);
+            let evict = || local.idle.borrow_mut().pop_oldest();
+            let ip_slot = match gate.admit(peer, open, evict, Instant::now()) {
+                Admit::Refuse => continue,
+                Admit::Open { ip, evicted } => {
+                    // Make room: the connection idle the longest is shut down (its pending
+                    // read sees the end and it closes). Its descriptor is still open: a
+                    // connection leaves the list before it closes.
+                    if let Some(fd) = evicted {
                         trireme_rt_support::shutdown_fd(fd);
-                        sh.ctx
-                            .metrics
-                            .connections_evicted_idle
-                            .fetch_add(1, Ordering::Relaxed);
                     }
-                    None => {
-                        drop(stream);
-                        sh.ctx
-                            .metrics
-                            .connections_rejected
-                            .fetch_add(1, Ordering::Relaxed);
-                        if let Some(more) = reject_log.hit(Instant::now()) {
-                            tracing::warn!(client = %peer, max, more, "max_connections reached and none idle; closing new connections");
-                        }
-                        continue;
-                    }
+                    ip
                 }
-            }
+            };
             let _ = stream.set_nodelay(true);
             sh.active.fetch_add(1, Ordering::Relaxed);
             local.open.set(local.open.get() + 1);
@@ -592,7 +566,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
     let mut connecting = pin!(None);
     let far = monoio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let mut sleep = pin!(monoio::time::sleep_until(far));
-    let mut armed: Option<Instant> = None;
+    let mut timer = TimerSlot::default();
     let drain_slot = local.drain.wakers.borrow_mut().insert(None);
     let mut draining = false;
 
@@ -635,12 +609,13 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                     let home = uread.is_none() && uwrite.is_none();
                     match (urd.take(), uwr.take()) {
                         (Some(rd), Some(wr)) if reuse && home => {
-                            umeta.requests += 1;
                             let c = UpConn { rd, wr, fd: ufd };
-                            let _ = local.pools.borrow_mut()[upstream as usize].put(
+                            // One refused by the pool is dropped here, which closes it.
+                            let _ = local.pools.borrow_mut()[upstream as usize].release(
                                 backend as usize,
                                 c,
                                 umeta,
+                                true,
                                 now,
                             );
                         }
@@ -703,11 +678,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
             .idle
             .borrow_mut()
             .track(&mut idle_slot, s.is_idle(), cfd);
-        if let Some(d) = s.deadline() {
-            if armed.is_none_or(|a| d < a) {
-                sleep.as_mut().reset(monoio::time::Instant::from_std(d));
-                armed = Some(d);
-            }
+        if let Some(d) = timer.rearm(&s) {
+            sleep.as_mut().reset(monoio::time::Instant::from_std(d));
         }
 
         let ev = poll_fn(|cx| {
@@ -729,7 +701,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
             if let Some(r) = poll_slot(&mut connecting, cx) {
                 return Poll::Ready(Ev::Connected(r));
             }
-            if armed.is_some() && sleep.as_mut().poll(cx).is_ready() {
+            if timer.armed().is_some() && sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ev::Timer);
             }
             if !draining && local.drain.poll(drain_slot, cx).is_ready() {
@@ -823,11 +795,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                 s.on_upstream_connect_failed(now);
             }
             Ev::Timer => {
-                armed = None;
                 sleep.as_mut().reset(far);
-                if s.deadline().is_some_and(|d| d <= now) {
-                    s.on_timeout(now);
-                }
+                timer.fire(&mut s, now);
             }
             Ev::Drain => {
                 draining = true;

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use trireme_core::admission::{IdleList, IdleSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::{RunOptions, TokioFlavor};
-use trireme_core::metrics::Throttle;
+use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Liveness, Pool};
@@ -112,11 +112,15 @@ impl Pools {
             .take(backend as usize, now, probe, drop)
     }
 
-    fn put(&self, upstream: u16, backend: u16, s: TcpStream, meta: ConnMeta, now: Instant) {
+    /// A released connection (core's [`Pool::release`] rule); one refused is dropped, which
+    /// closes it.
+    fn release(&self, upstream: u16, backend: u16, s: TcpStream, meta: ConnMeta, now: Instant) {
         use std::os::fd::AsRawFd;
         let (state, fd) = (self.watched(&s), s.as_raw_fd());
         let mut pool = self.by_upstream[upstream as usize].lock();
-        drop(pool.put(backend as usize, s, meta, now));
+        if pool.release(backend as usize, s, meta, true, now).is_some() {
+            return;
+        }
         if state != Liveness::Quiet {
             // Readable already: out again at once, closed and counted by the pool.
             let b = backend as usize;
@@ -227,13 +231,16 @@ async fn serve(
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let max = sh.opts.max_connections;
-    let mut reject_log = Throttle::new(Duration::from_secs(1));
+    let mut gate = Gate::new(
+        sh.ctx.per_ip.clone(),
+        sh.opts.max_connections,
+        sh.ctx.metrics.clone(),
+    );
     {
         let sh = sh.clone();
         let mut drain = drain_rx.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(POOL_SWEEP_EVERY);
             loop {
                 tokio::select! {
                     _ = tick.tick() => sh.pools.sweep(Instant::now()),
@@ -255,44 +262,25 @@ async fn serve(
                     Ok(x) => x,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = gate.accept_failed(&e, Instant::now());
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 };
-                let ip_slot = match &sh.ctx.per_ip {
-                    Some(p) => match p.try_open(peer.ip()) {
-                        Some(s) => Some(s),
-                        None => {
-                            drop(stream);
-                            sh.ctx.metrics.connections_rejected_per_ip.fetch_add(1, Ordering::Relaxed);
-                            if let Some(more) = reject_log.hit(Instant::now()) {
-                                tracing::warn!(client = %peer, more, "max_connections_per_ip reached for this address; closing its new connections");
-                            }
-                            continue;
+                let open = sh.active.load(Ordering::Relaxed);
+                // A descriptor in the idle list is open (see `idle`).
+                let evict = || sh.idle.lock().pop_oldest();
+                let ip_slot = match gate.admit(peer, open, evict, Instant::now()) {
+                    Admit::Refuse => continue,
+                    Admit::Open { ip, evicted } => {
+                        // Make room: the connection idle the longest is shut down (its
+                        // read sees the end and it closes).
+                        if let Some(fd) = evicted {
+                            trireme_rt_support::shutdown_fd(fd);
                         }
-                    },
-                    None => None,
-                };
-                if sh.active.load(Ordering::Relaxed) >= max {
-                    // Make room: the connection idle the longest is shut down (its read
-                    // sees the end and it closes).
-                    let evicted = {
-                        let mut idle = sh.idle.lock();
-                        // A descriptor in the idle list is open (see `idle`).
-                        idle.pop_oldest().map(trireme_rt_support::shutdown_fd)
-                    };
-                    if evicted.is_some() {
-                        sh.ctx.metrics.connections_evicted_idle.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        drop(stream);
-                        sh.ctx.metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
-                        if let Some(more) = reject_log.hit(Instant::now()) {
-                            tracing::warn!(client = %peer, max, more, "max_connections reached and none idle; closing new connections");
-                        }
-                        continue;
+                        ip
                     }
-                }
+                };
                 let _ = stream.set_nodelay(true);
                 sh.active.fetch_add(1, Ordering::Relaxed);
                 let (sh, drain) = (sh.clone(), drain_rx.clone());
@@ -393,7 +381,7 @@ async fn connection(
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let sleep = tokio::time::sleep_until(far);
     tokio::pin!(sleep);
-    let mut armed: Option<Instant> = None;
+    let mut timer = TimerSlot::default();
     let cfd = {
         use std::os::fd::AsRawFd;
         client.as_raw_fd()
@@ -435,10 +423,9 @@ async fn connection(
                         reuse,
                     } => {
                         connecting = None;
-                        if let Some(mut c) = up.take() {
+                        if let Some(c) = up.take() {
                             if reuse {
-                                c.meta.requests += 1;
-                                pools.put(upstream, backend, c.stream, c.meta, now);
+                                pools.release(upstream, backend, c.stream, c.meta, now);
                             }
                         }
                     }
@@ -484,14 +471,9 @@ async fn connection(
             break;
         }
 
-        // Timer: re-arm only when the deadline moves earlier; a late wake-up is harmless
-        // because the session rechecks its deadline against `now`.
-        let deadline = s.deadline();
-        if let Some(d) = deadline {
-            if armed.is_none_or(|a| d < a) {
-                sleep.as_mut().reset(tokio::time::Instant::from_std(d));
-                armed = Some(d);
-            }
+        // Timer: core's re-arm rule (only when the deadline moves earlier).
+        if let Some(d) = timer.rearm(&s) {
+            sleep.as_mut().reset(tokio::time::Instant::from_std(d));
         }
 
         with_pool(|p| s.park_buffers(p));
@@ -558,10 +540,9 @@ async fn connection(
             _ = woken_opt(woken.as_deref()), if woken.is_some() => {
                 s.on_wake(Instant::now());
             }
-            _ = &mut sleep, if armed.is_some() => {
-                armed = None;
+            _ = &mut sleep, if timer.armed().is_some() => {
                 sleep.as_mut().reset(far);
-                s.on_timeout(Instant::now());
+                timer.fire(&mut s, Instant::now());
             }
             _ = drain.changed(), if !draining => {
                 draining = true;

@@ -593,9 +593,12 @@ fn cache_streams_one_fetch_to_concurrent_requests(bin: &PathBuf) {
     assert_eq!((r.status, r.body.len()), (200, N));
     assert!(r.body == whole);
     assert_eq!(b.requests().len(), 1, "nine requests, one backend fetch");
-    // The followers were woken as the body grew, and never looked on a timer (polling).
+    // The followers were woken as the body grew, and never looked on a timer (polling): a
+    // follower left waiting would have sat until its stall bound (`server.timeout`, far past
+    // the 10 s read timeout above). How many wake-ups that took depends on how fast each
+    // client read (one whose output stayed full resumed on its own writes, needing none).
     let m = admin_metrics(admin.parse().unwrap());
-    assert!(metric(&m, "trireme_waiter_wakeups_total") >= 8, "{m}");
+    assert!(metric(&m, "trireme_waiter_wakeups_total") >= 1, "{m}");
     assert_eq!(metric(&m, "trireme_waiter_polls_total"), 0, "{m}");
     // The keep-alive followers carry on, now from the stored entry.
     let (s, buf) = &mut followers[0];
