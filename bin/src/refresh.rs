@@ -12,8 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 use trireme_core::balance::PickInput;
 use trireme_core::cache::http::{HttpCache, Refresh};
 use trireme_core::cache::CronSchedule;
+use trireme_core::http1::head::{parse_response, Parsed};
 use trireme_core::proxy::ProxyContext;
 use trireme_core::shutdown::Shutdown;
+use trireme_core::upstream::Attempts;
 
 /// Start the refresher when the cache is on: background refreshes, and the scheduled
 /// warming of `cache.warming.scheduled`.
@@ -145,36 +147,67 @@ fn queue_warming<'a>(
     queued
 }
 
+/// One refresh: its backend picked and counted like any request's (least_conn,
+/// `max_conns`), its outcome reported to passive health, and an attempt that fails before
+/// any response retried on another backend within the upstream's `retries`
+/// ([`Attempts`]).
 fn refresh(ctx: &ProxyContext, cache: &Arc<HttpCache>, job: Refresh) {
-    let up = &ctx.upstreams[job.upstream as usize];
+    let up = ctx.upstreams[job.upstream as usize].clone();
+    let mut attempts = Attempts::new(up.clone());
     let input = PickInput {
         client: b"",
         key: None,
     };
-    let Some(b) = up.pick(&input, &[], Instant::now()) else {
-        tracing::debug!(upstream = %up.cfg.name, "background refresh: no healthy backend");
-        return;
-    };
-    let addr = up.backends[b].addr;
     let limit = cache.store.max_object() + 64 * 1024;
-    let fetched = (|| -> std::io::Result<Vec<u8>> {
-        let mut s = TcpStream::connect_timeout(&addr, up.cfg.connect_timeout)?;
-        s.set_write_timeout(Some(up.cfg.response_timeout))?;
-        s.set_read_timeout(Some(up.cfg.response_timeout))?;
-        s.write_all(&job.request)?;
+    loop {
+        let Some(b) = attempts.begin(&input, Instant::now()) else {
+            tracing::debug!(upstream = %up.cfg.name, "background refresh: no backend available");
+            return;
+        };
+        let addr = up.backends[b].addr;
         let mut buf = Vec::with_capacity(4096);
-        s.take(limit as u64 + 1).read_to_end(&mut buf)?;
-        Ok(buf)
-    })();
-    match fetched {
-        Ok(buf) if buf.len() <= limit => match cache.absorb(job, &buf, SystemTime::now()) {
-            Ok(what) => tracing::debug!(backend = %addr, what, "background refresh"),
-            Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
-        },
-        Ok(_) => {
-            tracing::debug!(backend = %addr, "background refresh: response too large to store")
+        let fetched = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&addr, up.cfg.connect_timeout)?;
+            s.set_write_timeout(Some(up.cfg.response_timeout))?;
+            s.set_read_timeout(Some(up.cfg.response_timeout))?;
+            s.write_all(&job.request)?;
+            s.take(limit as u64 + 1).read_to_end(&mut buf)?;
+            Ok(())
+        })();
+        if buf.is_empty() {
+            // Nothing came back (refused, timed out, closed or reset before a byte): not
+            // the refresh's fault; another backend may answer.
+            let why = fetched
+                .err()
+                .map_or("closed without a response".into(), |e| e.to_string());
+            if attempts.failed(Instant::now(), &ctx.metrics) {
+                tracing::debug!(backend = %addr, error = %why, "background refresh: retrying on another backend");
+                continue;
+            }
+            tracing::warn!(backend = %addr, error = %why, "background refresh failed");
+            return;
         }
-        Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
+        let status = match parse_response(&buf, 64 * 1024) {
+            Ok(Parsed::Complete(h)) if fetched.is_ok() => Some(h.status),
+            _ => None,
+        };
+        match status {
+            Some(s) => attempts.answered(s, Instant::now()),
+            // A broken or cut-off response: the backend's fault; not retried (the
+            // backend has seen the request).
+            None => attempts.broken(Instant::now()),
+        }
+        match fetched {
+            Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
+            Ok(()) if buf.len() > limit => {
+                tracing::debug!(backend = %addr, "background refresh: response too large to store")
+            }
+            Ok(()) => match cache.absorb(job, &buf, SystemTime::now()) {
+                Ok(what) => tracing::debug!(backend = %addr, what, "background refresh"),
+                Err(e) => tracing::warn!(backend = %addr, error = %e, "background refresh failed"),
+            },
+        }
+        return;
     }
 }
 

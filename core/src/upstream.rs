@@ -734,5 +734,101 @@ impl HealthChecker {
     }
 }
 
+/// One request's way through an upstream's backends, for exchanges made without a client
+/// session (cache refreshes and warming): each attempt's backend is picked like any
+/// request's (skipping those already tried and those at `max_conns`) and counted in flight
+/// (least_conn, `max_conns`) until its outcome; each outcome goes to passive health; a
+/// failed attempt is retried on another backend within the upstream's `retries`. Dropping
+/// it ends an attempt still in flight.
+pub struct Attempts {
+    upstream: Arc<Upstream>,
+    tried: smallvec::SmallVec<[u16; 4]>,
+    retries_left: u32,
+    current: Option<u16>,
+}
+
+impl Attempts {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Attempts {
+            retries_left: upstream.cfg.retries,
+            upstream,
+            tried: smallvec::SmallVec::new(),
+            current: None,
+        }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Start the next attempt: the backend to use, or none left (none healthy, all tried
+    /// or at `max_conns`). Ends an attempt still in flight first.
+    pub fn begin(&mut self, input: &PickInput<'_>, now: Instant) -> Option<usize> {
+        self.end_current();
+        let up = &self.upstream;
+        let mut skip = self.tried.clone();
+        loop {
+            let b = up.pick(input, &skip, now)?;
+            skip.push(b as u16);
+            if up.try_begin(b) {
+                self.tried.push(b as u16);
+                self.current = Some(b as u16);
+                return Some(b);
+            }
+        }
+    }
+
+    /// The attempt failed before any response (connect failure or timeout, a connection
+    /// closed or reset before a byte): counted against its backend. True when another
+    /// attempt may follow (the retry budget allows one; counted as a retry).
+    pub fn failed(&mut self, now: Instant, metrics: &crate::metrics::Metrics) -> bool {
+        if let Some(b) = self.current {
+            self.upstream.report_failure(b as usize, now);
+        }
+        self.end_current();
+        if self.retries_left == 0 {
+            return false;
+        }
+        self.retries_left -= 1;
+        metrics.retries.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The attempt got a response with `status`: a 5xx counts against the backend when
+    /// passive health says so, anything else clears its failures. The attempt ends.
+    pub fn answered(&mut self, status: u16, now: Instant) {
+        if let Some(b) = self.current {
+            let up = &self.upstream;
+            if status >= 500 && up.cfg.passive.on_5xx {
+                up.report_failure(b as usize, now);
+            } else {
+                up.report_success(b as usize);
+            }
+        }
+        self.end_current();
+    }
+
+    /// The attempt's response was broken or cut off: counted against its backend, not
+    /// retried (the backend has seen the request). The attempt ends.
+    pub fn broken(&mut self, now: Instant) {
+        if let Some(b) = self.current {
+            self.upstream.report_failure(b as usize, now);
+        }
+        self.end_current();
+    }
+
+    fn end_current(&mut self) {
+        if let Some(b) = self.current.take() {
+            self.upstream.end(b as usize);
+        }
+    }
+}
+
+impl Drop for Attempts {
+    fn drop(&mut self) {
+        self.end_current();
+    }
+}
+
 #[cfg(test)]
 mod tests;

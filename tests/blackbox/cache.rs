@@ -14,6 +14,7 @@ matrix!(
     cache_coalesces_concurrent_misses,
     cache_refreshes_stale_entries_in_the_background,
     cache_background_refreshes_are_bounded,
+    cache_background_refreshes_retry_on_another_backend,
     cache_warms_configured_paths_at_start,
     cache_warms_on_a_schedule,
     cache_refreshes_hot_entries_before_they_expire,
@@ -462,6 +463,43 @@ fn cache_background_refreshes_are_bounded(bin: &PathBuf) {
         "at most 4 refresh threads: {base} before, {most} at most"
     );
     assert!(most > base, "refreshes run meanwhile");
+}
+
+/// A background refresh picks its backend like a request does, and like a request it is
+/// retried on another backend when its connect fails: with one backend refusing
+/// connections (never ejected: `max_fails: 0`) and round robin, about half the refreshes
+/// pick it first, and every one still reaches the live backend.
+fn cache_background_refreshes_retry_on_another_backend(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let dead = free_port();
+    let yaml = format!("server:\n  listen: \"{{listen}}\"\ncache:\n  size: 1MB\nload_balancing:\n  retries: 2\n  passive_health:\n    max_fails: 0\nbackends:\n  - url: http://127.0.0.1:{dead}\n  - url: http://{{b0}}\n");
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    let path = |i: usize| format!("/r/{i}?cc=max-age=1,stale-while-revalidate=60&etag=v1");
+    let mut c = p.client();
+    const N: usize = 6;
+    for i in 0..N {
+        assert_eq!(c.get(&path(i)).status, 200, "{}", p.logs());
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    for i in 0..N {
+        assert_eq!(c.get(&path(i)).header("x-cache"), Some("STALE"));
+    }
+    let refreshes = || {
+        b.requests()
+            .iter()
+            .filter(|r| r.header("if-none-match") == Some("\"v1\""))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refreshes() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} refreshes reached the live backend: {}",
+            refreshes(),
+            p.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn cache_warms_configured_paths_at_start(bin: &PathBuf) {

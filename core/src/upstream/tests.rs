@@ -317,3 +317,53 @@ fn max_conns_is_never_exceeded_by_racing_workers() {
     };
     assert_eq!(up.pick(&inp, &[], t0), None);
 }
+
+#[test]
+fn background_attempts_count_in_flight_report_health_and_retry_elsewhere() {
+    let t0 = crate::test_origin();
+    let up = upstream(3, t0);
+    let metrics = crate::metrics::Metrics::default();
+    let inp = PickInput {
+        client: b"",
+        key: None,
+    };
+    let active = |i: usize| up.backends[i].active.load(Ordering::Relaxed);
+    let mut at = Attempts::new(up.clone());
+    let first = at.begin(&inp, t0).expect("a backend");
+    assert_eq!(
+        active(first),
+        1,
+        "in flight counts for least_conn and max_conns"
+    );
+    // A failed connect: counted against the backend; the retry goes elsewhere.
+    assert!(at.failed(t0, &metrics));
+    assert_eq!(active(first), 0);
+    assert_eq!(up.backends[first].failures.load(Ordering::Relaxed), 1);
+    let second = at.begin(&inp, t0).expect("another backend");
+    assert_ne!(
+        second, first,
+        "a retry never goes back to a backend already tried"
+    );
+    // The budget (`retries: 1`) is spent.
+    assert!(!at.failed(t0, &metrics));
+    assert_eq!(metrics.retries.load(Ordering::Relaxed), 1);
+    // An answer ends the attempt; a 5xx counts against the backend (on_5xx).
+    let mut at = Attempts::new(up.clone());
+    let b = at.begin(&inp, t0).unwrap();
+    let fails = |i: usize| up.backends[i].failures.load(Ordering::Relaxed);
+    let before = fails(b);
+    at.answered(503, t0);
+    assert_eq!(active(b), 0);
+    assert_eq!(fails(b), before + 1);
+    let b = at.begin(&inp, t0).unwrap();
+    let before = fails(b);
+    at.answered(200, t0);
+    assert_eq!(fails(b), before, "a good answer counts no failure");
+    assert_eq!(active(b), 0);
+    // Dropped mid-attempt: the in-flight count is given back.
+    let mut at = Attempts::new(up.clone());
+    let b = at.begin(&inp, t0).unwrap();
+    assert_eq!(active(b), 1);
+    drop(at);
+    assert_eq!(active(b), 0);
+}
