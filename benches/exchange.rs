@@ -13,17 +13,20 @@ pub fn exchange(s: &mut Session, resp_head: &[u8], body: &[u8], t0: Instant) -> 
     let mut pool = BufPool::new(0);
     s.reserve_client_in(&mut pool).extend_from_slice(REQ);
     s.on_client_read(t0);
+    let mut up = None;
     while let Some(a) = s.poll_action() {
-        if let Action::Connect { .. } = a {
-            s.on_upstream_connected(true, t0);
+        if let Action::Connect { io, .. } = a {
+            s.on_upstream_connected(io, true, t0);
+            up = Some(io);
         }
     }
+    let io = up.expect("the request went to a backend");
     let n = s.upstream_output().len();
-    s.on_upstream_written(n, t0);
+    s.on_upstream_written(io, n, t0);
     let up_in = s.reserve_up_in(&mut pool);
     up_in.extend_from_slice(resp_head);
     up_in.extend_from_slice(body);
-    s.on_upstream_read(t0);
+    s.on_upstream_read(io, t0);
     while s.poll_action().is_some() {}
     let n = s.client_output().len();
     std::hint::black_box(s.client_output().pending());

@@ -9,7 +9,8 @@
 //!    hand over a buffer read into, [`Session::put_client_bytes`]) then call
 //!    [`Session::on_client_read`]; likewise [`Session::reserve_up_in`] and
 //!    [`Session::on_upstream_read`]. Report EOF, errors, connect outcomes and timer expiry
-//!    with the other `on_*` methods, always passing `now`.
+//!    with the other `on_*` methods, always passing `now`; upstream completions name the
+//!    I/O they are about ([`IoId`], from the [`Action::Connect`] that asked for it).
 //! 2. Output, pulled: [`Session::poll_action`] until `None` (connect to a backend, release
 //!    the upstream connection to the pool or close it); write what
 //!    [`Session::client_output`] and [`Session::upstream_output`] hold (while
@@ -101,22 +102,32 @@ impl ProxyContext {
     }
 }
 
+/// Names one upstream I/O of a session (a backend connection, an L2 connection): the
+/// [`Action::Connect`] that asks for it says which, and every completion about it
+/// (`on_upstream_*`) passes it back, so a completion for I/O the session has let go is
+/// caught instead of being taken for the current one (and, later, one client connection can
+/// hold several).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IoId(u32);
+
 /// What the session asks of the runtime.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Get a connection to this backend: an idle pooled one if `fresh` is false and the
-    /// pool has one, else a new one. Answer with [`Session::on_upstream_connected`] or
-    /// [`Session::on_upstream_connect_failed`]. Any previous upstream connection was
-    /// released before this.
+    /// Get a connection to this backend for I/O `io`: an idle pooled one if `fresh` is
+    /// false and the pool has one, else a new one. Answer with
+    /// [`Session::on_upstream_connected`] or [`Session::on_upstream_connect_failed`]. Any
+    /// previous upstream connection was released before this.
     Connect {
+        io: IoId,
         upstream: u16,
         backend: u16,
         addr: SocketAddr,
         fresh: bool,
     },
-    /// The session is done with its upstream connection: return it to the pool (`reuse`) or
-    /// close it.
+    /// The session is done with the upstream connection of `io`: return it to the pool
+    /// (`reuse`) or close it.
     ReleaseUpstream {
+        io: IoId,
         upstream: u16,
         backend: u16,
         reuse: bool,
@@ -239,6 +250,10 @@ pub struct Session {
     /// How its body is delimited for the client.
     resp_framing: Framing,
     up: Up,
+    /// The upstream I/O asked for last (the current one while `up` is not `None`).
+    up_io: IoId,
+    /// The last [`IoId`] handed out.
+    io_seq: u32,
     /// The upstream request head, kept for a retry.
     up_head: Vec<u8>,
     head_started: Option<Instant>,
@@ -319,6 +334,8 @@ impl Session {
             resp: ResponseReader::done(),
             resp_framing: Framing::NoBody,
             up: Up::None,
+            up_io: IoId(0),
+            io_seq: 0,
             up_head: Vec::new(),
             head_started: None,
             body_wait: None,
@@ -710,7 +727,10 @@ impl Session {
 
     // ----------------------------------------------------------------- upstream input
 
-    pub fn on_upstream_connected(&mut self, reused: bool, now: Instant) {
+    pub fn on_upstream_connected(&mut self, io: IoId, reused: bool, now: Instant) {
+        if !self.is_current(io, "on_upstream_connected for another I/O") {
+            return;
+        }
         if self.l2.is_some() {
             self.l2_connected(reused, now);
             return;
@@ -728,7 +748,10 @@ impl Session {
         }
     }
 
-    pub fn on_upstream_connect_failed(&mut self, now: Instant) {
+    pub fn on_upstream_connect_failed(&mut self, io: IoId, now: Instant) {
+        if !self.is_current(io, "on_upstream_connect_failed for another I/O") {
+            return;
+        }
         if self.l2.is_some() {
             self.l2_fail("connect failed", now);
             return;
@@ -739,7 +762,10 @@ impl Session {
         self.connect_failed(now, false);
     }
 
-    pub fn on_upstream_written(&mut self, n: usize, now: Instant) {
+    pub fn on_upstream_written(&mut self, io: IoId, n: usize, now: Instant) {
+        if !self.is_current(io, "on_upstream_written for another I/O") {
+            return;
+        }
         if n > self.up_out.len() {
             misuse("on_upstream_written: more bytes than were pending");
         }
@@ -748,7 +774,10 @@ impl Session {
     }
 
     /// New bytes were appended to `up_in`.
-    pub fn on_upstream_read(&mut self, now: Instant) {
+    pub fn on_upstream_read(&mut self, io: IoId, now: Instant) {
+        if !self.is_current(io, "on_upstream_read for another I/O") {
+            return;
+        }
         self.last_up_io = now;
         if self.l2.is_some() {
             self.l2_read(now);
@@ -764,13 +793,16 @@ impl Session {
         // Writing the response may have freed the client for the next request.
     }
 
-    pub fn feed_upstream(&mut self, data: &[u8], now: Instant) {
+    pub fn feed_upstream(&mut self, io: IoId, data: &[u8], now: Instant) {
         self.up_in.extend_from_slice(data);
-        self.on_upstream_read(now);
+        self.on_upstream_read(io, now);
     }
 
     /// The backend closed the connection (or it failed: `error`).
-    pub fn on_upstream_eof(&mut self, error: bool, now: Instant) {
+    pub fn on_upstream_eof(&mut self, io: IoId, error: bool, now: Instant) {
+        if !self.is_current(io, "on_upstream_eof for another I/O") {
+            return;
+        }
         if self.l2.is_some() {
             self.l2_fail("connection closed", now);
             return;
@@ -1380,12 +1412,12 @@ impl Session {
         req.backend = Some(backend as u16);
         req.last_backend = backend as u16;
         req.tried.push(backend as u16);
-        self.actions.push_back(Action::Connect {
-            upstream: up_id as u16,
-            backend: backend as u16,
-            addr: upstream.backends[backend].addr,
-            fresh: false,
-        });
+        self.push_connect(
+            up_id as u16,
+            backend as u16,
+            upstream.backends[backend].addr,
+            false,
+        );
         self.req = Some(req);
         self.up = Up::Connecting {
             since: now,
@@ -1490,12 +1522,12 @@ impl Session {
             }
             r.resp_bytes = 0;
         }
-        self.actions.push_back(Action::Connect {
-            upstream: up_id,
-            backend: backend as u16,
-            addr: upstream.backends[backend].addr,
-            fresh: fresh || repick,
-        });
+        self.push_connect(
+            up_id,
+            backend as u16,
+            upstream.backends[backend].addr,
+            fresh || repick,
+        );
         self.up = Up::Connecting { since: now, fresh };
         self.resp = ResponseReader::new();
         true
@@ -1507,6 +1539,30 @@ impl Session {
                 self.ctx.upstreams[r.upstream as usize].report_failure(b as usize, now);
             }
         }
+    }
+
+    /// Ask the runtime for an upstream connection: a new I/O, named in the action.
+    fn push_connect(&mut self, upstream: u16, backend: u16, addr: SocketAddr, fresh: bool) {
+        self.io_seq = self.io_seq.wrapping_add(1);
+        self.up_io = IoId(self.io_seq);
+        self.actions.push_back(Action::Connect {
+            io: self.up_io,
+            upstream,
+            backend,
+            addr,
+            fresh,
+        });
+    }
+
+    /// Whether a completion is about the current upstream I/O (else it is misuse: I/O the
+    /// session let go, or never asked for).
+    #[inline]
+    fn is_current(&self, io: IoId, what: &'static str) -> bool {
+        if io == self.up_io && self.io_seq != 0 {
+            return true;
+        }
+        misuse(what);
+        false
     }
 
     /// Ask the runtime to release the upstream connection. A connect it has not picked up
@@ -1522,6 +1578,7 @@ impl Session {
                 self.actions.remove(i);
             }
             None => self.actions.push_back(Action::ReleaseUpstream {
+                io: self.up_io,
                 upstream,
                 backend,
                 reuse,

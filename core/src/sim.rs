@@ -8,7 +8,7 @@
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{parse_request, Parsed};
 use crate::http1::{BodyKind, Limits};
-use crate::proxy::{Action, ProxyContext, Session};
+use crate::proxy::{Action, IoId, ProxyContext, Session};
 use crate::upstream::{ConnMeta, Liveness, Pool};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -142,6 +142,8 @@ struct UpConn {
     /// The backend closed it while it sat idle (not yet noticed by the proxy).
     peer_closed: bool,
     meta: ConnMeta,
+    /// The session's name for it while it is in use (from the `Connect` it answers).
+    io: IoId,
 }
 
 impl UpConn {
@@ -163,6 +165,8 @@ pub struct SimClient {
     pub received: Vec<u8>,
     pub closed: bool,
     up: Option<usize>,
+    /// The I/O of the session's latest `Connect`.
+    up_io: IoId,
 }
 
 #[derive(Debug)]
@@ -181,6 +185,7 @@ enum Ev {
     },
     ConnectFailed {
         client: usize,
+        io: IoId,
     },
 }
 
@@ -286,6 +291,7 @@ impl Sim {
             received: Vec::new(),
             closed: false,
             up: None,
+            up_io: IoId::default(),
         });
         self.clients.len() - 1
     }
@@ -355,6 +361,7 @@ impl Sim {
             progress = true;
             match a {
                 Action::Connect {
+                    io,
                     upstream,
                     backend,
                     addr,
@@ -363,6 +370,7 @@ impl Sim {
                     if let Some(old) = self.clients[c].up.take() {
                         self.conns[old].alive = false;
                     }
+                    self.clients[c].up_io = io;
                     let pooled = if fresh {
                         None
                     } else {
@@ -383,20 +391,21 @@ impl Sim {
                         let conn = &mut self.conns[id];
                         conn.client = Some(c);
                         conn.meta = meta;
+                        conn.io = io;
                         let unread = std::mem::take(&mut conn.unread);
                         self.clients[c].up = Some(id);
                         let s = &mut self.clients[c].session;
-                        s.on_upstream_connected(true, now);
+                        s.on_upstream_connected(io, true, now);
                         if !unread.is_empty() {
                             // What the runtime's first read would return.
-                            s.feed_upstream(&unread, now);
+                            s.feed_upstream(io, &unread, now);
                         }
                         continue;
                     }
                     let b = self.backend_index(addr);
                     match self.backends[b].behavior {
                         Behavior::Refuse => {
-                            self.schedule(now + self.latency, Ev::ConnectFailed { client: c })
+                            self.schedule(now + self.latency, Ev::ConnectFailed { client: c, io })
                         }
                         Behavior::Blackhole => {}
                         Behavior::Serve(_) => {
@@ -416,6 +425,7 @@ impl Sim {
                                     created: now,
                                     requests: 0,
                                 },
+                                io,
                             });
                             self.schedule(
                                 now + self.latency,
@@ -428,6 +438,7 @@ impl Sim {
                     }
                 }
                 Action::ReleaseUpstream {
+                    io: _,
                     upstream,
                     backend,
                     reuse,
@@ -466,7 +477,7 @@ impl Sim {
             if connected && self.conns[id].alive {
                 let n = cl.session.upstream_output().len();
                 let data = cl.session.upstream_output().pending().to_vec();
-                cl.session.on_upstream_written(n, now);
+                cl.session.on_upstream_written(self.conns[id].io, n, now);
                 self.conns[id].inbuf.extend_from_slice(&data);
                 self.serve(id);
                 progress = true;
@@ -602,13 +613,22 @@ impl Sim {
                 if cl.closed || self.conns[conn].client != Some(client) || !self.conns[conn].alive {
                     return;
                 }
+                let io = self.conns[conn].io;
+                if io != cl.up_io {
+                    // The session gave this connect up (timed out, released) and asked
+                    // again: a runtime closes the socket it was opening.
+                    self.conns[conn].alive = false;
+                    self.conns[conn].client = None;
+                    return;
+                }
                 cl.up = Some(conn);
-                cl.session.on_upstream_connected(false, now);
+                cl.session.on_upstream_connected(io, false, now);
             }
-            Ev::ConnectFailed { client } => {
+            Ev::ConnectFailed { client, io } => {
                 let cl = &mut self.clients[client];
-                if !cl.closed {
-                    cl.session.on_upstream_connect_failed(now);
+                // A connect given up meanwhile is no longer reported (as a runtime drops it).
+                if !cl.closed && io == cl.up_io {
+                    cl.session.on_upstream_connect_failed(io, now);
                 }
             }
             Ev::UpData { conn, data } => {
@@ -617,8 +637,9 @@ impl Sim {
                 }
                 match self.conns[conn].client {
                     Some(c) => {
+                        let io = self.conns[conn].io;
                         let s = &mut self.clients[c].session;
-                        s.feed_upstream(&data, now);
+                        s.feed_upstream(io, &data, now);
                     }
                     None => {
                         // Idle in the pool: the bytes wait in the socket.
@@ -634,7 +655,8 @@ impl Sim {
                 match self.conns[conn].client {
                     Some(c) if !self.clients[c].closed => {
                         self.conns[conn].alive = false;
-                        self.clients[c].session.on_upstream_eof(false, now)
+                        let io = self.conns[conn].io;
+                        self.clients[c].session.on_upstream_eof(io, false, now)
                     }
                     Some(_) => self.conns[conn].alive = false,
                     None => {

@@ -41,7 +41,8 @@ fuzz_target!(|data: &[u8]| {
     let mut now = *t0;
     let ctx = if mode & 64 != 0 { with_l2 } else { plain };
     let mut s = Session::new(ctx.clone(), "127.0.0.1:1".parse().unwrap(), now);
-    let mut up_connected = false;
+    // The upstream I/O the session holds (connected), by the id its Connect named.
+    let mut up = None;
     let mut backend_pos = 0;
     for piece in client.chunks(split) {
         if s.wants_close() {
@@ -52,28 +53,33 @@ fuzz_target!(|data: &[u8]| {
         }
         while let Some(a) = s.poll_action() {
             match a {
-                Action::Connect { .. } => {
+                Action::Connect { io, .. } => {
                     if mode & 1 == 0 {
-                        s.on_upstream_connected(mode & 2 == 0, now);
-                        up_connected = true;
+                        s.on_upstream_connected(io, mode & 2 == 0, now);
+                        up = Some(io);
                     } else {
-                        s.on_upstream_connect_failed(now);
+                        s.on_upstream_connect_failed(io, now);
                     }
                 }
-                Action::ReleaseUpstream { .. } => up_connected = false,
+                Action::ReleaseUpstream { io, .. } => {
+                    // A release names the I/O it ends (one whose connect failed, too).
+                    if let Some(held) = up.take() {
+                        assert_eq!(held, io, "a release names the I/O connected");
+                    }
+                }
             }
         }
         let n = s.client_output().len();
         s.on_client_written(n, now);
-        if up_connected {
+        if let Some(io) = up {
             let n = s.upstream_output().len();
-            s.on_upstream_written(n, now);
+            s.on_upstream_written(io, n, now);
             let end = (backend_pos + split).min(backend.len());
             if backend_pos < end && s.wants_upstream_read() {
-                s.feed_upstream(&backend[backend_pos..end], now);
+                s.feed_upstream(io, &backend[backend_pos..end], now);
                 backend_pos = end;
             } else if backend_pos >= backend.len() && mode & 4 != 0 {
-                s.on_upstream_eof(mode & 8 != 0, now);
+                s.on_upstream_eof(io, mode & 8 != 0, now);
             }
         }
         if mode & 16 != 0 {

@@ -30,7 +30,7 @@ use trireme_core::admission::{IdleList, IdleSlot, IpSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
 use trireme_core::driver::{Admit, Gate, TimerSlot, POOL_SWEEP_EVERY};
-use trireme_core::proxy::{Action, ProxyContext, Session};
+use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
@@ -121,6 +121,8 @@ struct Up {
     stream: TcpStream,
     /// The client connection using it; `None` while idle in the pool.
     owner: Option<usize>,
+    /// The owner's name for this I/O (from its `Connect`).
+    io: IoId,
     upstream: u16,
     backend: u16,
     meta: ConnMeta,
@@ -473,16 +475,17 @@ impl Worker {
                 Some(Ok(())) => {
                     up.connecting = false;
                     up.meta.created = now;
+                    let io = up.io;
                     if let Some(c) = self.conns.get_mut(k) {
-                        c.s.on_upstream_connected(false, now);
+                        c.s.on_upstream_connected(io, false, now);
                     }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "upstream connect failed");
-                    self.io.ups.remove(u);
+                    let io = self.io.ups.remove(u).io;
                     if let Some(c) = self.conns.get_mut(k) {
                         c.up = None;
-                        c.s.on_upstream_connect_failed(now);
+                        c.s.on_upstream_connect_failed(io, now);
                     }
                 }
             }
@@ -520,6 +523,7 @@ impl Worker {
                 progress = true;
                 match a {
                     Action::Connect {
+                        io: up_io,
                         upstream,
                         backend,
                         addr,
@@ -535,20 +539,22 @@ impl Worker {
                         };
                         match pooled {
                             Some(u) => {
-                                io.ups[u].owner = Some(k);
+                                let up = &mut io.ups[u];
+                                (up.owner, up.io) = (Some(k), up_io);
                                 c.up = Some(u);
-                                c.s.on_upstream_connected(true, now);
+                                c.s.on_upstream_connected(up_io, true, now);
                             }
-                            None => match connect(io, addr, upstream, backend, k, now) {
+                            None => match connect(io, addr, upstream, backend, (k, up_io), now) {
                                 Ok(u) => c.up = Some(u),
                                 Err(e) => {
                                     tracing::debug!(error = %e, "upstream connect failed");
-                                    c.s.on_upstream_connect_failed(now);
+                                    c.s.on_upstream_connect_failed(up_io, now);
                                 }
                             },
                         }
                     }
                     Action::ReleaseUpstream {
+                        io: _,
                         upstream,
                         backend,
                         reuse,
@@ -636,13 +642,13 @@ impl Worker {
                             if n < buf.len() {
                                 up.writable = false;
                             }
-                            c.s.on_upstream_written(n, now);
+                            c.s.on_upstream_written(up.io, n, now);
                         }
                         Err(e) if would_block(&e) => up.writable = false,
                         Err(e) if interrupted(&e) => {}
                         _ => {
                             up.writable = false;
-                            c.s.on_upstream_eof(true, now);
+                            c.s.on_upstream_eof(up.io, true, now);
                         }
                     }
                     progress = true;
@@ -656,20 +662,20 @@ impl Worker {
                         Ok((0, _)) => {
                             up.readable = false;
                             up.read_closed = true;
-                            c.s.on_upstream_eof(false, now);
+                            c.s.on_upstream_eof(up.io, false, now);
                         }
                         Ok((n, room)) => {
                             if n < room && !up.read_closed {
                                 up.readable = false;
                             }
-                            c.s.on_upstream_read(now);
+                            c.s.on_upstream_read(up.io, now);
                         }
                         Err(e) if would_block(&e) => up.readable = false,
                         Err(e) if interrupted(&e) => {}
                         Err(_) => {
                             up.readable = false;
                             up.read_closed = true;
-                            c.s.on_upstream_eof(true, now);
+                            c.s.on_upstream_eof(up.io, true, now);
                         }
                     }
                     progress = true;
@@ -731,7 +737,7 @@ fn connect(
     addr: SocketAddr,
     upstream: u16,
     backend: u16,
-    owner: usize,
+    (owner, up_io): (usize, IoId),
     now: Instant,
 ) -> io::Result<usize> {
     let mut stream = TcpStream::connect(addr)?;
@@ -746,6 +752,7 @@ fn connect(
     e.insert(Up {
         stream,
         owner: Some(owner),
+        io: up_io,
         upstream,
         backend,
         meta: ConnMeta {

@@ -38,7 +38,7 @@ use trireme_core::admission::{IdleList, IdleSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
 use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
-use trireme_core::proxy::{Action, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
+use trireme_core::proxy::{Action, IoId, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
@@ -551,6 +551,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
     let mut urd: Option<OwnedReadHalf<TcpStream>> = None;
     let mut uwr: Option<OwnedWriteHalf<TcpStream>> = None;
     let mut ufd: RawFd = -1;
+    // The session's name for the upstream I/O (from its latest `Connect`; in-flight
+    // operations of a released one are dropped, so every completion is about this one).
+    let mut uio = IoId::default();
     let mut umeta = ConnMeta {
         created: Instant::now(),
         requests: 0,
@@ -575,12 +578,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
         while let Some(a) = s.poll_action() {
             match a {
                 Action::Connect {
+                    io,
                     upstream,
                     backend,
                     addr,
                     fresh,
                 } => {
                     // Any previous connection was released; make sure nothing of it flies.
+                    uio = io;
                     uread.set(None);
                     uwrite.set(None);
                     connecting.set(None);
@@ -593,7 +598,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                     match pooled {
                         Some((c, meta)) => {
                             (urd, uwr, ufd, umeta) = (Some(c.rd), Some(c.wr), c.fd, meta);
-                            s.on_upstream_connected(true, now);
+                            s.on_upstream_connected(uio, true, now);
                         }
                         // Boxed: connects are rare on pooled connections, and the
                         // future is large to carry inline in every idle connection.
@@ -601,6 +606,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                     }
                 }
                 Action::ReleaseUpstream {
+                    io: _,
                     upstream,
                     backend,
                     reuse,
@@ -734,8 +740,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                 local.bufs.borrow_mut().put_out(spare);
                 local.iovs.borrow_mut().push(iov);
                 match r {
-                    Ok(n) if n > 0 => s.on_upstream_written(n, now),
-                    _ => s.on_upstream_eof(true, now),
+                    Ok(n) if n > 0 => s.on_upstream_written(uio, n, now),
+                    _ => s.on_upstream_eof(uio, true, now),
                 }
             }
             Ev::UpRead(h, r, b) => {
@@ -743,15 +749,15 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                 match r {
                     Ok(0) => {
                         local.bufs.borrow_mut().put_read(b);
-                        s.on_upstream_eof(false, now);
+                        s.on_upstream_eof(uio, false, now);
                     }
                     Ok(_) => {
                         s.put_upstream_bytes(b, &mut local.bufs.borrow_mut());
-                        s.on_upstream_read(now);
+                        s.on_upstream_read(uio, now);
                     }
                     Err(_) => {
                         local.bufs.borrow_mut().put_read(b);
-                        s.on_upstream_eof(true, now);
+                        s.on_upstream_eof(uio, true, now);
                     }
                 }
             }
@@ -788,11 +794,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
                     created: now,
                     requests: 0,
                 };
-                s.on_upstream_connected(false, now);
+                s.on_upstream_connected(uio, false, now);
             }
             Ev::Connected(Err(e)) => {
                 tracing::debug!(error = %e, "upstream connect failed");
-                s.on_upstream_connect_failed(now);
+                s.on_upstream_connect_failed(uio, now);
             }
             Ev::Timer => {
                 sleep.as_mut().reset(far);

@@ -19,7 +19,7 @@ use trireme_core::admission::{IdleList, IdleSlot};
 use trireme_core::buf::BufPool;
 use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
-use trireme_core::proxy::{Action, ProxyContext, Session};
+use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Liveness, Pool};
 use trireme_core::wake::{Wake, Waker as CoreWaker};
@@ -387,6 +387,9 @@ async fn connection(
         client.as_raw_fd()
     };
     let mut idle_slot: Option<IdleSlot> = None;
+    // The session's name for the upstream I/O (from its latest `Connect`; a released
+    // connection or connect is dropped, so every completion is about this one).
+    let mut uio = IoId::default();
 
     loop {
         let now = Instant::now();
@@ -397,11 +400,13 @@ async fn connection(
                 progress = true;
                 match a {
                     Action::Connect {
+                        io,
                         upstream,
                         backend,
                         addr,
                         fresh,
                     } => {
+                        uio = io;
                         up = None;
                         connecting = None;
                         let pooled = if fresh {
@@ -412,12 +417,13 @@ async fn connection(
                         match pooled {
                             Some((stream, meta)) => {
                                 up = Some(UpConn { stream, meta });
-                                s.on_upstream_connected(true, now);
+                                s.on_upstream_connected(uio, true, now);
                             }
                             None => connecting = Some(connect(addr)),
                         }
                     }
                     Action::ReleaseUpstream {
+                        io: _,
                         upstream,
                         backend,
                         reuse,
@@ -453,11 +459,11 @@ async fn connection(
                     match write_now(&c.stream, s.upstream_output().pending(), &[]) {
                         Ok(0) => {}
                         Ok(n) => {
-                            s.on_upstream_written(n, now);
+                            s.on_upstream_written(uio, n, now);
                             progress = true;
                         }
                         Err(_) => {
-                            s.on_upstream_eof(true, now);
+                            s.on_upstream_eof(uio, true, now);
                             progress = true;
                         }
                     }
@@ -508,16 +514,16 @@ async fn connection(
             r = ready_opt(up.as_ref().map(|c| &c.stream), ui), if ui.is_some() => {
                 let now = Instant::now();
                 match r {
-                    Err(_) => s.on_upstream_eof(true, now),
+                    Err(_) => s.on_upstream_eof(uio, true, now),
                     Ok(ready) => {
                         if ready.is_readable() && s.wants_upstream_read() {
                             let Some(c) = up.as_ref() else { continue };
                             let closed = ready.is_read_closed();
                             match with_pool(|p| read_once(&c.stream, s.reserve_up_in(p), closed)) {
-                                Ok(0) => s.on_upstream_eof(false, now),
-                                Ok(_) => s.on_upstream_read(now),
+                                Ok(0) => s.on_upstream_eof(uio, false, now),
+                                Ok(_) => s.on_upstream_read(uio, now),
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                                Err(_) => s.on_upstream_eof(true, now),
+                                Err(_) => s.on_upstream_eof(uio, true, now),
                             }
                         }
                     }
@@ -529,11 +535,11 @@ async fn connection(
                 match r {
                     Ok(stream) => {
                         up = Some(UpConn { stream, meta: ConnMeta { created: now, requests: 0 } });
-                        s.on_upstream_connected(false, now);
+                        s.on_upstream_connected(uio, false, now);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "upstream connect failed");
-                        s.on_upstream_connect_failed(now);
+                        s.on_upstream_connect_failed(uio, now);
                     }
                 }
             }

@@ -7,7 +7,7 @@
 //! miss or a failure the request goes to the backend with the lookup's pending fetch
 //! (still leading the key for requests waiting on it).
 
-use super::{Action, Session};
+use super::Session;
 use crate::cache::http::Pending;
 use crate::cache::l2::{Reply, L2};
 use crate::cache::store::Stored;
@@ -65,12 +65,7 @@ impl Session {
         self.up_out.clear();
         self.up_in.clear();
         l2.get_command(&p.key, self.up_out.vec());
-        self.actions.push_back(Action::Connect {
-            upstream,
-            backend: 0,
-            addr,
-            fresh: false,
-        });
+        self.push_connect(upstream, 0, addr, false);
         self.l2_tried = Some((self.requests_done, false));
         self.l2 = Some(Box::new(L2Fetch {
             pending: p,

@@ -282,14 +282,14 @@ fn bounded_buffering_while_client_does_not_read() {
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
     s.feed_client(&get("/"), now);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let head = b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n";
-    s.feed_upstream(head, now);
+    s.feed_upstream(s.up_io, head, now);
     // Feed while the session wants it, never writing to the client.
     let chunk = vec![1u8; 16 * 1024];
     let mut fed = 0;
     while s.wants_upstream_read() && fed < 2_000_000 {
-        s.feed_upstream(&chunk, now);
+        s.feed_upstream(s.up_io, &chunk, now);
         fed += chunk.len();
     }
     assert!(
@@ -308,10 +308,14 @@ fn client_write_error_drops_pending_output() {
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), origin);
     s.feed_client(&get("/"), origin);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, origin);
-    s.on_upstream_written(s.up_out.len(), origin);
-    s.feed_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", origin);
-    s.feed_upstream(&[b'x'; 30_000], origin);
+    s.on_upstream_connected(s.up_io, false, origin);
+    s.on_upstream_written(s.up_io, s.up_out.len(), origin);
+    s.feed_upstream(
+        s.up_io,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",
+        origin,
+    );
+    s.feed_upstream(s.up_io, &[b'x'; 30_000], origin);
     assert!(!s.client_out.is_empty());
     s.on_client_error(origin);
     assert!(s.wants_close());
@@ -592,11 +596,11 @@ fn expect_100_continue_is_relayed_for_streamed_bodies() {
         now,
     );
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let head = String::from_utf8_lossy(s.up_out.pending()).into_owned();
     assert!(head.contains("Expect: 100-continue"), "{head}");
-    s.on_upstream_written(s.up_out.len(), now);
-    s.feed_upstream(b"HTTP/1.1 100 Continue\r\n\r\n", now);
+    s.on_upstream_written(s.up_io, s.up_out.len(), now);
+    s.feed_upstream(s.up_io, b"HTTP/1.1 100 Continue\r\n\r\n", now);
     assert_eq!(s.client_out.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
     s.on_client_written(s.client_out.len(), now);
     s.feed_client(b"body", now);
@@ -623,7 +627,7 @@ fn small_request_bodies_are_buffered_before_connecting() {
     assert_eq!(s.poll_action(), None, "still waiting for the rest");
     s.feed_client(b"56789", t);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, t);
+    s.on_upstream_connected(s.up_io, false, t);
     let up = String::from_utf8_lossy(s.up_out.pending()).into_owned();
     assert!(!up.contains("Expect"), "{up}");
     assert!(up.ends_with("\r\n\r\n0123456789"), "{up}");
@@ -670,13 +674,13 @@ fn streamed_bodies_have_a_total_deadline() {
         now,
     );
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let mut t = now;
     while t < now + Duration::from_secs(60) {
         t += Duration::from_secs(1);
         s.feed_client(b"x", t);
         let n = s.up_out.len();
-        s.on_upstream_written(n, t);
+        s.on_upstream_written(s.up_io, n, t);
         if s.deadline().is_some_and(|d| d <= t) {
             s.on_timeout(t);
         }
@@ -784,15 +788,15 @@ fn exchange(s: &mut Session, pool: &mut BufPool, now: Instant) {
         .extend_from_slice(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
     s.on_client_read(now);
     match s.poll_action() {
-        Some(Action::Connect { .. }) => s.on_upstream_connected(true, now),
+        Some(Action::Connect { .. }) => s.on_upstream_connected(s.up_io, true, now),
         other => panic!("{other:?}"),
     }
     let n = s.up_out.len();
     assert!(n > 0);
-    s.on_upstream_written(n, now);
+    s.on_upstream_written(s.up_io, n, now);
     s.reserve_up_in(pool)
         .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     assert!(s.client_out.pending().ends_with(b"\r\n\r\nhi"));
     let n = s.client_out.len();
     s.on_client_written(n, now);
@@ -1313,13 +1317,13 @@ fn ask_l2(s: &mut Session, pool: &mut BufPool, path: &str, now: Instant) {
         other => panic!("expected a connect to Redis, got {other:?}"),
     }
     assert!(s.poll_action().is_none());
-    s.on_upstream_connected(true, now);
+    s.on_upstream_connected(s.up_io, true, now);
     let cmd = s.up_out.pending().to_vec();
     assert!(cmd.starts_with(HMGET), "{cmd:?}");
     assert!(cmd.ends_with(
         format!("trireme:GET http://example.com{path}\r\n$1\r\nv\r\n$2\r\ne:\r\n").as_bytes()
     ));
-    s.on_upstream_written(cmd.len(), now);
+    s.on_upstream_written(s.up_io, cmd.len(), now);
     assert!(s.wants_upstream_read());
 }
 
@@ -1353,28 +1357,29 @@ fn l2_miss_goes_to_the_backend_and_the_stored_response_is_queued_for_l2() {
     let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     ask_l2(&mut s, &mut pool, "/x", now);
     s.reserve_up_in(&mut pool).extend_from_slice(L2_MISS);
-    s.on_upstream_read(now);
-    assert_eq!(
+    s.on_upstream_read(s.up_io, now);
+    assert!(matches!(
         s.poll_action(),
         Some(Action::ReleaseUpstream {
             upstream: 1,
             backend: 0,
-            reuse: true
+            reuse: true,
+            ..
         })
-    );
+    ));
     assert!(matches!(
         s.poll_action(),
         Some(Action::Connect { upstream: 0, .. })
     ));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let head = String::from_utf8_lossy(s.up_out.pending()).into_owned();
     assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
     let n = s.up_out.len();
-    s.on_upstream_written(n, now);
+    s.on_upstream_written(s.up_io, n, now);
     s.reserve_up_in(&mut pool).extend_from_slice(
         b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nhello",
     );
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
     assert!(
         out.contains("X-Cache: MISS") && out.ends_with("hello"),
@@ -1482,17 +1487,17 @@ fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
             s.poll_action(),
             Some(Action::Connect { upstream: 1, .. })
         ));
-        s.on_upstream_connected(true, now);
+        s.on_upstream_connected(s.up_io, true, now);
         let n = s.up_out.len();
-        s.on_upstream_written(n, now);
+        s.on_upstream_written(s.up_io, n, now);
         // The key's responses vary by Accept-Encoding (the `e:` field is absent).
         s.reserve_up_in(pool)
             .extend_from_slice(b"*2\r\n$15\r\nAccept-Encoding\r\n$-1\r\n");
-        s.on_upstream_read(now);
+        s.on_upstream_read(s.up_io, now);
         assert!(s.poll_action().is_none(), "still asking Redis");
         let cmd = String::from_utf8_lossy(s.up_out.pending()).into_owned();
         let n = s.up_out.len();
-        s.on_upstream_written(n, now);
+        s.on_upstream_written(s.up_io, n, now);
         cmd
     };
     // A variant Redis holds: one more round trip, then an L2 hit.
@@ -1505,7 +1510,7 @@ fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
     let enc = l2_entry(b"brotli", "Accept-Encoding", b"accept-encoding:br\n");
     s.reserve_up_in(&mut pool)
         .extend_from_slice(&resp_bulk(&enc));
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     let out = assert_answered_from_l2(&mut s);
     assert!(
         out.contains("Cache-Status: trireme; hit; detail=l2") && out.ends_with("brotli"),
@@ -1516,7 +1521,7 @@ fn l2_variants_by_vary_take_a_second_step_for_the_requests_one() {
     let cmd = lookup(&mut s2, &mut pool, "gzip");
     assert!(cmd.ends_with("e:accept-encoding:gzip\n\r\n"), "{cmd:?}");
     s2.reserve_up_in(&mut pool).extend_from_slice(b"$-1\r\n");
-    s2.on_upstream_read(now);
+    s2.on_upstream_read(s2.up_io, now);
     assert_l2_released_then_backend(&mut s2, Some(true));
     assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 1);
     assert_eq!(l2.stats.misses.load(Ordering::Relaxed), 1);
@@ -1545,7 +1550,7 @@ fn l2_hit_for_a_key_invalidated_meanwhile_is_not_used() {
         }
         s.reserve_up_in(&mut pool)
             .extend_from_slice(&l2_hit_reply(b"old"));
-        s.on_upstream_read(now);
+        s.on_upstream_read(s.up_io, now);
         assert_l2_released_then_backend(&mut s, None);
         assert!(s.client_out.is_empty());
         assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 0);
@@ -1674,9 +1679,9 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
         if !asks_l2 {
             continue;
         }
-        s.on_upstream_connected(true, later);
+        s.on_upstream_connected(s.up_io, true, later);
         let n = s.up_out.len();
-        s.on_upstream_written(n, later);
+        s.on_upstream_written(s.up_io, n, later);
         let at = if l2_newer {
             wall0 + Duration::from_secs(90)
         } else {
@@ -1684,7 +1689,7 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
         };
         s.reserve_up_in(&mut pool)
             .extend_from_slice(&hmget_hit(&l2_entry_at(b"new", "", b"", cc, at)));
-        s.on_upstream_read(later);
+        s.on_upstream_read(s.up_io, later);
         assert!(matches!(
             s.poll_action(),
             Some(Action::ReleaseUpstream { upstream: 1, .. })
@@ -1701,7 +1706,7 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
                 s.poll_action(),
                 Some(Action::Connect { upstream: 0, .. })
             ));
-            s.on_upstream_connected(true, later);
+            s.on_upstream_connected(s.up_io, true, later);
             let head = String::from_utf8_lossy(s.up_out.pending()).into_owned();
             assert!(
                 head.contains("If-None-Match: \"e\"\r\n"),
@@ -1761,10 +1766,10 @@ fn l2_hit_fills_l1_and_answers_without_the_backend() {
     // The reply arrives in two reads.
     let (a, b) = reply.split_at(reply.len() / 2);
     s.reserve_up_in(&mut pool).extend_from_slice(a);
-    s.on_upstream_read(later);
+    s.on_upstream_read(s.up_io, later);
     assert!(s.poll_action().is_none() && s.client_out.is_empty());
     s.reserve_up_in(&mut pool).extend_from_slice(b);
-    s.on_upstream_read(later);
+    s.on_upstream_read(s.up_io, later);
     let out = assert_answered_from_l2(&mut s);
     assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
     assert!(
@@ -1800,14 +1805,15 @@ fn l2_timeout_or_garbage_falls_through_to_the_backend_and_backs_off() {
     let d = s.deadline().expect("armed");
     assert_eq!(d, now + Duration::from_millis(50));
     s.on_timeout(d);
-    assert_eq!(
+    assert!(matches!(
         s.poll_action(),
         Some(Action::ReleaseUpstream {
             upstream: 1,
             backend: 0,
-            reuse: false
+            reuse: false,
+            ..
         })
-    );
+    ));
     assert!(matches!(
         s.poll_action(),
         Some(Action::Connect { upstream: 0, .. })
@@ -1830,7 +1836,7 @@ fn l2_timeout_or_garbage_falls_through_to_the_backend_and_backs_off() {
     ask_l2(&mut s3, &mut pool, "/g", t);
     s3.reserve_up_in(&mut pool)
         .extend_from_slice(b"*2\r\n$0\r\n\r\n$5\r\nhello\r\n");
-    s3.on_upstream_read(t);
+    s3.on_upstream_read(s3.up_io, t);
     assert_falls_through_to_the_backend(&mut s3);
     assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 2);
 }
@@ -1845,18 +1851,18 @@ fn client_half_close_during_l2_lookup_still_gets_its_answer() {
     s.on_client_eof(now);
     assert!(!s.wants_close());
     s.reserve_up_in(&mut pool).extend_from_slice(L2_MISS);
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     assert!(matches!(
         s.poll_action(),
         Some(Action::ReleaseUpstream { .. })
     ));
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let n = s.up_out.len();
-    s.on_upstream_written(n, now);
+    s.on_upstream_written(s.up_io, n, now);
     s.reserve_up_in(&mut pool)
         .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
     assert!(
         out.contains("Connection: close") && out.ends_with("ok"),
@@ -1882,12 +1888,12 @@ fn lead_fetch(
     s.reserve_client_in(pool).extend_from_slice(&get(path));
     s.on_client_read(now);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let n = s.up_out.len();
-    s.on_upstream_written(n, now);
+    s.on_upstream_written(s.up_io, n, now);
     s.reserve_up_in(pool).extend_from_slice(head.as_bytes());
     s.reserve_up_in(pool).extend_from_slice(part);
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     s
 }
 
@@ -1923,7 +1929,7 @@ fn waiters_stream_the_lead_fetch_as_it_arrives() {
     assert!(c.client_out.is_empty() && c.poll_action().is_none());
     // The rest arrives: the follower's next look completes it; the waiter gets its 304.
     lead.reserve_up_in(&mut pool).extend_from_slice(b"world");
-    lead.on_upstream_read(now);
+    lead.on_upstream_read(lead.up_io, now);
     let t = f.deadline().expect("polling");
     assert!(t <= now + crate::cache::http::WAIT_POLL);
     f.on_timeout(t);
@@ -1951,7 +1957,7 @@ fn followers_are_cut_off_when_the_lead_fetch_fails() {
     f.on_client_written(n, now);
     // The backend dies mid-body. Nothing reached the lead's client yet: it gets a 502 in
     // place of the queued head. The follower already has part of the body: cut off.
-    lead.on_upstream_eof(true, now);
+    lead.on_upstream_eof(lead.up_io, true, now);
     let text = String::from_utf8_lossy(lead.client_out.pending()).into_owned();
     assert!(
         text.starts_with("HTTP/1.1 502 ") && !text.contains("hel"),
@@ -1984,12 +1990,12 @@ fn other_vary_variants_and_unknown_lengths_are_not_streamed() {
         .extend_from_slice(&get_h("/v", "Accept-Language: fr\r\n"));
     lead.on_client_read(now);
     assert!(matches!(lead.poll_action(), Some(Action::Connect { .. })));
-    lead.on_upstream_connected(false, now);
+    lead.on_upstream_connected(lead.up_io, false, now);
     let n = lead.up_out.len();
-    lead.on_upstream_written(n, now);
+    lead.on_upstream_written(lead.up_io, n, now);
     lead.reserve_up_in(&mut pool)
         .extend_from_slice(head.as_bytes());
-    lead.on_upstream_read(now);
+    lead.on_upstream_read(lead.up_io, now);
     // Another language waits (then fetches its own variant); the same one streams.
     let mut de = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     de.reserve_client_in(&mut pool)
@@ -2027,14 +2033,14 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
         s.poll_action(),
         Some(Action::Connect { upstream: 1, .. })
     ));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let cmds = String::from_utf8_lossy(s.up_out.pending()).into_owned();
     assert!(
         cmds.starts_with("*3\r\n$4\r\nAUTH\r\n$4\r\nedge\r\n$2\r\npw\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*4\r\n$5\r\nHMGET\r\n"),
         "{cmds:?}"
     );
     let n = s.up_out.len();
-    s.on_upstream_written(n, now);
+    s.on_upstream_written(s.up_io, n, now);
     // The replies arrive piecemeal: +OK, +OK, then the miss.
     for piece in [
         &b"+O"[..],
@@ -2045,7 +2051,7 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
     ] {
         assert!(s.poll_action().is_none());
         s.reserve_up_in(&mut pool).extend_from_slice(piece);
-        s.on_upstream_read(now);
+        s.on_upstream_read(s.up_io, now);
     }
     assert_l2_released_then_backend(&mut s, Some(true));
     // A pooled connection is logged in already: just the lookup.
@@ -2054,7 +2060,7 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
         .extend_from_slice(&get("/b"));
     s2.on_client_read(now);
     assert!(matches!(s2.poll_action(), Some(Action::Connect { .. })));
-    s2.on_upstream_connected(true, now);
+    s2.on_upstream_connected(s2.up_io, true, now);
     assert!(s2.up_out.pending().starts_with(HMGET));
     // A refused login is a failed lookup: the backend answers.
     let mut s3 = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
@@ -2062,10 +2068,10 @@ fn l2_new_connections_log_in_first_and_reused_ones_do_not() {
         .extend_from_slice(&get("/c"));
     s3.on_client_read(now);
     assert!(matches!(s3.poll_action(), Some(Action::Connect { .. })));
-    s3.on_upstream_connected(false, now);
+    s3.on_upstream_connected(s3.up_io, false, now);
     s3.reserve_up_in(&mut pool)
         .extend_from_slice(b"-WRONGPASS invalid username-password pair\r\n");
-    s3.on_upstream_read(now);
+    s3.on_upstream_read(s3.up_io, now);
     assert_falls_through_to_the_backend(&mut s3);
     let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
     assert_eq!(l2.stats.errors.load(Ordering::Relaxed), 1);
@@ -2253,9 +2259,9 @@ fn answer_with(raw: &[u8], yaml: &str) -> (Vec<u8>, bool) {
     let mut s = Session::new(ctx_from(yaml, now), CLIENT.parse().unwrap(), now);
     s.feed_client(&get("/"), now);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
-    s.on_upstream_written(s.up_out.len(), now);
-    s.feed_upstream(raw, now);
+    s.on_upstream_connected(s.up_io, false, now);
+    s.on_upstream_written(s.up_io, s.up_out.len(), now);
+    s.feed_upstream(s.up_io, raw, now);
     let mut got = Vec::new();
     while !s.client_out.is_empty() {
         let (a, b) = s.client_out.pending_parts();
@@ -2302,15 +2308,16 @@ fn a_malformed_chunk_after_the_head_went_out_cuts_the_connection() {
     );
     s.feed_client(&get("/"), now);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
-    s.on_upstream_written(s.up_out.len(), now);
+    s.on_upstream_connected(s.up_io, false, now);
+    s.on_upstream_written(s.up_io, s.up_out.len(), now);
     s.feed_upstream(
+        s.up_io,
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
         now,
     );
     // The head and the first chunk reach the client; then the framing breaks.
     s.on_client_written(s.client_out.len(), now);
-    s.feed_upstream(b"zz\r\n", now);
+    s.feed_upstream(s.up_io, b"zz\r\n", now);
     assert!(s.wants_close(), "the only honest signal left");
     assert!(s.client_out.is_empty());
 }
@@ -2443,14 +2450,14 @@ fn buffers_park_whole_after_a_lent_shared_body() {
     s.reserve_client_in(&mut pool).extend_from_slice(&get("/"));
     s.on_client_read(now);
     assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
-    s.on_upstream_connected(false, now);
+    s.on_upstream_connected(s.up_io, false, now);
     let n = s.up_out.len();
-    s.on_upstream_written(n, now);
+    s.on_upstream_written(s.up_io, n, now);
     let up = s.reserve_up_in(&mut pool);
     let read_buf = up.as_ptr();
     up.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 16384\r\n\r\n");
     up.extend_from_slice(&[b'x'; 16384]);
-    s.on_upstream_read(now);
+    s.on_upstream_read(s.up_io, now);
     while s.poll_action().is_some() {}
     // The write takes the head and the body (shared with the read buffer) with it.
     let (v, pos, shared) = s.client_out.lend(pool.out_buf());
@@ -2470,4 +2477,52 @@ fn buffers_park_whole_after_a_lent_shared_body() {
         read_buf,
         "the read buffer came back to the pool whole"
     );
+}
+
+/// Every upstream action names its I/O, and each retry is a new one: the release names the
+/// attempt it ends, the next connect a new id.
+#[test]
+fn each_connect_names_a_new_io_and_its_release_names_it_again() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&two_backends("  retries: 1\n"), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    s.feed_client(&get("/"), now);
+    let Some(Action::Connect { io: first, .. }) = s.poll_action() else {
+        panic!("no connect");
+    };
+    // The connect times out: that attempt is released and another backend asked for.
+    let d = s.deadline().expect("connect timer");
+    s.on_timeout(d);
+    let released = s.poll_action();
+    assert!(
+        matches!(released, Some(Action::ReleaseUpstream { io, .. }) if io == first),
+        "{released:?}"
+    );
+    let Some(Action::Connect { io: second, .. }) = s.poll_action() else {
+        panic!("no retry");
+    };
+    assert_ne!(first, second);
+    s.on_upstream_connected(second, false, d);
+    s.on_upstream_written(second, s.up_out.len(), d);
+    s.feed_upstream(second, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", d);
+    assert!(s.client_out.pending().ends_with(b"\r\n\r\nok"));
+}
+
+/// A completion for an attempt the session gave up (a runtime that kept a timed-out
+/// connect) is caught, not taken for the current attempt.
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "on_upstream_connected for another I/O")]
+fn a_completion_for_a_released_io_is_misuse() {
+    let now = crate::test_origin();
+    let ctx = ctx_from(&two_backends("  retries: 1\n"), now);
+    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+    s.feed_client(&get("/"), now);
+    let Some(Action::Connect { io: first, .. }) = s.poll_action() else {
+        panic!("no connect");
+    };
+    let d = s.deadline().expect("connect timer");
+    s.on_timeout(d);
+    while s.poll_action().is_some() {}
+    s.on_upstream_connected(first, false, d);
 }
