@@ -294,7 +294,7 @@ fn run_proxy(
             .collect();
         tracing::info!(upstream = %u.cfg.name, algorithm = u.cfg.algorithm.name(), backends = %list.join(", "), "upstream");
     }
-    process::spawn_health_checks(&ctx, sd.clone()).map_err(|e| format!("health checks: {e}"))?;
+    // Active health checks run on the runtime's first worker (core's `upstream::Health`).
     crate::l2::spawn(ctx.cache.as_ref(), sd.clone()).map_err(|e| format!("L2 writer: {e}"))?;
     if let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) {
         tracing::info!(redis = %l2.addr, ttl = ?l2.ttl, timeout = ?l2.timeout, "cache L2 on");

@@ -1,15 +1,11 @@
 //! Process-level services shared by every event model: listening sockets (one per worker
-//! with SO_REUSEPORT), signals, the open-files limit, and active health checks.
+//! with SO_REUSEPORT), signals and the open-files limit. (Active health checks run on the
+//! runtimes' own workers: core's `upstream::Health`.)
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use trireme_core::http1::head::{probe_status, Parsed};
-use trireme_core::proxy::ProxyContext;
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::HealthChecker;
 
 /// `n` listening sockets on `addr`. With more than one, each has SO_REUSEPORT so the kernel
 /// spreads new connections over the workers' own accept queues (port 0: the first socket
@@ -126,69 +122,4 @@ pub fn fds_needed(max_connections: usize, pooled: usize) -> u64 {
         .saturating_mul(2)
         .saturating_add(pooled as u64)
         .saturating_add(trireme_core::config::RESERVED_FDS)
-}
-
-/// One thread per upstream with active health checks; each probe runs on a short-lived
-/// thread with blocking sockets and the probe's timeout, so a black-holed backend delays
-/// no other. Results update the upstream's shared state, which every worker reads.
-pub fn spawn_health_checks(ctx: &ProxyContext, sd: Arc<Shutdown>) -> io::Result<()> {
-    for up in &ctx.upstreams {
-        let Some(cfg) = up.cfg.active.clone() else {
-            continue;
-        };
-        let mut hc = HealthChecker::new(up.clone(), cfg, Instant::now());
-        let sd = sd.clone();
-        std::thread::Builder::new()
-            .name("trireme-health".into())
-            .spawn(move || {
-                let (tx, rx) = mpsc::channel::<(usize, Option<u16>)>();
-                while !sd.is_requested() {
-                    let now = Instant::now();
-                    while let Some(p) = hc.poll_probe(now) {
-                        let req = hc.request(p.backend).to_vec();
-                        let tx = tx.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("trireme-probe".into())
-                            .spawn(move || {
-                                let st = probe(p.addr, &req, p.timeout);
-                                let _ = tx.send((p.backend, st));
-                            });
-                        if spawned.is_err() {
-                            hc.on_result(p.backend, None, now);
-                        }
-                    }
-                    let next = hc.next_deadline().unwrap_or(now + Duration::from_secs(1));
-                    // Wake at least every 200 ms to notice shutdown.
-                    let wait = next
-                        .saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(200));
-                    if let Ok((b, st)) = rx.recv_timeout(wait) {
-                        hc.on_result(b, st, Instant::now());
-                    }
-                }
-            })?;
-    }
-    Ok(())
-}
-
-/// Send one probe request; the status code, or None on any failure within `timeout`.
-fn probe(addr: SocketAddr, req: &[u8], timeout: Duration) -> Option<u16> {
-    let deadline = Instant::now() + timeout;
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    s.write_all(req).ok()?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
-    loop {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .ok()?;
-        let n = s.read(&mut chunk).ok()?;
-        buf.extend_from_slice(&chunk[..n]);
-        match probe_status(&buf) {
-            Parsed::Complete(r) => return r.ok(),
-            Parsed::Partial if n == 0 => return None,
-            Parsed::Partial => {}
-        }
-    }
 }

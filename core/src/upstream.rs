@@ -734,6 +734,108 @@ impl HealthChecker {
     }
 }
 
+/// Every upstream's active health checks, run by one worker of the runtime (its event
+/// loop carries out the probes; no thread per probe): probes come out as [`ProbeRun`]s named
+/// by a [`ProbeId`]; their verdicts go back with [`Health::on_result`].
+pub struct Health {
+    checkers: Vec<HealthChecker>,
+}
+
+/// Which checker and backend a probe is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeId {
+    checker: u16,
+    backend: u16,
+}
+
+impl Health {
+    /// The checks of every upstream of `ctx` with `health_check` configured.
+    pub fn for_context(ctx: &crate::proxy::ProxyContext, now: Instant) -> Self {
+        Health {
+            checkers: ctx
+                .upstreams
+                .iter()
+                .filter_map(|up| {
+                    let cfg = up.cfg.active.clone()?;
+                    Some(HealthChecker::new(up.clone(), cfg, now))
+                })
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.checkers.is_empty()
+    }
+
+    /// The next probe due at `now`, if any (marked in flight until its result).
+    pub fn poll_probe(&mut self, now: Instant) -> Option<ProbeRun> {
+        self.checkers.iter_mut().enumerate().find_map(|(c, hc)| {
+            let p = hc.poll_probe(now)?;
+            Some(ProbeRun {
+                id: ProbeId {
+                    checker: c as u16,
+                    backend: p.backend as u16,
+                },
+                addr: p.addr,
+                deadline: now + p.timeout,
+                request: hc.request(p.backend).to_vec(),
+                written: 0,
+                got: Vec::new(),
+            })
+        })
+    }
+
+    /// A probe's verdict: `Some(status)` when a status line arrived, `None` on a connect
+    /// error, a timeout or garbage.
+    pub fn on_result(&mut self, id: ProbeId, status: Option<u16>, now: Instant) {
+        if let Some(hc) = self.checkers.get_mut(id.checker as usize) {
+            hc.on_result(id.backend as usize, status, now);
+        }
+    }
+
+    /// When [`poll_probe`](Self::poll_probe) will next have something.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.checkers
+            .iter()
+            .filter_map(HealthChecker::next_deadline)
+            .min()
+    }
+}
+
+/// One probe in flight: connect to `addr`, write the request, read until the status line
+/// decides it, all before `deadline` (else its verdict is `None`). The runtime moves the
+/// bytes; the probe says when it is decided.
+#[derive(Debug)]
+pub struct ProbeRun {
+    pub id: ProbeId,
+    pub addr: SocketAddr,
+    pub deadline: Instant,
+    request: Vec<u8>,
+    written: usize,
+    got: Vec<u8>,
+}
+
+impl ProbeRun {
+    /// Request bytes still to write.
+    pub fn pending(&self) -> &[u8] {
+        &self.request[self.written.min(self.request.len())..]
+    }
+
+    pub fn wrote(&mut self, n: usize) {
+        self.written += n;
+    }
+
+    /// Bytes read from the backend: the verdict once the status line decides it (the
+    /// status, or `None` for garbage).
+    pub fn on_read(&mut self, data: &[u8]) -> Option<Option<u16>> {
+        self.got.extend_from_slice(data);
+        match crate::http1::head::probe_status(&self.got) {
+            crate::http1::Parsed::Complete(r) => Some(r.ok()),
+            crate::http1::Parsed::Partial => None,
+        }
+    }
+}
+
 /// One request's way through an upstream's backends, for exchanges made without a client
 /// session (cache refreshes and warming): each attempt's backend is picked like any
 /// request's (skipping those already tried and those at `max_conns`) and counted in flight

@@ -20,7 +20,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,19 +32,23 @@ use trireme_core::config::RunOptions;
 use trireme_core::driver::{Admit, Gate, TimerSlot, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_core::upstream::{ConnMeta, Health, Pool, ProbeRun};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
 use trireme_rt_support::{peek_idle, read_spare};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 
-/// Client connection `k` has token `2k`; upstream socket `u` has token `2u + 1`.
+/// Client connection `k` has token `4k`; upstream socket `u` `4u + 1`; health probe `p`
+/// `4p + 2`.
 fn client_token(k: usize) -> Token {
-    Token(k << 1)
+    Token(k << 2)
 }
 fn upstream_token(u: usize) -> Token {
-    Token((u << 1) | 1)
+    Token((u << 2) | 1)
+}
+fn probe_token(p: usize) -> Token {
+    Token((p << 2) | 2)
 }
 
 /// Wake-ups for this worker's sessions, from any worker (core's [`Wake`]): a session
@@ -187,6 +191,16 @@ struct Worker {
     woken: Vec<u64>,
     drain_until: Option<Instant>,
     gate: Gate,
+    /// Active health checks (worker 0 runs them for the process) and their probes.
+    health: Option<Health>,
+    probes: Slab<ProbeConn>,
+}
+
+/// A health probe in flight on this worker's loop.
+struct ProbeConn {
+    stream: TcpStream,
+    run: ProbeRun,
+    connected: bool,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -214,6 +228,10 @@ impl Worker {
             let _ = w2.wake();
         });
         let pools = Pool::for_each_upstream(&sh.ctx);
+        // Worker 0 runs the process's active health checks on its loop.
+        let health = (id == 0)
+            .then(|| Health::for_context(&sh.ctx, Instant::now()))
+            .filter(|h| !h.is_empty());
         Ok(Worker {
             id,
             io: Io {
@@ -243,6 +261,8 @@ impl Worker {
                 waker,
             }),
             drain_until: None,
+            health,
+            probes: Slab::new(),
         })
     }
 
@@ -282,8 +302,8 @@ impl Worker {
                 match ev.token() {
                     LISTENER => self.accept(now),
                     WAKER => self.deliver_wakeups(now),
-                    Token(t) if t & 1 == 0 => {
-                        let k = t >> 1;
+                    Token(t) if t & 3 == 0 => {
+                        let k = t >> 2;
                         if let Some(c) = self.conns.get_mut(k) {
                             c.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
                             c.read_closed |= ev.is_read_closed();
@@ -291,10 +311,12 @@ impl Worker {
                             self.drive(k, now);
                         }
                     }
-                    Token(t) => self.upstream_event(t >> 1, ev, now),
+                    Token(t) if t & 3 == 1 => self.upstream_event(t >> 2, ev, now),
+                    Token(t) => self.probe_event(t >> 2, ev, now),
                 }
             }
             self.fire_timers(now);
+            self.run_probes(now);
             if self.accept_retry.is_some_and(|t| t <= now) {
                 self.accept_retry = None;
                 self.accept(now);
@@ -328,9 +350,21 @@ impl Worker {
 
     fn next_wake(&self, now: Instant) -> Option<Instant> {
         let mut t = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        for o in [self.accept_retry, self.drain_until, Some(self.next_evict)]
-            .into_iter()
-            .flatten()
+        let probes = self.probes.iter().map(|(_, p)| p.run.deadline).min();
+        let health = self
+            .health
+            .as_ref()
+            .filter(|_| self.drain_until.is_none())
+            .and_then(Health::next_deadline);
+        for o in [
+            self.accept_retry,
+            self.drain_until,
+            Some(self.next_evict),
+            probes,
+            health,
+        ]
+        .into_iter()
+        .flatten()
         {
             t = Some(t.map_or(o, |t| t.min(o)));
         }
@@ -426,6 +460,95 @@ impl Worker {
                 self.conns[k].s.begin_drain(now);
             }
             self.drive(k, now);
+        }
+    }
+
+    /// Start the health probes that are due (not while draining) and give up those past
+    /// their deadline.
+    fn run_probes(&mut self, now: Instant) {
+        let late: Vec<usize> = self
+            .probes
+            .iter()
+            .filter(|(_, p)| p.run.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in late {
+            self.probe_done(k, None, now);
+        }
+        if self.drain_until.is_some() {
+            return;
+        }
+        let Some(health) = self.health.as_mut() else {
+            return;
+        };
+        while let Some(run) = health.poll_probe(now) {
+            let e = self.probes.vacant_entry();
+            let started = TcpStream::connect(run.addr).and_then(|mut stream| {
+                self.poll.registry().register(
+                    &mut stream,
+                    probe_token(e.key()),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Ok(stream)
+            });
+            match started {
+                Ok(stream) => {
+                    e.insert(ProbeConn {
+                        stream,
+                        run,
+                        connected: false,
+                    });
+                }
+                Err(_) => health.on_result(run.id, None, now),
+            }
+        }
+    }
+
+    /// Readiness on probe `k`: finish connecting, write the request, read the verdict.
+    fn probe_event(&mut self, k: usize, ev: &mio::event::Event, now: Instant) {
+        let Some(p) = self.probes.get_mut(k) else {
+            return;
+        };
+        if !p.connected {
+            match p.stream.take_error() {
+                Ok(None) => match p.stream.peer_addr() {
+                    Ok(_) => p.connected = true,
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected && !ev.is_error() => return,
+                    Err(_) => return self.probe_done(k, None, now),
+                },
+                Ok(Some(_)) | Err(_) => return self.probe_done(k, None, now),
+            }
+        }
+        while !p.run.pending().is_empty() {
+            match (&p.stream).write(p.run.pending()) {
+                Ok(n) if n > 0 => p.run.wrote(n),
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => {}
+                _ => return self.probe_done(k, None, now),
+            }
+        }
+        let mut chunk = [0u8; 512];
+        loop {
+            match (&p.stream).read(&mut chunk) {
+                Ok(0) => return self.probe_done(k, None, now),
+                Ok(n) => {
+                    if let Some(verdict) = p.run.on_read(&chunk[..n]) {
+                        return self.probe_done(k, verdict, now);
+                    }
+                }
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => {}
+                Err(_) => return self.probe_done(k, None, now),
+            }
+        }
+    }
+
+    fn probe_done(&mut self, k: usize, verdict: Option<u16>, now: Instant) {
+        if let Some(p) = self.probes.try_remove(k) {
+            // Dropping the socket closes it (and takes it out of the epoll set).
+            if let Some(h) = self.health.as_mut() {
+                h.on_result(p.run.id, verdict, now);
+            }
         }
     }
 

@@ -20,7 +20,9 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use bytes::BytesMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
@@ -40,7 +42,7 @@ use trireme_core::config::RunOptions;
 use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, IoId, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Pool};
+use trireme_core::upstream::{ConnMeta, Health, Pool, ProbeRun};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
 use trireme_rt_support::peek_idle;
 
@@ -300,6 +302,13 @@ async fn worker(
         open: Cell::new(0),
         idle: RefCell::new(IdleList::default()),
     });
+    if id == 0 {
+        // Active health checks on this worker's own ring (one task per probe).
+        let health = Health::for_context(&sh.ctx, Instant::now());
+        if !health.is_empty() {
+            monoio::spawn(run_health(health, local.clone()));
+        }
+    }
     {
         let local = local.clone();
         monoio::spawn(async move {
@@ -402,6 +411,61 @@ async fn worker(
 }
 
 /// A read that owns its half and buffer and hands both back (no borrow to outlive).
+/// Core's health checks ([`Health`]): each due probe is a task of its own (a black-holed
+/// backend delays no other), its verdict handed back to the checks; the loop looks again
+/// at least every 200 ms (for the drain and for probes coming due).
+async fn run_health(health: Health, local: Rc<Local>) {
+    let health = Rc::new(RefCell::new(health));
+    while !local.drain.on.get() {
+        let now = Instant::now();
+        loop {
+            let Some(p) = health.borrow_mut().poll_probe(now) else {
+                break;
+            };
+            let health = health.clone();
+            monoio::spawn(async move {
+                let id = p.id;
+                let verdict = run_probe(p).await;
+                health.borrow_mut().on_result(id, verdict, Instant::now());
+            });
+        }
+        let next = health.borrow().next_deadline();
+        let wait = next
+            .map_or(Duration::from_millis(200), |t| {
+                t.saturating_duration_since(now)
+            })
+            .min(Duration::from_millis(200));
+        monoio::time::sleep(wait).await;
+    }
+}
+
+/// One probe: connect, write, read until the status line decides it, before its deadline.
+async fn run_probe(mut p: ProbeRun) -> Option<u16> {
+    let left = p.deadline.saturating_duration_since(Instant::now());
+    let exchange = async {
+        let mut s = TcpStream::connect_addr(p.addr).await.ok()?;
+        let req = p.pending().to_vec();
+        let n = req.len();
+        let (r, _) = s.write_all(req).await;
+        r.ok()?;
+        p.wrote(n);
+        let mut buf = Vec::with_capacity(512);
+        loop {
+            let (r, b) = s.read(buf).await;
+            let n = r.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if let Some(verdict) = p.on_read(&b[..n]) {
+                return verdict;
+            }
+            buf = b;
+            buf.clear();
+        }
+    };
+    monoio::time::timeout(left, exchange).await.ok()?
+}
+
 async fn read_owned<R: AsyncReadRent>(
     mut half: R,
     buf: BytesMut,

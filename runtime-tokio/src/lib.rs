@@ -21,7 +21,7 @@ use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Liveness, Pool};
+use trireme_core::upstream::{ConnMeta, Health, Liveness, Pool, ProbeRun};
 use trireme_core::wake::{Wake, Waker as CoreWaker};
 
 /// Idle upstream connections, one pool per upstream, shared by all tasks.
@@ -236,6 +236,13 @@ async fn serve(
         sh.opts.max_connections,
         sh.ctx.metrics.clone(),
     );
+    if report {
+        // Active health checks on this runtime's own threads (one task per probe).
+        let health = Health::for_context(&sh.ctx, Instant::now());
+        if !health.is_empty() {
+            tokio::spawn(run_health(health, drain_rx.clone()));
+        }
+    }
     {
         let sh = sh.clone();
         let mut drain = drain_rx.clone();
@@ -325,6 +332,55 @@ struct UpConn {
 }
 
 type Connecting = std::pin::Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+
+/// Core's health checks ([`Health`]): each due probe is a task of its own (a black-holed
+/// backend delays no other), its verdict handed back to the checks.
+async fn run_health(health: Health, mut drain: watch::Receiver<bool>) {
+    let health = Arc::new(Mutex::new(health));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    loop {
+        let now = Instant::now();
+        while let Some(p) = health.lock().poll_probe(now) {
+            let (health, wake) = (health.clone(), wake.clone());
+            tokio::spawn(async move {
+                let id = p.id;
+                let verdict = run_probe(p).await;
+                health.lock().on_result(id, verdict, Instant::now());
+                wake.notify_one();
+            });
+        }
+        let next = health.lock().next_deadline();
+        let until = next.unwrap_or(now + Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
+            _ = wake.notified() => {}
+            _ = drain.changed() => return,
+        }
+    }
+}
+
+/// One probe: connect, write, read until the status line decides it, before its deadline.
+async fn run_probe(mut p: ProbeRun) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::from_std(p.deadline);
+    let exchange = async {
+        let mut s = TcpStream::connect(p.addr).await.ok()?;
+        s.write_all(p.pending()).await.ok()?;
+        let n = p.pending().len();
+        p.wrote(n);
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if let Some(verdict) = p.on_read(&chunk[..n]) {
+                return verdict;
+            }
+        }
+    };
+    tokio::time::timeout_at(deadline, exchange).await.ok()?
+}
 
 fn connect(addr: SocketAddr) -> Connecting {
     Box::pin(async move {

@@ -18,6 +18,7 @@ matrix!(
     proxy_errors_502_503_504,
     headers_forwarded_and_hop_by_hop_removed,
     active_health_checks_eject_and_readmit,
+    health_probes_run_on_the_workers_without_threads_of_their_own,
     pipelined_requests_in_order,
     routes_match_the_normalised_path_and_host,
 );
@@ -629,6 +630,63 @@ fn active_health_checks_eject_and_readmit(bin: &PathBuf) {
         p.logs()
     );
     drop(b2);
+}
+
+/// Active health probes are carried out by the runtime's own worker: four backends that
+/// accept connections and never answer keep four probes in flight until their timeout, and
+/// the process has no more threads than the same proxy without health checks (it used to
+/// run a checker thread plus a thread per probe in flight).
+fn health_probes_run_on_the_workers_without_threads_of_their_own(bin: &PathBuf) {
+    let live = Backend::start("live").unwrap();
+    // Listening, never accepting: the kernel completes the connect, nothing ever answers.
+    let silent: Vec<std::net::TcpListener> = (0..4)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let backends: String = silent
+        .iter()
+        .map(|l| format!("  - url: http://{}\n", l.local_addr().unwrap()))
+        .collect();
+    let with = format!("server:\n  listen: \"{{listen}}\"\n  workers: 2\nload_balancing:\n  health_check:\n    path: /health\n    interval: 50ms\n    timeout: 3s\n    healthy_threshold: 1\n    unhealthy_threshold: 1\nbackends:\n  - url: http://{{b0}}\n{backends}");
+    let without = format!("server:\n  listen: \"{{listen}}\"\n  workers: 2\nbackends:\n  - url: http://{{b0}}\n{backends}");
+    let plain = Proxy::with_config(bin, &without, &[&live]);
+    let checked = Proxy::with_config(bin, &with, &[&live]);
+    assert_eq!(get(checked.addr, "/").status, 200);
+    assert_eq!(get(plain.addr, "/").status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !live.requests().iter().any(|r| r.target == "/health") {
+        assert!(
+            Instant::now() < deadline,
+            "no probe reached the live backend"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let base = threads_of(plain.pid());
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(threads_of(checked.pid()));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        most <= base,
+        "{most} threads with four probes in flight, {base} without health checks"
+    );
+    // The live backend keeps being probed meanwhile (a silent one delays no other).
+    let before = live
+        .requests()
+        .iter()
+        .filter(|r| r.target == "/health")
+        .count();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = live
+        .requests()
+        .iter()
+        .filter(|r| r.target == "/health")
+        .count();
+    assert!(
+        after > before,
+        "probes of the live backend stalled ({before} -> {after})"
+    );
+    drop(silent);
 }
 
 fn pipelined_requests_in_order(bin: &PathBuf) {

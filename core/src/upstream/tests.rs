@@ -367,3 +367,42 @@ fn background_attempts_count_in_flight_report_health_and_retry_elsewhere() {
     drop(at);
     assert_eq!(active(b), 0);
 }
+
+#[test]
+fn health_hands_out_one_probe_per_backend_and_takes_verdicts_back() {
+    let now = crate::test_origin();
+    let cfg = crate::config::Config::from_yaml(
+        "load_balancing:\n  health_check:\n    path: /hc\n    interval: 1s\n    timeout: 2s\n    unhealthy_threshold: 1\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n",
+        "test.yaml",
+    )
+    .expect("config");
+    let ctx = cfg
+        .build(now, crate::test_wall(), &crate::config::resolve_literal)
+        .expect("build");
+    let mut h = Health::for_context(&ctx, now);
+    let mut a = h.poll_probe(now).expect("first backend due");
+    let b = h.poll_probe(now).expect("second backend due");
+    assert!(
+        h.poll_probe(now).is_none(),
+        "one probe in flight per backend"
+    );
+    assert_eq!(a.deadline, now + Duration::from_secs(2));
+    assert!(a.pending().starts_with(b"GET /hc HTTP/1.1\r\n"));
+    let n = a.pending().len();
+    a.wrote(n);
+    assert!(a.pending().is_empty());
+    assert_eq!(
+        a.on_read(b"HTTP/1.1 50"),
+        None,
+        "undecided until the status line"
+    );
+    assert_eq!(a.on_read(b"3 Unavailable\r\n"), Some(Some(503)));
+    h.on_result(a.id, Some(503), now);
+    assert!(
+        !ctx.upstreams[0].backends[0].is_healthy(),
+        "503 is outside 200-399"
+    );
+    h.on_result(b.id, Some(200), now);
+    assert!(ctx.upstreams[0].backends[1].is_healthy());
+    assert_eq!(h.next_deadline(), Some(now + Duration::from_secs(1)));
+}
