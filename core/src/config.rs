@@ -607,6 +607,8 @@ pub struct RunOptions {
     /// How long a graceful shutdown waits for requests in flight.
     pub drain_timeout: Duration,
     pub tokio_flavor: TokioFlavor,
+    /// Background fetches (cache refreshes, warming) at once (`cache.refresh_concurrency`).
+    pub refresh_concurrency: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1145,6 +1147,11 @@ impl Config {
             }),
             drain_timeout: self.drain_timeout(),
             tokio_flavor: self.file.server.tokio_flavor,
+            refresh_concurrency: self
+                .file
+                .cache
+                .as_ref()
+                .map_or(16, |c| c.refresh_concurrency.max(1)),
         }
     }
 

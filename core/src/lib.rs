@@ -8,6 +8,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod admission;
+pub mod background;
 pub mod balance;
 pub mod buf;
 pub mod cache;

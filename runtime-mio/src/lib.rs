@@ -27,27 +27,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use trireme_core::admission::{IdleList, IdleSlot, IpSlot};
+use trireme_core::background::{Background, End, Run};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
 use trireme_core::driver::{Admit, Gate, TimerSlot, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Health, Pool, ProbeRun};
+use trireme_core::upstream::{ConnMeta, Pool};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
 use trireme_rt_support::{peek_idle, read_spare};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 
-/// Client connection `k` has token `4k`; upstream socket `u` `4u + 1`; health probe `p`
-/// `4p + 2`.
+/// Client connection `k` has token `4k`; upstream socket `u` `4u + 1`; background run `p`
+/// (health probe, cache fetch) `4p + 2`.
 fn client_token(k: usize) -> Token {
     Token(k << 2)
 }
 fn upstream_token(u: usize) -> Token {
     Token((u << 2) | 1)
 }
-fn probe_token(p: usize) -> Token {
+fn run_token(p: usize) -> Token {
     Token((p << 2) | 2)
 }
 
@@ -191,15 +192,16 @@ struct Worker {
     woken: Vec<u64>,
     drain_until: Option<Instant>,
     gate: Gate,
-    /// Active health checks (worker 0 runs them for the process) and their probes.
-    health: Option<Health>,
-    probes: Slab<ProbeConn>,
+    /// Background exchanges (health probes, cache refreshes and warming): worker 0 runs
+    /// them for the process, each run a socket on this loop.
+    bg: Option<Background>,
+    runs: Slab<BgConn>,
 }
 
-/// A health probe in flight on this worker's loop.
-struct ProbeConn {
+/// A background run in flight on this worker's loop.
+struct BgConn {
     stream: TcpStream,
-    run: ProbeRun,
+    run: Run,
     connected: bool,
 }
 
@@ -228,10 +230,17 @@ impl Worker {
             let _ = w2.wake();
         });
         let pools = Pool::for_each_upstream(&sh.ctx);
-        // Worker 0 runs the process's active health checks on its loop.
-        let health = (id == 0)
-            .then(|| Health::for_context(&sh.ctx, Instant::now()))
-            .filter(|h| !h.is_empty());
+        // Worker 0 runs the process's background exchanges on its loop; a queued fetch
+        // wakes its poll (from any thread).
+        let bg = (id == 0)
+            .then(|| Background::new(&sh.ctx, sh.opts.refresh_concurrency, Instant::now()))
+            .filter(|b| !b.is_empty());
+        if let (Some(_), Some(cache)) = (&bg, &sh.ctx.cache) {
+            let w = waker.clone();
+            cache.set_refresher(move || {
+                let _ = w.wake();
+            });
+        }
         Ok(Worker {
             id,
             io: Io {
@@ -261,8 +270,8 @@ impl Worker {
                 waker,
             }),
             drain_until: None,
-            health,
-            probes: Slab::new(),
+            bg,
+            runs: Slab::new(),
         })
     }
 
@@ -312,11 +321,11 @@ impl Worker {
                         }
                     }
                     Token(t) if t & 3 == 1 => self.upstream_event(t >> 2, ev, now),
-                    Token(t) => self.probe_event(t >> 2, ev, now),
+                    Token(t) => self.run_event(t >> 2, ev, now),
                 }
             }
             self.fire_timers(now);
-            self.run_probes(now);
+            self.run_background(now);
             if self.accept_retry.is_some_and(|t| t <= now) {
                 self.accept_retry = None;
                 self.accept(now);
@@ -350,12 +359,12 @@ impl Worker {
 
     fn next_wake(&self, now: Instant) -> Option<Instant> {
         let mut t = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        let probes = self.probes.iter().map(|(_, p)| p.run.deadline).min();
+        let probes = self.runs.iter().map(|(_, p)| p.run.deadline).min();
         let health = self
-            .health
+            .bg
             .as_ref()
             .filter(|_| self.drain_until.is_none())
-            .and_then(Health::next_deadline);
+            .and_then(Background::next_deadline);
         for o in [
             self.accept_retry,
             self.drain_until,
@@ -463,50 +472,59 @@ impl Worker {
         }
     }
 
-    /// Start the health probes that are due (not while draining) and give up those past
-    /// their deadline.
-    fn run_probes(&mut self, now: Instant) {
+    /// Start the background runs that are due or queued (not while draining) and give up
+    /// those past their deadline.
+    fn run_background(&mut self, now: Instant) {
         let late: Vec<usize> = self
-            .probes
+            .runs
             .iter()
             .filter(|(_, p)| p.run.deadline <= now)
             .map(|(k, _)| k)
             .collect();
         for k in late {
-            self.probe_done(k, None, now);
+            self.run_done(k, End::Failed, now);
         }
         if self.drain_until.is_some() {
             return;
         }
-        let Some(health) = self.health.as_mut() else {
-            return;
-        };
-        while let Some(run) = health.poll_probe(now) {
-            let e = self.probes.vacant_entry();
-            let started = TcpStream::connect(run.addr).and_then(|mut stream| {
-                self.poll.registry().register(
-                    &mut stream,
-                    probe_token(e.key()),
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-                Ok(stream)
-            });
-            match started {
-                Ok(stream) => {
-                    e.insert(ProbeConn {
-                        stream,
-                        run,
-                        connected: false,
-                    });
+        while let Some(run) = self.bg.as_mut().and_then(|b| b.poll_run(now)) {
+            self.start_run(run, now);
+        }
+    }
+
+    fn start_run(&mut self, run: Run, now: Instant) {
+        let e = self.runs.vacant_entry();
+        let started = TcpStream::connect(run.addr).and_then(|mut stream| {
+            self.poll.registry().register(
+                &mut stream,
+                run_token(e.key()),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(stream)
+        });
+        match started {
+            Ok(stream) => {
+                e.insert(BgConn {
+                    stream,
+                    run,
+                    connected: false,
+                });
+            }
+            Err(_) => {
+                let retry = self
+                    .bg
+                    .as_mut()
+                    .and_then(|b| b.finish(run, End::Failed, now));
+                if let Some(r) = retry {
+                    self.start_run(r, now);
                 }
-                Err(_) => health.on_result(run.id, None, now),
             }
         }
     }
 
-    /// Readiness on probe `k`: finish connecting, write the request, read the verdict.
-    fn probe_event(&mut self, k: usize, ev: &mio::event::Event, now: Instant) {
-        let Some(p) = self.probes.get_mut(k) else {
+    /// Readiness on background run `k`: finish connecting, write the request, read.
+    fn run_event(&mut self, k: usize, ev: &mio::event::Event, now: Instant) {
+        let Some(p) = self.runs.get_mut(k) else {
             return;
         };
         if !p.connected {
@@ -514,9 +532,9 @@ impl Worker {
                 Ok(None) => match p.stream.peer_addr() {
                     Ok(_) => p.connected = true,
                     Err(e) if e.kind() == io::ErrorKind::NotConnected && !ev.is_error() => return,
-                    Err(_) => return self.probe_done(k, None, now),
+                    Err(_) => return self.run_done(k, End::Failed, now),
                 },
-                Ok(Some(_)) | Err(_) => return self.probe_done(k, None, now),
+                Ok(Some(_)) | Err(_) => return self.run_done(k, End::Failed, now),
             }
         }
         while !p.run.pending().is_empty() {
@@ -524,31 +542,33 @@ impl Worker {
                 Ok(n) if n > 0 => p.run.wrote(n),
                 Err(e) if would_block(&e) => return,
                 Err(e) if interrupted(&e) => {}
-                _ => return self.probe_done(k, None, now),
+                _ => return self.run_done(k, End::Failed, now),
             }
         }
-        let mut chunk = [0u8; 512];
+        let mut chunk = [0u8; 16 * 1024];
         loop {
             match (&p.stream).read(&mut chunk) {
-                Ok(0) => return self.probe_done(k, None, now),
+                Ok(0) => return self.run_done(k, End::Closed, now),
                 Ok(n) => {
-                    if let Some(verdict) = p.run.on_read(&chunk[..n]) {
-                        return self.probe_done(k, verdict, now);
+                    if p.run.on_read(&chunk[..n], now) {
+                        return self.run_done(k, End::Done, now);
                     }
                 }
                 Err(e) if would_block(&e) => return,
                 Err(e) if interrupted(&e) => {}
-                Err(_) => return self.probe_done(k, None, now),
+                Err(_) => return self.run_done(k, End::Failed, now),
             }
         }
     }
 
-    fn probe_done(&mut self, k: usize, verdict: Option<u16>, now: Instant) {
-        if let Some(p) = self.probes.try_remove(k) {
-            // Dropping the socket closes it (and takes it out of the epoll set).
-            if let Some(h) = self.health.as_mut() {
-                h.on_result(p.run.id, verdict, now);
-            }
+    fn run_done(&mut self, k: usize, end: End, now: Instant) {
+        // Dropping the socket closes it (and takes it out of the epoll set).
+        let Some(p) = self.runs.try_remove(k) else {
+            return;
+        };
+        let retry = self.bg.as_mut().and_then(|b| b.finish(p.run, end, now));
+        if let Some(r) = retry {
+            self.start_run(r, now);
         }
     }
 

@@ -37,12 +37,13 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 use trireme_core::admission::{IdleList, IdleSlot};
+use trireme_core::background::{Background, End, Run};
 use trireme_core::buf::BufPool;
 use trireme_core::config::RunOptions;
 use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, IoId, ProxyContext, Session, READ_CHUNK, UP_READ_CHUNK};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Health, Pool, ProbeRun};
+use trireme_core::upstream::{ConnMeta, Pool};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
 use trireme_rt_support::peek_idle;
 
@@ -303,10 +304,10 @@ async fn worker(
         idle: RefCell::new(IdleList::default()),
     });
     if id == 0 {
-        // Active health checks on this worker's own ring (one task per probe).
-        let health = Health::for_context(&sh.ctx, Instant::now());
-        if !health.is_empty() {
-            monoio::spawn(run_health(health, local.clone()));
+        // Health probes, cache refreshes and warming on this worker's own ring.
+        let bg = Background::new(&sh.ctx, sh.opts.refresh_concurrency, Instant::now());
+        if !bg.is_empty() {
+            monoio::spawn(run_background(bg, local.clone()));
         }
     }
     {
@@ -411,59 +412,98 @@ async fn worker(
 }
 
 /// A read that owns its half and buffer and hands both back (no borrow to outlive).
-/// Core's health checks ([`Health`]): each due probe is a task of its own (a black-holed
-/// backend delays no other), its verdict handed back to the checks; the loop looks again
-/// at least every 200 ms (for the drain and for probes coming due).
-async fn run_health(health: Health, local: Rc<Local>) {
-    let health = Rc::new(RefCell::new(health));
+/// Core's background exchanges ([`Background`]: health probes, the cache's refreshes and
+/// warming) on this worker's ring: each run is a task of its own (a black-holed backend
+/// delays no other). Queued fetches ring the worker's bell (from any thread); probes come
+/// due on the timer.
+async fn run_background(bg: Background, local: Rc<Local>) {
+    let bg = Rc::new(RefCell::new(bg));
+    // Woken by the bell when a fetch is queued (any thread), directly when a run ends.
+    let slot = local.woken.borrow_mut().insert(Woken::default());
+    if let (Some(bell), Some(cache)) = (&local.bell, &local.sh.ctx.cache) {
+        let bell = bell.clone();
+        cache.set_refresher(move || bell.wake(slot as u64));
+    }
+    let far = Duration::from_secs(3600);
     while !local.drain.on.get() {
         let now = Instant::now();
         loop {
-            let Some(p) = health.borrow_mut().poll_probe(now) else {
+            let Some(run) = bg.borrow_mut().poll_run(now) else {
                 break;
             };
-            let health = health.clone();
-            monoio::spawn(async move {
-                let id = p.id;
-                let verdict = run_probe(p).await;
-                health.borrow_mut().on_result(id, verdict, Instant::now());
-            });
+            monoio::spawn(carry(run, bg.clone(), local.clone(), slot));
         }
-        let next = health.borrow().next_deadline();
+        let next = bg.borrow().next_deadline();
+        // Look again when a probe comes due, a fetch is queued, or at least every 200 ms
+        // (for the drain).
         let wait = next
-            .map_or(Duration::from_millis(200), |t| {
-                t.saturating_duration_since(now)
-            })
+            .map_or(far, |t| t.saturating_duration_since(now))
             .min(Duration::from_millis(200));
-        monoio::time::sleep(wait).await;
+        let mut sleep = pin!(monoio::time::sleep(wait));
+        poll_fn(|cx| {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            poll_woken(&local, slot, cx)
+        })
+        .await;
+    }
+    if let Some(cache) = &local.sh.ctx.cache {
+        cache.set_refresher(|| {});
+    }
+    local.woken.borrow_mut().remove(slot);
+}
+
+/// Carry out `run` (and the retries it turns into), handing each outcome back.
+async fn carry(mut run: Run, bg: Rc<RefCell<Background>>, local: Rc<Local>, slot: usize) {
+    loop {
+        let end = exchange(&mut run).await;
+        let next = bg.borrow_mut().finish(run, end, Instant::now());
+        // A run ended: the next probe's time moved, a fetch slot is free.
+        if let Some(w) = local.woken.borrow_mut().get_mut(slot) {
+            w.rung = true;
+            if let Some(k) = w.waker.take() {
+                k.wake();
+            }
+        }
+        match next {
+            Some(r) => run = r,
+            None => return,
+        }
     }
 }
 
-/// One probe: connect, write, read until the status line decides it, before its deadline.
-async fn run_probe(mut p: ProbeRun) -> Option<u16> {
-    let left = p.deadline.saturating_duration_since(Instant::now());
-    let exchange = async {
-        let mut s = TcpStream::connect_addr(p.addr).await.ok()?;
-        let req = p.pending().to_vec();
-        let n = req.len();
-        let (r, _) = s.write_all(req).await;
-        r.ok()?;
-        p.wrote(n);
-        let mut buf = Vec::with_capacity(512);
-        loop {
-            let (r, b) = s.read(buf).await;
-            let n = r.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if let Some(verdict) = p.on_read(&b[..n]) {
-                return verdict;
-            }
-            buf = b;
-            buf.clear();
-        }
+/// One run's I/O: connect, write, read until the run is done or the peer closes, each step
+/// before the run's deadline (which reads move on).
+async fn exchange(run: &mut Run) -> End {
+    let left = |run: &Run| run.deadline.saturating_duration_since(Instant::now());
+    let Ok(Ok(mut s)) = monoio::time::timeout(left(run), TcpStream::connect_addr(run.addr)).await
+    else {
+        return End::Failed;
     };
-    monoio::time::timeout(left, exchange).await.ok()?
+    let req = run.pending().to_vec();
+    let n = req.len();
+    match monoio::time::timeout(left(run), s.write_all(req)).await {
+        Ok((Ok(_), _)) => run.wrote(n),
+        _ => return End::Failed,
+    }
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        let Ok((r, b)) = monoio::time::timeout(left(run), s.read(buf)).await else {
+            return End::Failed;
+        };
+        match r {
+            Ok(0) => return End::Closed,
+            Ok(n) => {
+                if run.on_read(&b[..n], Instant::now()) {
+                    return End::Done;
+                }
+            }
+            Err(_) => return End::Failed,
+        }
+        buf = b;
+        buf.clear();
+    }
 }
 
 async fn read_owned<R: AsyncReadRent>(

@@ -16,12 +16,13 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use trireme_core::admission::{IdleList, IdleSlot};
+use trireme_core::background::{Background, End, Run};
 use trireme_core::buf::BufPool;
 use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::driver::{Admit, Gate, TimerSlot, ACCEPT_BACKOFF, POOL_SWEEP_EVERY};
 use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
-use trireme_core::upstream::{ConnMeta, Health, Liveness, Pool, ProbeRun};
+use trireme_core::upstream::{ConnMeta, Liveness, Pool};
 use trireme_core::wake::{Wake, Waker as CoreWaker};
 
 /// Idle upstream connections, one pool per upstream, shared by all tasks.
@@ -237,10 +238,10 @@ async fn serve(
         sh.ctx.metrics.clone(),
     );
     if report {
-        // Active health checks on this runtime's own threads (one task per probe).
-        let health = Health::for_context(&sh.ctx, Instant::now());
-        if !health.is_empty() {
-            tokio::spawn(run_health(health, drain_rx.clone()));
+        // Health probes, cache refreshes and warming on this runtime's own threads.
+        let bg = Background::new(&sh.ctx, sh.opts.refresh_concurrency, Instant::now());
+        if !bg.is_empty() {
+            tokio::spawn(run_background(bg, sh.clone(), drain_rx.clone()));
         }
     }
     {
@@ -333,53 +334,74 @@ struct UpConn {
 
 type Connecting = std::pin::Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
-/// Core's health checks ([`Health`]): each due probe is a task of its own (a black-holed
-/// backend delays no other), its verdict handed back to the checks.
-async fn run_health(health: Health, mut drain: watch::Receiver<bool>) {
-    let health = Arc::new(Mutex::new(health));
+/// Core's background exchanges ([`Background`]: health probes, the cache's refreshes and
+/// warming) on this runtime's threads: each run is a task of its own (a black-holed
+/// backend delays no other). Queued fetches and ended runs notify the loop; probes come
+/// due on the timer.
+async fn run_background(bg: Background, sh: Arc<Shared>, mut drain: watch::Receiver<bool>) {
+    let bg = Arc::new(Mutex::new(bg));
     let wake = Arc::new(tokio::sync::Notify::new());
+    if let Some(cache) = &sh.ctx.cache {
+        let w = wake.clone();
+        cache.set_refresher(move || w.notify_one());
+    }
     loop {
         let now = Instant::now();
-        while let Some(p) = health.lock().poll_probe(now) {
-            let (health, wake) = (health.clone(), wake.clone());
-            tokio::spawn(async move {
-                let id = p.id;
-                let verdict = run_probe(p).await;
-                health.lock().on_result(id, verdict, Instant::now());
-                wake.notify_one();
-            });
+        while let Some(run) = bg.lock().poll_run(now) {
+            tokio::spawn(carry(run, bg.clone(), wake.clone()));
         }
-        let next = health.lock().next_deadline();
-        let until = next.unwrap_or(now + Duration::from_secs(1));
+        let next = bg.lock().next_deadline();
+        let until = next.unwrap_or(now + Duration::from_secs(3600));
         tokio::select! {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
             _ = wake.notified() => {}
-            _ = drain.changed() => return,
+            _ = drain.changed() => break,
+        }
+    }
+    if let Some(cache) = &sh.ctx.cache {
+        cache.set_refresher(|| {});
+    }
+}
+
+/// Carry out `run` (and the retries it turns into), handing each outcome back.
+async fn carry(mut run: Run, bg: Arc<Mutex<Background>>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let end = exchange(&mut run).await;
+        let next = bg.lock().finish(run, end, Instant::now());
+        // A run ended: the next probe's time moved, a fetch slot is free.
+        wake.notify_one();
+        match next {
+            Some(r) => run = r,
+            None => return,
         }
     }
 }
 
-/// One probe: connect, write, read until the status line decides it, before its deadline.
-async fn run_probe(mut p: ProbeRun) -> Option<u16> {
+/// One run's I/O: connect, write, read until the run is done or the peer closes, each step
+/// before the run's deadline (which reads move on).
+async fn exchange(run: &mut Run) -> End {
     use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::from_std(p.deadline);
-    let exchange = async {
-        let mut s = TcpStream::connect(p.addr).await.ok()?;
-        s.write_all(p.pending()).await.ok()?;
-        let n = p.pending().len();
-        p.wrote(n);
-        let mut chunk = [0u8; 512];
-        loop {
-            let n = s.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if let Some(verdict) = p.on_read(&chunk[..n]) {
-                return verdict;
-            }
-        }
+    let at = |run: &Run| tokio::time::Instant::from_std(run.deadline);
+    let Ok(Ok(mut s)) = tokio::time::timeout_at(at(run), TcpStream::connect(run.addr)).await else {
+        return End::Failed;
     };
-    tokio::time::timeout_at(deadline, exchange).await.ok()?
+    let req = run.pending().to_vec();
+    match tokio::time::timeout_at(at(run), s.write_all(&req)).await {
+        Ok(Ok(())) => run.wrote(req.len()),
+        _ => return End::Failed,
+    }
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(at(run), s.read(&mut chunk)).await {
+            Ok(Ok(0)) => return End::Closed,
+            Ok(Ok(n)) => {
+                if run.on_read(&chunk[..n], Instant::now()) {
+                    return End::Done;
+                }
+            }
+            _ => return End::Failed,
+        }
+    }
 }
 
 fn connect(addr: SocketAddr) -> Connecting {

@@ -448,27 +448,51 @@ fn cache_background_refreshes_are_bounded(bin: &PathBuf) {
     }
     std::thread::sleep(Duration::from_millis(1200));
     let base = threads_of(p.pid());
-    // 40 stale entries, each served at once and refreshed in the background by an
-    // origin that takes 1.5 s per validation.
+    let conns = || b.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let conns0 = conns();
+    // 40 stale entries, each served at once and refreshed in the background (a connection
+    // each) by an origin that takes 1.5 s per validation: at most 4 reach it at once (the
+    // rest wait in the queue), and they run on the proxy's own worker, not on threads of
+    // their own.
     for i in 0..40 {
         assert_eq!(c.get(&path(i)).header("x-cache"), Some("STALE"));
     }
+    let opened = || conns() - conns0;
     let mut most = 0;
     for _ in 0..20 {
         most = most.max(threads_of(p.pid()));
         std::thread::sleep(Duration::from_millis(25));
     }
+    let first = opened();
     assert!(
-        most <= base + 4,
-        "at most 4 refresh threads: {base} before, {most} at most"
+        (1..=4).contains(&first),
+        "{first} refresh connections within 0.5 s (at most 4 at once)"
     );
-    assert!(most > base, "refreshes run meanwhile");
+    assert!(
+        most <= base,
+        "no thread per refresh: {base} before, {most} at most"
+    );
+    // Once the first ones are answered, the next go out, still at most 4 at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while opened() <= first {
+        assert!(
+            Instant::now() < deadline,
+            "the queued refreshes never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answered = b
+        .requests()
+        .iter()
+        .filter(|r| r.header("if-none-match").is_some())
+        .count();
+    assert!(
+        opened() <= answered + 4,
+        "{} refresh connections with {answered} answered",
+        opened()
+    );
 }
 
-/// A background refresh picks its backend like a request does, and like a request it is
-/// retried on another backend when its connect fails: with one backend refusing
-/// connections (never ejected: `max_fails: 0`) and round robin, about half the refreshes
-/// pick it first, and every one still reaches the live backend.
 fn cache_background_refreshes_retry_on_another_backend(bin: &PathBuf) {
     let b = Backend::start("b1").unwrap();
     let dead = free_port();
