@@ -39,7 +39,7 @@ use crate::forward::{ForwardFields, Peer};
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{self, Method, Parsed, RequestHead, ResponseHead};
 use crate::http1::response::ResponseReader;
-use crate::http1::write::{error_response, push_chunk, push_dec, LAST_CHUNK};
+use crate::http1::write::{error_response, push_chunk, push_content_length, push_dec, LAST_CHUNK};
 use crate::http1::{BodyKind, Limits, Version};
 use crate::metrics::Metrics;
 use crate::respond::{push_header, CaptureStage, ClientBody, Framing, ResponsePlan, Runs};
@@ -2093,11 +2093,7 @@ fn write_upstream_head(
     via_buf.extend_from_slice(via.as_bytes());
     fwd.write(out, peer, host, &via_buf);
     match h.body {
-        BodyKind::Length(n) => {
-            out.extend_from_slice(b"Content-Length: ");
-            push_dec(out, n);
-            out.extend_from_slice(b"\r\n");
-        }
+        BodyKind::Length(n) => push_content_length(out, n),
         BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         BodyKind::None | BodyKind::UntilClose => {
             // Keep an explicit zero length for methods that usually carry a body.

@@ -19,7 +19,7 @@
 use crate::buf::OutBuf;
 use crate::http1::head::{self, HeaderSpan, ResponseHead};
 use crate::http1::response::BodySink;
-use crate::http1::write::{push_chunk, push_date, push_dec, LAST_CHUNK};
+use crate::http1::write::{push_chunk, push_content_length, push_date, push_dec, LAST_CHUNK};
 use bytes::Bytes;
 use smallvec::SmallVec;
 use std::time::SystemTime;
@@ -295,11 +295,7 @@ impl<'b> ResponsePlan<'b> {
             push_date(out, wall());
         }
         match self.framing {
-            Framing::Length(n) => {
-                out.extend_from_slice(b"Content-Length: ");
-                push_dec(out, n);
-                out.extend_from_slice(b"\r\n");
-            }
+            Framing::Length(n) => push_content_length(out, n),
             Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
             Framing::NoBody | Framing::Close => {}
         }

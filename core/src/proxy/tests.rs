@@ -2479,10 +2479,8 @@ fn buffers_park_whole_after_a_lent_shared_body() {
     );
 }
 
-/// Every upstream action names its I/O, and each retry is a new one: the release names the
-/// attempt it ends, the next connect a new id.
-#[test]
-fn each_connect_names_a_new_io_and_its_release_names_it_again() {
+/// A session whose first connect (its I/O returned) timed out at the returned instant.
+fn first_connect_timed_out() -> (Session, IoId, Instant) {
     let now = crate::test_origin();
     let ctx = ctx_from(&two_backends("  retries: 1\n"), now);
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
@@ -2490,9 +2488,17 @@ fn each_connect_names_a_new_io_and_its_release_names_it_again() {
     let Some(Action::Connect { io: first, .. }) = s.poll_action() else {
         panic!("no connect");
     };
-    // The connect times out: that attempt is released and another backend asked for.
     let d = s.deadline().expect("connect timer");
     s.on_timeout(d);
+    (s, first, d)
+}
+
+/// Every upstream action names its I/O, and each retry is a new one: the release names the
+/// attempt it ends, the next connect a new id.
+#[test]
+fn each_connect_names_a_new_io_and_its_release_names_it_again() {
+    // The connect times out: that attempt is released and another backend asked for.
+    let (mut s, first, d) = first_connect_timed_out();
     let released = s.poll_action();
     assert!(
         matches!(released, Some(Action::ReleaseUpstream { io, .. }) if io == first),
@@ -2514,15 +2520,7 @@ fn each_connect_names_a_new_io_and_its_release_names_it_again() {
 #[cfg(debug_assertions)]
 #[should_panic(expected = "on_upstream_connected for another I/O")]
 fn a_completion_for_a_released_io_is_misuse() {
-    let now = crate::test_origin();
-    let ctx = ctx_from(&two_backends("  retries: 1\n"), now);
-    let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
-    s.feed_client(&get("/"), now);
-    let Some(Action::Connect { io: first, .. }) = s.poll_action() else {
-        panic!("no connect");
-    };
-    let d = s.deadline().expect("connect timer");
-    s.on_timeout(d);
+    let (mut s, first, d) = first_connect_timed_out();
     while s.poll_action().is_some() {}
     s.on_upstream_connected(first, false, d);
 }
