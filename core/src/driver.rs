@@ -219,14 +219,10 @@ mod tests {
     #[allow(clippy::disallowed_methods)]
     fn the_timer_is_rearmed_only_when_the_deadline_moves_earlier() {
         let now = crate::test_origin();
-        let cfg = crate::config::Config::from_yaml(
+        let ctx = crate::test_ctx(
             "server:\n  header_timeout: 3s\nbackends:\n  - url: http://127.0.0.1:9001\n",
-            "test.yaml",
-        )
-        .expect("config");
-        let ctx = cfg
-            .build(now, crate::test_wall(), &crate::config::resolve_literal)
-            .expect("build");
+            now,
+        );
         let mut s = Session::new(ctx.clone(), peer(1), now);
         let mut t = TimerSlot::default();
         // A fresh connection waits for its head: one deadline, armed once.

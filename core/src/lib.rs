@@ -42,3 +42,12 @@ pub(crate) fn test_origin() -> std::time::Instant {
 pub(crate) fn test_wall() -> std::time::SystemTime {
     std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
 }
+
+/// Test support: the proxy context a YAML config builds (backends resolved literally).
+#[cfg(test)]
+pub(crate) fn test_ctx(yaml: &str, now: std::time::Instant) -> std::sync::Arc<proxy::ProxyContext> {
+    config::Config::from_yaml(yaml, "test.yaml")
+        .expect("config")
+        .build(now, test_wall(), &config::resolve_literal)
+        .expect("build")
+}

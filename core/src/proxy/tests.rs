@@ -1,6 +1,5 @@
 use super::*;
 use crate::buf::BufPool;
-use crate::config::{resolve_literal, Config};
 use crate::sim::{parse_responses, Behavior, Reply, Sim, SimRequest};
 use proptest::prelude::*;
 
@@ -9,9 +8,7 @@ const B2: &str = "127.0.0.1:9002";
 const CLIENT: &str = "10.1.2.3:5555";
 
 fn ctx_from(yaml: &str, now: Instant) -> Arc<ProxyContext> {
-    let cfg = Config::from_yaml(yaml, "test.yaml").expect("config");
-    cfg.build(now, crate::test_wall(), &resolve_literal)
-        .expect("build")
+    crate::test_ctx(yaml, now)
 }
 
 fn two_backends(extra: &str) -> String {

@@ -371,14 +371,10 @@ fn background_attempts_count_in_flight_report_health_and_retry_elsewhere() {
 #[test]
 fn health_hands_out_one_probe_per_backend_and_takes_verdicts_back() {
     let now = crate::test_origin();
-    let cfg = crate::config::Config::from_yaml(
+    let ctx = crate::test_ctx(
         "load_balancing:\n  health_check:\n    path: /hc\n    interval: 1s\n    timeout: 2s\n    unhealthy_threshold: 1\nbackends:\n  - url: http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n",
-        "test.yaml",
-    )
-    .expect("config");
-    let ctx = cfg
-        .build(now, crate::test_wall(), &crate::config::resolve_literal)
-        .expect("build");
+        now,
+    );
     let mut h = Health::for_context(&ctx, now);
     let mut a = h.poll_probe(now).expect("first backend due");
     let b = h.poll_probe(now).expect("second backend due");
