@@ -196,6 +196,10 @@ struct Worker {
     /// them for the process, each run a socket on this loop.
     bg: Option<Background>,
     runs: Slab<BgConn>,
+    /// When `bg` has a probe due next, and whether it must be asked before that (woken: a
+    /// fetch may be queued; a run ended): the loop asks it only then, not every turn.
+    bg_next: Option<Instant>,
+    bg_ask: bool,
 }
 
 /// A background run in flight on this worker's loop.
@@ -272,6 +276,8 @@ impl Worker {
             drain_until: None,
             bg,
             runs: Slab::new(),
+            bg_next: None,
+            bg_ask: true,
         })
     }
 
@@ -310,7 +316,10 @@ impl Worker {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now),
-                    WAKER => self.deliver_wakeups(now),
+                    WAKER => {
+                        self.bg_ask = true;
+                        self.deliver_wakeups(now);
+                    }
                     Token(t) if t & 3 == 0 => {
                         let k = t >> 2;
                         if let Some(c) = self.conns.get_mut(k) {
@@ -360,17 +369,17 @@ impl Worker {
     fn next_wake(&self, now: Instant) -> Option<Instant> {
         let mut t = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let probes = self.runs.iter().map(|(_, p)| p.run.deadline).min();
-        let health = self
-            .bg
-            .as_ref()
-            .filter(|_| self.drain_until.is_none())
-            .and_then(Background::next_deadline);
+        let bg_on = self.bg.is_some() && self.drain_until.is_none();
+        // Background work to look at now (woken, a run ended): no wait.
+        let asked = (bg_on && self.bg_ask).then_some(now);
+        let health = self.bg_next.filter(|_| bg_on);
         for o in [
             self.accept_retry,
             self.drain_until,
             Some(self.next_evict),
             probes,
             health,
+            asked,
         ]
         .into_iter()
         .flatten()
@@ -475,21 +484,31 @@ impl Worker {
     /// Start the background runs that are due or queued (not while draining) and give up
     /// those past their deadline.
     fn run_background(&mut self, now: Instant) {
-        let late: Vec<usize> = self
-            .runs
-            .iter()
-            .filter(|(_, p)| p.run.deadline <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for k in late {
-            self.run_done(k, End::Failed, now);
+        if self.bg.is_none() {
+            return;
+        }
+        if !self.runs.is_empty() {
+            let late: Vec<usize> = self
+                .runs
+                .iter()
+                .filter(|(_, p)| p.run.deadline <= now)
+                .map(|(k, _)| k)
+                .collect();
+            for k in late {
+                self.run_done(k, End::Failed, now);
+            }
         }
         if self.drain_until.is_some() {
             return;
         }
+        if !self.bg_ask && self.bg_next.is_none_or(|t| t > now) {
+            return;
+        }
+        self.bg_ask = false;
         while let Some(run) = self.bg.as_mut().and_then(|b| b.poll_run(now)) {
             self.start_run(run, now);
         }
+        self.bg_next = self.bg.as_ref().and_then(Background::next_deadline);
     }
 
     fn start_run(&mut self, run: Run, now: Instant) {
@@ -566,6 +585,8 @@ impl Worker {
         let Some(p) = self.runs.try_remove(k) else {
             return;
         };
+        // The next probe's time moved; a fetch slot is free.
+        self.bg_ask = true;
         let retry = self.bg.as_mut().and_then(|b| b.finish(p.run, end, now));
         if let Some(r) = retry {
             self.start_run(r, now);
