@@ -276,18 +276,16 @@ async fn serve(
                     }
                 };
                 let open = sh.active.load(Ordering::Relaxed);
-                // A descriptor in the idle list is open (see `idle`).
-                let evict = || sh.idle.lock().pop_oldest();
+                // Make room: the connection idle the longest is shut down (its read sees the
+                // end and it closes). Under the lock: a descriptor in the idle list is open
+                // (see `idle`), and only while the lock is held.
+                let evict = || {
+                    let mut idle = sh.idle.lock();
+                    idle.pop_oldest().map(trireme_rt_support::shutdown_fd)
+                };
                 let ip_slot = match gate.admit(peer, open, evict, Instant::now()) {
                     Admit::Refuse => continue,
-                    Admit::Open { ip, evicted } => {
-                        // Make room: the connection idle the longest is shut down (its
-                        // read sees the end and it closes).
-                        if let Some(fd) = evicted {
-                            trireme_rt_support::shutdown_fd(fd);
-                        }
-                        ip
-                    }
+                    Admit::Open { ip, .. } => ip,
                 };
                 let _ = stream.set_nodelay(true);
                 sh.active.fetch_add(1, Ordering::Relaxed);
