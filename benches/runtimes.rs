@@ -150,6 +150,7 @@ fn start_in_process(rt: &Runtime, be: SocketAddr, extra: &str, max_connections: 
     let sd = Arc::new(Shutdown::new());
     let run = rt.run;
     let sd2 = sd.clone();
+    let listeners = trireme::runtimes::Listeners::proxy(listeners);
     let proxy = std::thread::spawn(move || run(ctx, opts, listeners, sd2));
     (addr, sd, proxy)
 }

@@ -264,18 +264,24 @@ fn run_proxy(
     let sd = Arc::new(Shutdown::new());
     // Signals first: a SIGHUP or SIGTERM during start-up is handled like any other.
     process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
-    // The admin listener first: once the proxy's port accepts, every listener is up.
-    if let Some(a) = &cfg.file.admin {
-        let want: SocketAddr = a
-            .listen
-            .parse()
-            .map_err(|_| format!("admin.listen: `{}` is not an address (IP:PORT)", a.listen))?;
-        let bound = crate::admin::spawn(want, a, ctx.clone(), sd.clone())
-            .map_err(|e| format!("cannot listen on {want} (admin): {e}"))?;
-        tracing::info!(admin = %bound, "admin listening: GET /metrics, POST /cache/purge?url=|prefix=");
-    }
-    let listeners = process::bind_listeners(cfg.listen, (rt.listeners)(&opts))
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    // Bound before the proxy's port: once that accepts, every listener is up.
+    let admin = match &cfg.file.admin {
+        Some(a) => {
+            let want: SocketAddr = a
+                .listen
+                .parse()
+                .map_err(|_| format!("admin.listen: `{}` is not an address (IP:PORT)", a.listen))?;
+            let l = crate::admin::bind(want, a, &ctx)
+                .map_err(|e| format!("cannot listen on {want} (admin): {e}"))?;
+            let bound = l.listener.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(admin = %bound, "admin listening: GET /metrics, POST /cache/purge?url=|prefix=");
+            Some(l)
+        }
+        None => None,
+    };
+    let listeners =
+        process::bind_retrying(|| process::bind_listeners(cfg.listen, (rt.listeners)(&opts)))
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
     tracing::info!(
         runtime = rt.name,
@@ -302,6 +308,10 @@ fn run_proxy(
     crate::refresh::spawn(&ctx, cfg, sd.clone()).map_err(|e| format!("cache refresher: {e}"))?;
     crate::refresh::warm(&ctx, cfg);
     on_ready(addr);
+    let listeners = crate::runtimes::Listeners {
+        proxy: listeners,
+        admin,
+    };
     let res = (rt.run)(ctx, opts, listeners, sd.clone()).map_err(|e| e.to_string());
     sd.request(); // stop the health threads
     res

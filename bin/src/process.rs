@@ -46,6 +46,25 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>
     Ok(out)
 }
 
+/// Bind with `bind`, trying again for up to a second while the address is in use, as nginx
+/// does (five tries, 500 ms apart): a process just killed may hold its sockets a moment
+/// longer (io_uring releases a ring's files after the process is gone).
+pub fn bind_retrying<T>(mut bind: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match bind() {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 10 => {
+                if tries == 0 {
+                    tracing::warn!(error = %e, "address in use; trying again for a second");
+                }
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn in_use(e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::AddrInUse {
         io::Error::new(

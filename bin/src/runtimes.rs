@@ -1,15 +1,15 @@
 //! The event models a binary can run on. Each binary names one; the CLI is shared.
 
 use std::io;
-use std::net::TcpListener;
 use std::sync::Arc;
 use trireme_core::config::{RunOptions, TokioFlavor};
 use trireme_core::proxy::ProxyContext;
 use trireme_core::shutdown::Shutdown;
 
+pub use trireme_rt_support::{AdminListener, Listeners};
+
 /// Serve on these listeners until shutdown is requested, then drain. Blocks.
-pub type RunFn =
-    fn(Arc<ProxyContext>, RunOptions, Vec<TcpListener>, Arc<Shutdown>) -> io::Result<()>;
+pub type RunFn = fn(Arc<ProxyContext>, RunOptions, Listeners, Arc<Shutdown>) -> io::Result<()>;
 
 pub struct Runtime {
     pub name: &'static str,

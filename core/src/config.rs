@@ -1379,6 +1379,7 @@ impl Config {
             body_timeout: s.client_body_timeout.0,
             body_buffer: s.client_body_buffer_size.0.min(1 << 20) as usize,
             per_ip: s.max_connections_per_ip.map(crate::admission::PerIp::new),
+            admin: None,
             trusted_proxies: crate::forward::TrustedProxies(
                 s.trusted_proxies
                     .iter()

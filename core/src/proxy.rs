@@ -91,6 +91,9 @@ pub struct ProxyContext {
     pub body_buffer: usize,
     /// Connections open per client address (`server.max_connections_per_ip`), if bounded.
     pub per_ip: Option<Arc<crate::admission::PerIp>>,
+    /// An admin listener's context ([`crate::admin::context`]): its requests are answered
+    /// by the admin endpoints, not proxied.
+    pub admin: Option<Arc<crate::admin::Admin>>,
 }
 
 impl ProxyContext {
@@ -320,7 +323,7 @@ impl Session {
         ctx.metrics
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
-        Session {
+        let mut s = Session {
             peer: ctx.trusted_proxies.peer(client.ip()),
             ctx,
             client_in: BytesMut::new(),
@@ -352,7 +355,12 @@ impl Session {
             l2_carry: None,
             follow: None,
             waker: None,
+        };
+        if s.ctx.admin.as_ref().is_some_and(|a| !a.opened()) {
+            // Past admin.max_connections: answered at once, then closed.
+            s.reply_error(Status::ServiceUnavailable, true, now);
         }
+        s
     }
 
     // ----------------------------------------------------------------- output, pulled
@@ -550,7 +558,8 @@ impl Session {
     /// Waiting for a request with nothing to write: a connection that may be closed to
     /// admit a new one at `max_connections` ([`crate::admission::IdleList`]).
     pub fn is_idle(&self) -> bool {
-        self.awaiting_request() && self.client_out.is_empty()
+        // An admin connection makes no room for the proxy's: it has its own bound.
+        self.awaiting_request() && self.client_out.is_empty() && self.ctx.admin.is_none()
     }
 
     /// The runtime should read from the upstream connection now.
@@ -1217,6 +1226,10 @@ impl Session {
 
     fn start_request(&mut self, mut h: RequestHead, now: Instant) {
         let ctx = self.ctx.clone();
+        if let Some(admin) = &ctx.admin {
+            self.answer_admin(admin, &h, now);
+            return;
+        }
         let waited = self.cache_wait.take();
         if waited.is_none() && !self.l2_resumed() {
             ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
@@ -1888,6 +1901,39 @@ impl Session {
         }
     }
 
+    /// An admin listener's request, answered here (see [`crate::admin`]).
+    fn answer_admin(&mut self, admin: &crate::admin::Admin, h: &RequestHead, now: Instant) {
+        self.head_started = None;
+        if !matches!(h.body, BodyKind::None | BodyKind::Length(0)) {
+            // No admin request has a body; not reading it means closing after the answer.
+            self.client_in.advance(h.len);
+            self.reply_error(Status::PayloadTooLarge, true, now);
+            return;
+        }
+        let a = admin.answer(h, &self.client_in[..h.len], now);
+        let close = self.closes_after(h);
+        self.client_in.advance(h.len);
+        self.ctx.metrics.count_status(a.status);
+        let close = close || self.client_finished();
+        let body = (h.method != Method::Head).then_some(&a.body[..]);
+        crate::http1::write::local_response(
+            self.client_out.vec(),
+            (a.status, a.reason.as_bytes()),
+            a.content_type,
+            a.extra,
+            (a.body.len(), body),
+            close,
+            self.ctx.clock.at(now),
+        );
+        self.requests_done += 1;
+        if close {
+            self.client_in.clear();
+            self.state = State::Closing;
+        } else {
+            self.state = State::Idle;
+        }
+    }
+
     /// 502/503/504 for the request in flight, with a log line saying why.
     fn upstream_error(&mut self, status: Status, why: &'static str, now: Instant) {
         let started = self.req.as_ref().is_some_and(|r| r.response_started);
@@ -2022,6 +2068,9 @@ impl Drop for Session {
             .metrics
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);
+        if let Some(a) = &self.ctx.admin {
+            a.closed();
+        }
     }
 }
 

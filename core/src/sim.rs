@@ -283,7 +283,13 @@ impl Sim {
 
     /// Open a client connection; returns its index.
     pub fn connect_client(&mut self, addr: SocketAddr) -> usize {
-        let mut session = Session::new(self.ctx.clone(), addr, self.now);
+        self.connect_on(self.ctx.clone(), addr)
+    }
+
+    /// Open a client connection on another listener (its context, e.g. an admin
+    /// listener's: [`crate::admin::context`]); returns its index.
+    pub fn connect_on(&mut self, ctx: Arc<ProxyContext>, addr: SocketAddr) -> usize {
+        let mut session = Session::new(ctx, addr, self.now);
         let target: Arc<dyn crate::wake::Wake> = self.woken.clone();
         session.set_waker(crate::wake::Waker::new(target, self.clients.len() as u64));
         self.clients.push(SimClient {

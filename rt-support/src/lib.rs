@@ -88,6 +88,27 @@ pub fn join_workers(threads: Vec<JoinHandle<io::Result<usize>>>) -> io::Result<(
     res
 }
 
+/// The sockets a runtime serves until shutdown: the proxy's listeners (one per worker on
+/// the thread-per-core runtimes) and, optionally, an admin listener, served by the first
+/// worker on its own loop with sessions of the admin context
+/// (`trireme_core::admin::context`).
+pub struct Listeners {
+    pub proxy: Vec<std::net::TcpListener>,
+    pub admin: Option<AdminListener>,
+}
+
+pub struct AdminListener {
+    pub listener: std::net::TcpListener,
+    pub ctx: std::sync::Arc<trireme_core::ProxyContext>,
+}
+
+impl Listeners {
+    /// Only the proxy's listeners.
+    pub fn proxy(proxy: Vec<std::net::TcpListener>) -> Self {
+        Listeners { proxy, admin: None }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

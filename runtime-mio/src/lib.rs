@@ -35,10 +35,11 @@ use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
-use trireme_rt_support::{peek_idle, read_spare};
+use trireme_rt_support::{peek_idle, read_spare, AdminListener, Listeners};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+const ADMIN_LISTENER: Token = Token(usize::MAX - 3);
 
 /// Client connection `k` has token `4k`; upstream socket `u` `4u + 1`; background run `p`
 /// (health probe, cache fetch) `4p + 2`.
@@ -84,17 +85,18 @@ struct Shared {
 pub fn run(
     ctx: Arc<ProxyContext>,
     opts: RunOptions,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Listeners,
     shutdown: Arc<Shutdown>,
 ) -> io::Result<()> {
+    let Listeners { proxy, mut admin } = listeners;
     let sh = Arc::new(Shared {
         ctx,
         opts,
         active: AtomicUsize::new(0),
     });
     let mut threads = Vec::new();
-    for (id, l) in listeners.into_iter().enumerate() {
-        let w = Worker::new(id, sh.clone(), l, shutdown.clone())?;
+    for (id, l) in proxy.into_iter().enumerate() {
+        let w = Worker::new(id, sh.clone(), l, admin.take(), shutdown.clone())?;
         threads.push(
             std::thread::Builder::new()
                 .name(format!("trireme-worker-{id}"))
@@ -120,6 +122,8 @@ struct Conn {
     idle: Option<IdleSlot>,
     /// Counted against `max_connections_per_ip` while open.
     _ip: Option<IpSlot>,
+    /// On the admin listener (not counted against `max_connections`).
+    admin: bool,
 }
 
 struct Up {
@@ -178,6 +182,8 @@ struct Worker {
     id: usize,
     poll: Poll,
     listener: Option<TcpListener>,
+    /// The admin listener and its sessions' context (worker 0).
+    admin: Option<(TcpListener, Arc<ProxyContext>)>,
     /// When accepting failed for lack of file descriptors: retry at this time.
     accept_retry: Option<Instant>,
     conns: Slab<Conn>,
@@ -221,6 +227,7 @@ impl Worker {
         id: usize,
         sh: Arc<Shared>,
         listener: std::net::TcpListener,
+        admin: Option<AdminListener>,
         shutdown: Arc<Shutdown>,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
@@ -228,6 +235,16 @@ impl Worker {
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let admin = match admin {
+            Some(a) => {
+                a.listener.set_nonblocking(true)?;
+                let mut l = TcpListener::from_std(a.listener);
+                poll.registry()
+                    .register(&mut l, ADMIN_LISTENER, Interest::READABLE)?;
+                Some((l, a.ctx))
+            }
+            None => None,
+        };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let w2 = waker.clone();
         shutdown.on_request(move || {
@@ -256,6 +273,7 @@ impl Worker {
             },
             poll,
             listener: Some(listener),
+            admin,
             accept_retry: None,
             conns: Slab::new(),
             timers: BinaryHeap::new(),
@@ -297,8 +315,9 @@ impl Worker {
                 if now >= until {
                     let left = self.conns.len();
                     for c in self.conns.drain() {
-                        drop(c);
-                        self.sh.active.fetch_sub(1, Ordering::Relaxed);
+                        if !c.admin {
+                            self.sh.active.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                     return Ok(left);
                 }
@@ -316,6 +335,7 @@ impl Worker {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now),
+                    ADMIN_LISTENER => self.accept_admin(now),
                     WAKER => {
                         self.bg_ask = true;
                         self.deliver_wakeups(now);
@@ -393,6 +413,9 @@ impl Worker {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
+        if let Some((mut l, _)) = self.admin.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
         self.accept_retry = None;
         self.drain_until = Some(now + self.sh.opts.drain_timeout);
         if self.id == 0 {
@@ -420,7 +443,7 @@ impl Worker {
     fn accept(&mut self, now: Instant) {
         loop {
             let Some(l) = &self.listener else { return };
-            let (mut stream, peer) = match l.accept() {
+            let (stream, peer) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if would_block(&e) => return,
                 Err(e) if interrupted(&e) => continue,
@@ -446,39 +469,82 @@ impl Worker {
                     ip
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let e = self.conns.vacant_entry();
-            let k = e.key();
-            if let Err(err) = self.poll.registry().register(
-                &mut stream,
-                client_token(k),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::warn!(error = %err, "cannot register connection");
-                continue;
+            let ctx = self.sh.ctx.clone();
+            if self.open_conn(stream, peer, ctx, ip_slot, false, now) {
+                self.sh.active.fetch_add(1, Ordering::Relaxed);
             }
-            self.sh.active.fetch_add(1, Ordering::Relaxed);
-            self.next_gen = self.next_gen.wrapping_add(1);
-            let mut s = Session::new(self.sh.ctx.clone(), peer, now);
+        }
+    }
+
+    /// Connections on the admin listener: sessions of its context, bounded by core
+    /// (`admin.max_connections`), not by the proxy's gate.
+    fn accept_admin(&mut self, now: Instant) {
+        loop {
+            let Some((l, ctx)) = &self.admin else { return };
+            let ctx = ctx.clone();
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    self.open_conn(stream, peer, ctx, None, true, now);
+                }
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => {
+                    // Left in the backlog until the next readiness (the admin listener
+                    // takes no part in the proxy's accept back-off).
+                    tracing::warn!(error = %e, "admin accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Register an accepted connection and start its session. False if it could not be
+    /// registered (it is closed).
+    fn open_conn(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        ctx: Arc<ProxyContext>,
+        ip_slot: Option<IpSlot>,
+        admin: bool,
+        now: Instant,
+    ) -> bool {
+        let _ = stream.set_nodelay(true);
+        let e = self.conns.vacant_entry();
+        let k = e.key();
+        if let Err(err) = self.poll.registry().register(
+            &mut stream,
+            client_token(k),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(error = %err, "cannot register connection");
+            return false;
+        }
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let may_wait = ctx.sessions_may_wait();
+        let mut s = Session::new(ctx, peer, now);
+        if may_wait {
             let target: Arc<dyn Wake> = self.wakeups.clone();
             s.set_waker(CoreWaker::new(target, wake_token(k, self.next_gen)));
-            e.insert(Conn {
-                stream,
-                s,
-                up: None,
-                readable: false,
-                read_closed: false,
-                writable: true,
-                timer: TimerSlot::default(),
-                gen: self.next_gen,
-                idle: None,
-                _ip: ip_slot,
-            });
-            if self.drain_until.is_some() {
-                self.conns[k].s.begin_drain(now);
-            }
-            self.drive(k, now);
         }
+        e.insert(Conn {
+            stream,
+            s,
+            up: None,
+            readable: false,
+            read_closed: false,
+            writable: true,
+            timer: TimerSlot::default(),
+            gen: self.next_gen,
+            idle: None,
+            _ip: ip_slot,
+            admin,
+        });
+        if self.drain_until.is_some() {
+            self.conns[k].s.begin_drain(now);
+        }
+        self.drive(k, now);
+        true
     }
 
     /// Start the background runs that are due or queued (not while draining) and give up
@@ -877,7 +943,9 @@ impl Worker {
         }
         let _ = c.stream.shutdown(std::net::Shutdown::Write);
         c.s.recycle(&mut self.io.bufs);
-        self.sh.active.fetch_sub(1, Ordering::Relaxed);
+        if !c.admin {
+            self.sh.active.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Entries of closed connections, and ones superseded by an earlier deadline, stay in

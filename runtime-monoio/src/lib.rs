@@ -45,7 +45,7 @@ use trireme_core::proxy::{Action, IoId, ProxyContext, Session, READ_CHUNK, UP_RE
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Pool};
 use trireme_core::wake::{TokenQueue, Wake, Waker as CoreWaker};
-use trireme_rt_support::peek_idle;
+use trireme_rt_support::{peek_idle, AdminListener, Listeners};
 
 /// How often an idle worker looks at the shutdown flag (set from the signal thread).
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -88,9 +88,10 @@ fn use_uring() -> bool {
 pub fn run(
     ctx: Arc<ProxyContext>,
     opts: RunOptions,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Listeners,
     shutdown: Arc<Shutdown>,
 ) -> io::Result<()> {
+    let Listeners { proxy, mut admin } = listeners;
     let uring = use_uring();
     if uring {
         tracing::info!(driver = "io_uring", "monoio driver: io_uring");
@@ -106,8 +107,8 @@ pub fn run(
         active: AtomicUsize::new(0),
     });
     let mut threads = Vec::new();
-    for (id, l) in listeners.into_iter().enumerate() {
-        let (sh, shutdown) = (sh.clone(), shutdown.clone());
+    for (id, l) in proxy.into_iter().enumerate() {
+        let (sh, shutdown, admin) = (sh.clone(), shutdown.clone(), admin.take());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("trireme-worker-{id}"))
@@ -118,12 +119,12 @@ pub fn run(
                             .uring_builder(ring_setup())
                             .enable_timer()
                             .build()?;
-                        rt.block_on(worker(id, sh, l, shutdown))
+                        rt.block_on(worker(id, sh, l, admin, shutdown))
                     } else {
                         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                             .enable_timer()
                             .build()?;
-                        rt.block_on(worker(id, sh, l, shutdown))
+                        rt.block_on(worker(id, sh, l, admin, shutdown))
                     }
                 })?,
         );
@@ -272,10 +273,18 @@ async fn worker(
     id: usize,
     sh: Arc<Shared>,
     listener: std::net::TcpListener,
+    admin: Option<AdminListener>,
     shutdown: Arc<Shutdown>,
 ) -> io::Result<usize> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
+    let admin = match admin {
+        Some(a) => {
+            a.listener.set_nonblocking(true)?;
+            Some((TcpListener::from_std(a.listener)?, a.ctx))
+        }
+        None => None,
+    };
     // Only requests answered from the cache wait on another's fetch: no cache, no bell.
     let bell = match sh.ctx.sessions_may_wait() {
         true => {
@@ -326,6 +335,9 @@ async fn worker(
 
     if let Some((b, rx)) = bell {
         monoio::spawn(ring_bell(local.clone(), b, rx));
+    }
+    if let Some((l, ctx)) = admin {
+        monoio::spawn(serve_admin(l, ctx, local.clone()));
     }
 
     let mut gate = Gate::new(
@@ -389,7 +401,7 @@ async fn worker(
             let local = local.clone();
             monoio::spawn(async move {
                 let _ip = ip_slot;
-                connection(stream, peer, &local).await;
+                connection(stream, peer, local.sh.ctx.clone(), &local).await;
                 local.open.set(local.open.get() - 1);
                 local.sh.active.fetch_sub(1, Ordering::Relaxed);
             });
@@ -411,7 +423,49 @@ async fn worker(
     Ok(local.open.get())
 }
 
-/// A read that owns its half and buffer and hands both back (no borrow to outlive).
+/// The admin listener, on this worker's ring until the drain: its connections are sessions
+/// of the admin context, bounded by core (`admin.max_connections`), not by the proxy's
+/// gate or count.
+async fn serve_admin(listener: TcpListener, ctx: Arc<ProxyContext>, local: Rc<Local>) {
+    let slot = local.drain.wakers.borrow_mut().insert(None);
+    let mut accept = pin!(None);
+    loop {
+        if accept.is_none() {
+            accept.set(Some(listener.accept()));
+        }
+        let got = poll_fn(|cx| {
+            if let Some(f) = accept.as_mut().as_pin_mut() {
+                if let Poll::Ready(r) = f.poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+            }
+            if local.drain.poll(slot, cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        accept.set(None);
+        match got {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                let _ = stream.set_nodelay(true);
+                local.open.set(local.open.get() + 1);
+                let (local, ctx) = (local.clone(), ctx.clone());
+                monoio::spawn(async move {
+                    connection(stream, peer, ctx, &local).await;
+                    local.open.set(local.open.get() - 1);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                monoio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+    local.drain.wakers.borrow_mut().remove(slot);
+}
+
 /// Core's background exchanges ([`Background`]: health probes, the cache's refreshes and
 /// warming) on this worker's ring: each run is a task of its own (a black-holed backend
 /// delays no other). Queued fetches ring the worker's bell (from any thread); probes come
@@ -506,6 +560,7 @@ async fn exchange(run: &mut Run) -> End {
     }
 }
 
+/// A read that owns its half and buffer and hands both back (no borrow to outlive).
 async fn read_owned<R: AsyncReadRent>(
     mut half: R,
     buf: BytesMut,
@@ -639,9 +694,10 @@ fn poll_slot<F: Future>(
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, local: &Local) {
-    let mut s = Session::new(local.sh.ctx.clone(), peer, Instant::now());
-    let wake_slot = local.bell.as_ref().map(|b| {
+async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, local: &Local) {
+    let may_wait = ctx.sessions_may_wait();
+    let mut s = Session::new(ctx, peer, Instant::now());
+    let wake_slot = local.bell.as_ref().filter(|_| may_wait).map(|b| {
         let slot = local.woken.borrow_mut().insert(Woken::default());
         let target: Arc<dyn Wake> = b.clone();
         s.set_waker(CoreWaker::new(target, slot as u64));

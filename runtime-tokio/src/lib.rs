@@ -24,6 +24,7 @@ use trireme_core::proxy::{Action, IoId, ProxyContext, Session};
 use trireme_core::shutdown::Shutdown;
 use trireme_core::upstream::{ConnMeta, Liveness, Pool};
 use trireme_core::wake::{Wake, Waker as CoreWaker};
+use trireme_rt_support::{AdminListener, Listeners};
 
 /// Idle upstream connections, one pool per upstream, shared by all tasks.
 ///
@@ -153,14 +154,16 @@ fn probe(s: &TcpStream) -> Liveness {
 pub fn run(
     ctx: Arc<ProxyContext>,
     opts: RunOptions,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Listeners,
     shutdown: Arc<Shutdown>,
 ) -> io::Result<()> {
+    let Listeners { proxy, mut admin } = listeners;
     let shared = Arc::new(Shared {
         pools: Pools::new(&ctx),
         idle: Mutex::new(IdleList::default()),
         ctx,
         active: AtomicUsize::new(0),
+        admin_open: AtomicUsize::new(0),
         opts,
     });
     match shared.opts.tokio_flavor {
@@ -170,16 +173,16 @@ pub fn run(
                 .enable_all()
                 .thread_name("trireme-worker")
                 .build()?;
-            let l = listeners
+            let l = proxy
                 .into_iter()
                 .next()
                 .ok_or(io::ErrorKind::InvalidInput)?;
-            rt.block_on(serve(shared, l, shutdown, true))
+            rt.block_on(serve(shared, l, admin, shutdown, true))
         }
         TokioFlavor::CurrentThread => {
             let mut threads = Vec::new();
-            for (i, l) in listeners.into_iter().enumerate() {
-                let (shared, shutdown) = (shared.clone(), shutdown.clone());
+            for (i, l) in proxy.into_iter().enumerate() {
+                let (shared, shutdown, admin) = (shared.clone(), shutdown.clone(), admin.take());
                 threads.push(
                     std::thread::Builder::new()
                         .name(format!("trireme-worker-{i}"))
@@ -187,7 +190,7 @@ pub fn run(
                             let rt = tokio::runtime::Builder::new_current_thread()
                                 .enable_all()
                                 .build()?;
-                            rt.block_on(serve(shared, l, shutdown, i == 0))
+                            rt.block_on(serve(shared, l, admin, shutdown, i == 0))
                         })?,
                 );
             }
@@ -214,6 +217,8 @@ struct Shared {
     idle: Mutex<IdleList<RawFd>>,
     /// Client connections open, over all threads.
     active: AtomicUsize,
+    /// Admin connections open (not counted against `max_connections`).
+    admin_open: AtomicUsize,
     opts: RunOptions,
 }
 
@@ -227,11 +232,17 @@ async fn shutdown_requested(sd: Arc<Shutdown>) {
 async fn serve(
     sh: Arc<Shared>,
     listener: std::net::TcpListener,
+    admin: Option<AdminListener>,
     shutdown: Arc<Shutdown>,
     report: bool,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let (drain_tx, drain_rx) = watch::channel(false);
+    if let Some(a) = admin {
+        a.listener.set_nonblocking(true)?;
+        let l = TcpListener::from_std(a.listener)?;
+        tokio::spawn(serve_admin(l, a.ctx, sh.clone(), drain_rx.clone()));
+    }
     let mut gate = Gate::new(
         sh.ctx.per_ip.clone(),
         sh.opts.max_connections,
@@ -292,7 +303,7 @@ async fn serve(
                 let (sh, drain) = (sh.clone(), drain_rx.clone());
                 tokio::spawn(async move {
                     let _ip = ip_slot;
-                    connection(stream, peer, &sh, drain).await;
+                    connection(stream, peer, sh.ctx.clone(), &sh, drain).await;
                     sh.active.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -309,7 +320,8 @@ async fn serve(
     }
     let _ = drain_tx.send(true);
     let deadline = Instant::now() + sh.opts.drain_timeout;
-    while sh.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    let open = || sh.active.load(Ordering::Relaxed) + sh.admin_open.load(Ordering::Relaxed);
+    while open() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let left = sh.active.load(Ordering::Relaxed);
@@ -323,6 +335,36 @@ async fn serve(
         tracing::info!("drained; exiting");
     }
     Ok(())
+}
+
+/// The admin listener until the drain: its connections are sessions of the admin context,
+/// bounded by core (`admin.max_connections`), not by the proxy's gate or count.
+async fn serve_admin(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    sh: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = drain.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    sh.admin_open.fetch_add(1, Ordering::Relaxed);
+                    let (sh, ctx, drain) = (sh.clone(), ctx.clone(), drain.clone());
+                    tokio::spawn(async move {
+                        connection(stream, peer, ctx, &sh, drain).await;
+                        sh.admin_open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
 }
 
 struct UpConn {
@@ -439,13 +481,15 @@ fn write_now(s: &TcpStream, a: &[u8], b: &[u8]) -> io::Result<usize> {
 async fn connection(
     client: TcpStream,
     peer: SocketAddr,
+    ctx: Arc<ProxyContext>,
     sh: &Shared,
     mut drain: watch::Receiver<bool>,
 ) {
     let pools = &sh.pools;
-    let mut s = Session::new(sh.ctx.clone(), peer, Instant::now());
     // Only requests answered from the cache wait on another's fetch: no cache, no waker.
-    let woken = sh.ctx.sessions_may_wait().then(|| {
+    let may_wait = ctx.sessions_may_wait();
+    let mut s = Session::new(ctx, peer, Instant::now());
+    let woken = may_wait.then(|| {
         let w = Arc::new(TaskWake(tokio::sync::Notify::new()));
         let target: Arc<dyn Wake> = w.clone();
         s.set_waker(CoreWaker::new(target, 0));

@@ -11,6 +11,7 @@ matrix!(
     cache_serves_stale_when_the_backend_dies,
     cache_purge_and_metrics_on_the_admin_listener,
     admin_listener_is_bounded_concurrent_and_can_require_a_token,
+    slow_admin_clients_hold_no_thread_and_stall_no_traffic,
     cache_coalesces_concurrent_misses,
     cache_refreshes_stale_entries_in_the_background,
     cache_background_refreshes_are_bounded,
@@ -377,6 +378,74 @@ fn admin_listener_is_bounded_concurrent_and_can_require_a_token(bin: &PathBuf) {
     drop(held);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(admin_call(admin, &metrics).status, 200, "free again");
+}
+
+fn slow_admin_clients_hold_no_thread_and_stall_no_traffic(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  workers: 2\nadmin:\n  listen: \"{admin}\"\n  max_connections: 8\n  header_timeout: 2s\ncache:\n  size: 1MB\nbackends:\n  - url: http://{{b0}}\n"
+    );
+    let p = Proxy::with_config(bin, &yaml, &[&b]);
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    assert_eq!(get(p.addr, "/warm").status, 200);
+    let accepted = metric(&admin_metrics(admin), "trireme_connections_accepted_total");
+    let base = threads_of(p.pid());
+    // Six admin clients that send half a head and stop.
+    let slow: Vec<Client> = (0..6)
+        .map(|_| {
+            let mut c = Client::connect(admin);
+            c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // Traffic and other admin requests go on meanwhile; one admin connection keeps alive.
+    for i in 0..20 {
+        assert_eq!(get(p.addr, &format!("/t{i}")).status, 200);
+    }
+    let mut keep = Client::connect(admin);
+    for _ in 0..2 {
+        keep.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let r = keep.read_response(false).expect("an admin answer");
+        assert_eq!(r.status, 200);
+        assert!(
+            r.text().contains("trireme_requests_total 21\n"),
+            "{}",
+            r.text()
+        );
+    }
+    // No thread per admin connection, and no admin thread at all: the workers serve them.
+    assert_eq!(
+        threads_of(p.pid()),
+        base,
+        "threads with slow admin clients held"
+    );
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("trireme-admin")),
+        "{names:?}"
+    );
+    // Each slow one is cut off at admin.header_timeout with a 408.
+    for mut c in slow {
+        let r = c.read_response(false).expect("an answer");
+        assert_eq!(r.status, 408);
+    }
+    // Admin connections (nine by now) are not the proxy's: only the 20 requests' count.
+    let m = keep_metrics(&mut keep);
+    assert_eq!(
+        metric(&m, "trireme_connections_accepted_total"),
+        accepted + 20
+    );
+}
+
+/// `GET /metrics` on a kept-alive admin connection.
+fn keep_metrics(c: &mut Client) -> String {
+    c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    c.read_response(false).expect("an admin answer").text()
 }
 
 fn cache_coalesces_concurrent_misses(bin: &PathBuf) {

@@ -66,6 +66,30 @@ pub fn error_response(out: &mut Vec<u8>, status: Status, close: bool, wall: std:
     out.push(b'\n');
 }
 
+/// A complete response generated locally (the admin endpoints): `status` with its reason,
+/// a `Content-Type`, extra header lines (each ending in CRLF), and a body of `len` bytes:
+/// `Some(bytes)` to send, `None` for the answer to a `HEAD`.
+pub fn local_response(
+    out: &mut Vec<u8>,
+    status: (u16, &[u8]),
+    content_type: &str,
+    extra: &[u8],
+    (len, body): (usize, Option<&[u8]>),
+    close: bool,
+    wall: std::time::SystemTime,
+) {
+    use crate::respond::{Framing, ResponsePlan};
+    let mut plan = ResponsePlan::local(status.0, status.1, Framing::Length(len as u64));
+    plan.add_lines(b"Server: trireme\r\n");
+    plan.add_field(b"Content-Type", content_type.as_bytes());
+    plan.add_lines(extra);
+    plan.close = close;
+    plan.write_h1(out, || wall);
+    if let Some(b) = body {
+        out.extend_from_slice(b);
+    }
+}
+
 std::thread_local! {
     /// The `Date` value of the current second, per worker thread: formatted once a second,
     /// copied into every response of that second.
