@@ -89,8 +89,9 @@ pub fn join_workers(threads: Vec<JoinHandle<io::Result<usize>>>) -> io::Result<(
 }
 
 /// The sockets a runtime serves until shutdown: the proxy's listeners (one per worker on
-/// the thread-per-core runtimes) and, optionally, an admin listener, served by the first
-/// worker on its own loop with sessions of the admin context
+/// the thread-per-core runtimes) and, optionally, an admin listener, served beside them
+/// (on the first worker of mio and monoio; by tokio's workers) with sessions of the admin
+/// context
 /// (`trireme_core::admin::context`).
 pub struct Listeners {
     pub proxy: Vec<std::net::TcpListener>,
