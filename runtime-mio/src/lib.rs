@@ -812,15 +812,16 @@ impl Worker {
 
             // Client: write, then read.
             if c.writable && c.s.has_client_output() {
-                // The response head and a body shared with the read buffer: one writev.
-                let (own, shared) = c.s.client_output().pending_parts();
-                let want = own.len() + shared.len();
-                let written = if shared.is_empty() {
-                    (&c.stream).write(own)
-                } else if own.is_empty() {
-                    (&c.stream).write(shared)
+                // The response head and bodies shared with read buffers or the cache:
+                // one writev of the output's first segments.
+                let out = c.s.client_output();
+                let mut iov = [IoSlice::new(&[]); trireme_core::buf::WRITE_IOV];
+                let parts = out.io_slices(&mut iov);
+                let want: usize = iov[..parts].iter().map(|p| p.len()).sum();
+                let written = if parts == 1 {
+                    (&c.stream).write(&iov[0])
                 } else {
-                    (&c.stream).write_vectored(&[IoSlice::new(own), IoSlice::new(shared)])
+                    (&c.stream).write_vectored(&iov[..parts])
                 };
                 match written {
                     Ok(n) if n > 0 => {

@@ -5,8 +5,9 @@
 //! context (atomics) and the connection count. io_uring operations own their buffers, so
 //! reads go into pooled `BytesMut` buffers that are handed to the session when they
 //! complete (swapped in, not copied, when the session had nothing buffered), and writes
-//! borrow the session's output allocation and the shared body bytes after it with
-//! [`OutBuf::lend`] for as long as they fly: one vectored write, neither copied.
+//! borrow the session's output, its owned allocation and the shared body segments among
+//! its bytes, with [`OutBuf::lend`] for as long as they fly: one vectored write, nothing
+//! copied.
 //!
 //! When io_uring is unavailable (old kernel, seccomp, memlock limits) the workers run on
 //! monoio's epoll ("legacy") driver instead, and say so at start.
@@ -569,75 +570,72 @@ async fn read_owned<R: AsyncReadRent>(
     (half, r, buf)
 }
 
-/// The iovec pair a vectored write hands the ring, with how many are used and where the
-/// lent bytes start: heap memory, so its address does not move while the ring owns the
-/// write (and the write future, kept in every connection's task, stays small); pooled per
+/// What one write owns while the ring has it: the session's output lent to it
+/// ([`trireme_core::buf::Lent`]: the owned allocation, pending from an offset, and the
+/// shared segments among its bytes, bodies in their read buffers or stored ones) and the
+/// iovecs that point into them, written by one vectored write without copying either.
+/// Heap memory, so the iovecs' address does not move while the ring owns the write (and
+/// the write future, kept in every connection's task, stays one pointer); pooled per
 /// worker ([`Local::iovs`]).
-struct IovPair {
-    iov: [libc::iovec; 2],
+struct IovSet {
+    iov: [libc::iovec; trireme_core::buf::WRITE_IOV],
     n: usize,
-    pos: usize,
-    /// The shared bytes the second entry points into, kept alive while the ring has them.
-    shared: Option<bytes::Bytes>,
+    lent: trireme_core::buf::Lent,
 }
-type Iov = Box<IovPair>;
+type Iov = Box<IovSet>;
 
 fn empty_iov() -> Iov {
-    Box::new(IovPair {
+    Box::new(IovSet {
         iov: [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
-        }; 2],
+        }; trireme_core::buf::WRITE_IOV],
         n: 0,
-        pos: 0,
-        shared: None,
+        lent: Default::default(),
     })
 }
 
-/// What one write owns while the ring has it: the session's output allocation, lent from
-/// an offset, and the shared bytes (a body in its read buffer, or a stored one) that follow
-/// it, written together by one vectored write without copying either.
+/// One write in flight (see [`IovSet`]).
 struct Out {
-    lent: Vec<u8>,
     iov: Iov,
 }
 
 impl Out {
-    /// The next write of `o`: its owned bytes lent (`spare` takes their place meanwhile)
-    /// and its shared ones.
+    /// The next write of `o`: everything pending lent (`spare` takes the owned
+    /// allocation's place meanwhile), its first segments in the iovecs.
     fn take(o: &mut trireme_core::buf::OutBuf, spare: Vec<u8>, mut iov: Iov) -> Out {
-        let (lent, pos, shared) = o.lend(spare);
-        let mut n = 0;
-        if lent.len() > pos {
-            iov.iov[n] = libc::iovec {
-                iov_base: lent[pos..].as_ptr() as *mut _,
-                iov_len: lent.len() - pos,
+        iov.lent = o.lend(spare);
+        let mut parts: [&[u8]; trireme_core::buf::WRITE_IOV] = Default::default();
+        let n = iov.lent.chunks(&mut parts);
+        let mut v = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; trireme_core::buf::WRITE_IOV];
+        for (e, p) in v.iter_mut().zip(&parts[..n]) {
+            *e = libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
             };
-            n += 1;
         }
-        if let Some(b) = shared.as_ref().filter(|b| !b.is_empty()) {
-            iov.iov[n] = libc::iovec {
-                iov_base: b.as_ptr() as *mut _,
-                iov_len: b.len(),
-            };
-            n += 1;
-        }
-        (iov.n, iov.pos, iov.shared) = (n, pos, shared);
-        Out { lent, iov }
+        (iov.iov, iov.n) = (v, n);
+        Out { iov }
     }
 
-    /// Back after the write: the lent bytes return to `o`; the spare and the iovec pair go
+    /// Back after the write: the lent bytes return to `o`; the spare and the iovec set go
     /// back to their pools.
     fn give_back(self, o: &mut trireme_core::buf::OutBuf) -> (Vec<u8>, Iov) {
         let mut iov = self.iov;
-        (o.unlend(self.lent, iov.pos, iov.shared.take()), iov)
+        iov.n = 0;
+        let spare = o.unlend(std::mem::take(&mut iov.lent));
+        (spare, iov)
     }
 }
 
-// SAFETY: the iovec pair is on the heap (its address does not change while the value is
-// moved or owned by the ring) and its first `n` entries are valid ranges: the lent `Vec`'s
-// allocation from `pos` and the shared `Bytes`' buffer, both heap memory that stays put and is not
-// touched while the ring owns the value (the `Vec` is kept in it, the `Bytes` in the pair).
+// SAFETY: the iovecs are on the heap (their address does not change while the value is
+// moved or owned by the ring) and their first `n` entries are valid ranges into the lent
+// output: the owned `Vec`'s allocation and the shared `Bytes`' buffers, heap memory that
+// stays put while the `Lent` holding them is moved, and is not touched while the ring owns
+// the value (the `Lent` is kept in it).
 unsafe impl monoio::buf::IoVecBuf for Out {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
         self.iov.iov.as_ptr()

@@ -456,21 +456,25 @@ fn connect(addr: SocketAddr) -> Connecting {
     })
 }
 
-/// Write as much of `a` then `b` as the socket takes now (one vectored write while both
-/// have bytes left). `Ok(n)`: bytes written (0 = would block).
-fn write_now(s: &TcpStream, a: &[u8], b: &[u8]) -> io::Result<usize> {
+/// Write as much of `out`'s first segments as the socket takes now (one vectored write
+/// while more than one has bytes left). `Ok(n)`: bytes written (0 = would block).
+fn write_now(s: &TcpStream, out: &trireme_core::buf::OutBuf) -> io::Result<usize> {
+    let mut iov = [io::IoSlice::new(&[]); trireme_core::buf::WRITE_IOV];
+    let n = out.io_slices(&mut iov);
+    let mut bufs = &mut iov[..n];
     let mut done = 0;
-    while done < a.len() + b.len() {
-        let r = if done >= a.len() {
-            s.try_write(&b[done - a.len()..])
-        } else if b.is_empty() {
-            s.try_write(&a[done..])
+    while !bufs.is_empty() {
+        let r = if bufs.len() == 1 {
+            s.try_write(&bufs[0])
         } else {
-            s.try_write_vectored(&[io::IoSlice::new(&a[done..]), io::IoSlice::new(b)])
+            s.try_write_vectored(bufs)
         };
         match r {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
+            Ok(k) => {
+                done += k;
+                io::IoSlice::advance_slices(&mut bufs, k);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         }
@@ -561,8 +565,7 @@ async fn connection(
                 break;
             }
             if s.has_client_output() {
-                let (own, shared) = s.client_output().pending_parts();
-                match write_now(&client, own, shared) {
+                match write_now(&client, s.client_output()) {
                     Ok(0) => {}
                     Ok(n) => {
                         s.on_client_written(n, now);
@@ -576,7 +579,7 @@ async fn connection(
             }
             if let Some(c) = &up {
                 if s.has_upstream_output() {
-                    match write_now(&c.stream, s.upstream_output().pending(), &[]) {
+                    match write_now(&c.stream, s.upstream_output()) {
                         Ok(0) => {}
                         Ok(n) => {
                             s.on_upstream_written(uio, n, now);

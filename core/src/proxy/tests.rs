@@ -1750,6 +1750,54 @@ fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
     assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 3);
 }
 
+/// Pipelined hits of a stored body: every answer's body goes out from the store itself,
+/// the second and third too (the output used to copy every shared body but the first, and
+/// any shared body bytes were queued after), and a lend (io_uring) takes them all uncopied.
+#[test]
+fn pipelined_hits_share_every_stored_body() {
+    let now = crate::test_origin();
+    let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 16MB\n{L2_CFG}"));
+    let ctx = ctx_from(&yaml, now);
+    let cache = ctx.cache.as_ref().unwrap();
+    let l2 = cache.l2.as_ref().unwrap();
+    let body: &'static [u8] = Box::leak(vec![b'x'; 3000].into_boxed_slice());
+    let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
+    let Ok(Some(crate::cache::l2::Reply::Hit(e))) = l2.parse_get_reply(&mut b) else {
+        panic!()
+    };
+    assert!(cache.fill_from_l2(b"GET http://example.com/big", *e, l2.generation()));
+    let mut pool = BufPool::default();
+    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
+    s.reserve_client_in(&mut pool)
+        .extend_from_slice(&get("/big").repeat(3));
+    s.on_client_read(now);
+    let bodies = |c: &[&[u8]]| -> Vec<*const u8> {
+        c.iter()
+            .filter(|p| p.len() == body.len())
+            .map(|p| p.as_ptr())
+            .collect()
+    };
+    let mut c: [&[u8]; 8] = [&[]; 8];
+    let n = s.client_out.chunks(&mut c);
+    let shared = bodies(&c[..n]);
+    assert_eq!(n, 6, "head, body, three times");
+    assert_eq!(shared.len(), 3, "three bodies");
+    assert!(
+        shared.iter().all(|&p| p == shared[0]),
+        "all three are the stored body, not copies"
+    );
+    let stored = shared[0];
+    let lent = s.client_out.lend(pool.out_buf());
+    let mut c: [&[u8]; 8] = [&[]; 8];
+    let n = lent.chunks(&mut c);
+    assert_eq!(bodies(&c[..n]), vec![stored; 3], "lent uncopied");
+    let total = lent.len();
+    pool.put_out(s.client_out.unlend(lent));
+    s.on_client_written(total, now);
+    assert!(s.client_out.is_empty());
+    assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 3);
+}
+
 #[test]
 fn l2_hit_fills_l1_and_answers_without_the_backend() {
     let now = crate::test_origin();
@@ -2457,15 +2505,13 @@ fn buffers_park_whole_after_a_lent_shared_body() {
     s.on_upstream_read(s.up_io, now);
     while s.poll_action().is_some() {}
     // The write takes the head and the body (shared with the read buffer) with it.
-    let (v, pos, shared) = s.client_out.lend(pool.out_buf());
-    assert_eq!(
-        shared.as_ref().map(|b| b.len()),
-        Some(16384),
-        "the body is shared"
-    );
-    let total = v.len() - pos + 16384;
+    let lent = s.client_out.lend(pool.out_buf());
+    let mut c: [&[u8]; 4] = [&[]; 4];
+    assert_eq!(lent.chunks(&mut c), 2);
+    assert_eq!(c[1].len(), 16384, "the body is shared");
+    let total = lent.len();
     s.park_buffers(&mut pool);
-    let spare = s.client_out.unlend(v, pos, shared);
+    let spare = s.client_out.unlend(lent);
     pool.put_out(spare);
     s.on_client_written(total, now);
     s.park_buffers(&mut pool);
