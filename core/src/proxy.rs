@@ -39,6 +39,7 @@ use crate::forward::{ForwardFields, Peer};
 use crate::http1::body::{Chunk, ChunkedDecoder};
 use crate::http1::head::{self, Method, Parsed, RequestHead, ResponseHead};
 use crate::http1::response::ResponseReader;
+use crate::http1::server::ServerConn;
 use crate::http1::write::{error_response, push_chunk, push_content_length, push_dec, LAST_CHUNK};
 use crate::http1::{BodyKind, Limits, Version};
 use crate::metrics::Metrics;
@@ -236,10 +237,8 @@ pub struct Session {
     ctx: Arc<ProxyContext>,
     /// The client, and whether its forwarding fields are believed.
     peer: Peer,
-    /// Bytes read from the client, not yet consumed.
-    client_in: BytesMut,
-    /// Bytes to write to the client.
-    client_out: OutBuf,
+    /// The client connection: its buffers, transport, keep-alive and head-timer state.
+    conn: ServerConn,
     /// Bytes read from the current upstream connection, not yet consumed.
     up_in: BytesMut,
     /// Bytes to write to the current upstream connection.
@@ -259,15 +258,10 @@ pub struct Session {
     io_seq: u32,
     /// The upstream request head, kept for a retry.
     up_head: Vec<u8>,
-    head_started: Option<Instant>,
     /// A complete head whose (small) body is being buffered before any backend is
     /// involved: since when.
     body_wait: Option<Instant>,
-    last_client_io: Instant,
     last_up_io: Instant,
-    requests_done: u32,
-    draining: bool,
-    client_eof: bool,
     /// The buffers are back in the runtime's [`BufPool`] (idle connection).
     parked: bool,
     /// The response in flight is being copied into the cache.
@@ -326,8 +320,7 @@ impl Session {
         let mut s = Session {
             peer: ctx.trusted_proxies.peer(client.ip()),
             ctx,
-            client_in: BytesMut::new(),
-            client_out: OutBuf::new(),
+            conn: ServerConn::new(now),
             up_in: BytesMut::new(),
             up_out: OutBuf::new(),
             actions: VecDeque::new(),
@@ -340,13 +333,8 @@ impl Session {
             up_io: IoId(0),
             io_seq: 0,
             up_head: Vec::new(),
-            head_started: None,
             body_wait: None,
-            last_client_io: now,
             last_up_io: now,
-            requests_done: 0,
-            draining: false,
-            client_eof: false,
             parked: false,
             capture: None,
             cache_wait: None,
@@ -398,13 +386,22 @@ impl Session {
     /// [`OutBuf::lend`]) and report with [`on_client_written`](Self::on_client_written).
     #[inline]
     pub fn client_output(&mut self) -> &mut OutBuf {
-        &mut self.client_out
+        let closing = self.state == State::Closing;
+        self.conn.write_target(closing)
     }
 
     /// Bytes wait to be written to the client.
     #[inline]
     pub fn has_client_output(&self) -> bool {
-        !self.client_out.is_empty()
+        self.conn.has_output(self.state == State::Closing)
+    }
+
+    /// Put `transport` (TLS) between the client's socket and this session, before any byte
+    /// is read: the runtime's reads ([`reserve_client_in`](Self::reserve_client_in),
+    /// [`put_client_bytes`](Self::put_client_bytes)) then go to the transport and its
+    /// writes ([`client_output`](Self::client_output)) come from it; the calls are the same.
+    pub fn set_transport(&mut self, transport: Box<dyn crate::transport::Transport>) {
+        self.conn.set_transport(transport);
     }
 
     /// What to write to the upstream connection (see [`client_output`](Self::client_output));
@@ -425,8 +422,7 @@ impl Session {
     /// its spare capacity, then calls [`on_client_read`](Self::on_client_read).
     pub fn reserve_client_in(&mut self, pool: &mut BufPool) -> &mut BytesMut {
         self.unpark(pool);
-        self.client_in.reserve(READ_CHUNK);
-        &mut self.client_in
+        self.conn.reserve_read()
     }
 
     /// Ensure the upstream input buffer has room for a read of at least [`UP_READ_CHUNK`]
@@ -442,7 +438,7 @@ impl Session {
     /// buffer when nothing was buffered (no copy), else it is appended and pooled.
     pub fn put_client_bytes(&mut self, buf: BytesMut, pool: &mut BufPool) {
         self.unpark(pool);
-        put_bytes(&mut self.client_in, buf, pool);
+        put_bytes(self.conn.read_target(), buf, pool);
     }
 
     /// As [`put_client_bytes`](Self::put_client_bytes), from the upstream connection.
@@ -454,14 +450,9 @@ impl Session {
     fn unpark(&mut self, pool: &mut BufPool) {
         if self.parked {
             self.parked = false;
-            if self.client_in.capacity() == 0 {
-                self.client_in = pool.read_buf(READ_CHUNK);
-            }
+            self.conn.unpark(pool);
             if self.up_in.capacity() == 0 {
                 self.up_in = pool.read_buf(UP_READ_CHUNK);
-            }
-            if self.client_out.capacity() == 0 {
-                self.client_out.set_vec(pool.out_buf());
             }
             if self.up_out.capacity() == 0 {
                 self.up_out.set_vec(pool.out_buf());
@@ -480,12 +471,9 @@ impl Session {
         if self.state != State::Idle
             || self.up != Up::None
             || self.l2.is_some()
-            || !self.client_in.is_empty()
-            || !self.client_out.is_empty()
-            // Shared body bytes still in a write (lent to io_uring) hold part of the read
-            // buffer: parked now, it would go back to the pool cut short and the next read
-            // would allocate. The runtime parks again once the write is back.
-            || self.client_out.has_shared()
+            // (With shared body bytes still in a write, the runtime parks again once the
+            // write is back.)
+            || !self.conn.can_park()
             || !self.up_in.is_empty()
             || !self.up_out.is_empty()
         {
@@ -501,9 +489,8 @@ impl Session {
     }
 
     fn give_back(&mut self, pool: &mut BufPool) {
-        pool.put_read(std::mem::take(&mut self.client_in));
+        self.conn.give_back(pool);
         pool.put_read(std::mem::take(&mut self.up_in));
-        pool.put_out(self.client_out.take_vec());
         pool.put_out(self.up_out.take_vec());
         let mut head = std::mem::take(&mut self.up_head);
         head.clear();
@@ -518,17 +505,17 @@ impl Session {
                     Some(_) => self.ctx.limits.max_head + self.ctx.body_buffer + 8,
                     None => self.ctx.limits.max_head + 8,
                 };
-                !self.client_eof && self.client_in.len() < room
+                !self.conn.eof && self.conn.input.len() < room
             }
             State::Active => {
-                if self.client_eof {
+                if self.conn.eof {
                     return false;
                 }
                 if matches!(self.req_body, ReqBody::Done) {
                     // Pipelined bytes: hold at most one head's worth.
-                    self.client_in.len() < self.ctx.limits.max_head
+                    self.conn.input.len() < self.ctx.limits.max_head
                 } else {
-                    self.up_out.len() < HIGH_WATER && self.client_in.len() < HIGH_WATER
+                    self.up_out.len() < HIGH_WATER && self.conn.input.len() < HIGH_WATER
                 }
             }
             State::Closing | State::Closed => false,
@@ -539,7 +526,7 @@ impl Session {
     /// Completion-based runtimes wait for readiness first here, so an idle connection does
     /// not tie up a read buffer.
     pub fn awaiting_request(&self) -> bool {
-        self.state == State::Idle && self.client_in.is_empty() && !self.client_eof
+        self.state == State::Idle && self.conn.input_is_empty() && !self.conn.eof
     }
 
     /// A client read now would only take bytes nothing waits for yet: the next request
@@ -547,7 +534,7 @@ impl Session {
     /// client's close. Completion-based runtimes wait for readiness first then, instead
     /// of lending a read buffer that an idle keep-alive connection would keep.
     pub fn client_read_can_wait(&self) -> bool {
-        !self.client_eof
+        !self.conn.eof
             && match self.state {
                 State::Idle => self.body_wait.is_none(),
                 State::Active => matches!(self.req_body, ReqBody::Done),
@@ -559,7 +546,7 @@ impl Session {
     /// admit a new one at `max_connections` ([`crate::admission::IdleList`]).
     pub fn is_idle(&self) -> bool {
         // An admin connection makes no room for the proxy's: it has its own bound.
-        self.awaiting_request() && self.client_out.is_empty() && self.ctx.admin.is_none()
+        self.awaiting_request() && !self.conn.has_output(false) && self.ctx.admin.is_none()
     }
 
     /// The runtime should read from the upstream connection now.
@@ -569,14 +556,14 @@ impl Session {
         }
         matches!(self.up, Up::Connected { .. })
             && !self.resp.is_done()
-            && !self.client_out.has_shared()
-            && self.client_out.len() < HIGH_WATER
+            && !self.conn.output.has_shared()
+            && self.conn.out_len() < HIGH_WATER
             && self.up_in.len() < HIGH_WATER
     }
 
     /// The client connection should be closed now (its output is flushed or abandoned).
     pub fn wants_close(&self) -> bool {
-        self.state == State::Closed || (self.state == State::Closing && self.client_out.is_empty())
+        self.state == State::Closed || (self.state == State::Closing && !self.conn.has_output(true))
     }
 
     /// The one deadline the runtime should arm; call [`on_timeout`](Self::on_timeout) then:
@@ -607,17 +594,14 @@ impl Session {
             }
             State::Idle if self.body_wait.is_some() => {
                 if let Some(since) = self.body_wait {
-                    let d = (since + c.body_timeout).min(self.last_client_io + c.idle_timeout);
+                    let d = (since + c.body_timeout).min(self.conn.last_io + c.idle_timeout);
                     push(Timer::BodyBuffer, d);
                 }
             }
             State::Idle => push(
                 Timer::Head,
-                match self.head_started {
-                    Some(s) => s + c.header_timeout,
-                    None if self.requests_done == 0 => self.last_client_io + c.header_timeout,
-                    None => self.last_client_io + c.keep_alive_timeout,
-                },
+                self.conn
+                    .head_deadline(c.header_timeout, c.keep_alive_timeout),
             ),
             State::Active => {
                 let up = self.current_upstream();
@@ -631,19 +615,19 @@ impl Session {
                     _ => {}
                 }
                 let body_open = !matches!(self.req_body, ReqBody::Done);
-                if body_open || !self.client_out.is_empty() {
-                    push(Timer::ClientIdle, self.last_client_io + c.idle_timeout);
+                if body_open || self.conn.has_output(false) {
+                    push(Timer::ClientIdle, self.conn.last_io + c.idle_timeout);
                 }
                 if let Some(r) = self.req.as_ref().filter(|_| body_open) {
                     push(Timer::RequestBody, r.body_since + c.body_timeout);
                 }
                 if let Some(f) = self.follow.as_ref() {
-                    if self.client_out.len() < HIGH_WATER {
+                    if self.conn.out_len() < HIGH_WATER {
                         push(Timer::Follow, f.next);
                     }
                 }
             }
-            State::Closing => push(Timer::Closing, self.last_client_io + c.idle_timeout),
+            State::Closing => push(Timer::Closing, self.conn.last_io + c.idle_timeout),
             State::Closed => {}
         }
     }
@@ -652,31 +636,35 @@ impl Session {
 
     /// New bytes were appended to `client_in`.
     pub fn on_client_read(&mut self, now: Instant) {
-        self.last_client_io = now;
+        if let Err(e) = self.conn.received(now) {
+            tracing::debug!(client = %self.peer.ip, error = %e, "client transport failed; closing");
+            self.abort(now);
+            // The transport's last bytes (its alert) go out before the close.
+            self.state = State::Closing;
+            return;
+        }
         self.process_client(now);
     }
 
     /// Convenience for tests and simulators: append and process.
     pub fn feed_client(&mut self, data: &[u8], now: Instant) {
-        self.client_in.extend_from_slice(data);
+        self.conn.read_target().extend_from_slice(data);
         self.on_client_read(now);
     }
 
     pub fn on_client_written(&mut self, n: usize, now: Instant) {
-        let before = self.client_out.len();
-        if n > before {
+        let before = self.conn.out_len();
+        if !self.conn.written(n, now) {
             misuse("on_client_written: more bytes than were pending");
         }
-        self.client_out.consume(n);
-        self.last_client_io = now;
         if self.follow.is_some() {
             self.pump_follow(now);
         }
         // A pipelined request held back by the output (see `process_client`).
         if before >= HIGH_WATER
-            && self.client_out.len() < HIGH_WATER
+            && self.conn.out_len() < HIGH_WATER
             && self.state == State::Idle
-            && !self.client_in.is_empty()
+            && !self.conn.input.is_empty()
         {
             self.process_client(now);
         }
@@ -684,13 +672,13 @@ impl Session {
 
     /// The client closed its sending side.
     pub fn on_client_eof(&mut self, now: Instant) {
-        self.client_eof = true;
+        self.conn.eof = true;
         match self.state {
             State::Idle if self.l2.is_some() || self.cache_wait.is_some() => {
                 // A complete head waits on the cache: it is answered, then the connection
                 // closes.
             }
-            State::Idle if !self.client_in.is_empty() => {
+            State::Idle if !self.conn.input.is_empty() => {
                 // Requests held back while the last answer drains (or a partial head):
                 // `process_client` answers the complete ones, then closes.
                 self.process_client(now);
@@ -704,7 +692,7 @@ impl Session {
                 }
                 // Otherwise the response still goes out; the connection closes after it,
                 // or after the requests pipelined before the half-close.
-                if self.client_in.is_empty() {
+                if self.conn.input.is_empty() {
                     if let Some(r) = self.req.as_mut() {
                         r.close_after = true;
                     }
@@ -717,15 +705,15 @@ impl Session {
 
     /// Reading from or writing to the client failed: drop everything.
     pub fn on_client_error(&mut self, now: Instant) {
-        self.client_eof = true;
+        self.conn.eof = true;
         self.abort(now);
     }
 
     /// Graceful shutdown: idle connections close now; a request in flight finishes and its
     /// response carries `Connection: close`.
     pub fn begin_drain(&mut self, _now: Instant) {
-        self.draining = true;
-        if self.state == State::Idle && self.client_in.is_empty() {
+        self.conn.draining = true;
+        if self.state == State::Idle && self.conn.input_is_empty() {
             self.state = State::Closed;
         }
         if let Some(r) = self.req.as_mut() {
@@ -862,7 +850,7 @@ impl Session {
             return;
         }
         let complete = !error && {
-            let mut sink = ClientBody::new(&mut self.client_out, self.resp_framing);
+            let mut sink = ClientBody::new(&mut self.conn.output, self.resp_framing);
             self.resp.on_eof(&mut sink)
         };
         if complete {
@@ -902,7 +890,7 @@ impl Session {
                 self.process_client(now);
             }
             Timer::Head => {
-                if self.head_started.is_some() || !self.client_in.is_empty() {
+                if self.conn.head_started.is_some() || !self.conn.input_is_empty() {
                     tracing::debug!(client = %self.peer.ip, "client request head timed out");
                     self.client_error(
                         HttpError::new(Status::RequestTimeout, "request head not received in time"),
@@ -943,7 +931,7 @@ impl Session {
             }
             Timer::Closing => {
                 // The client does not read its error response: give up on it.
-                self.client_out.clear();
+                self.conn.clear_output();
                 self.state = State::Closed;
             }
         }
@@ -968,8 +956,8 @@ impl Session {
         loop {
             match self.state {
                 State::Idle => {
-                    if self.client_in.is_empty() {
-                        if self.client_eof {
+                    if self.conn.input.is_empty() {
+                        if self.conn.eof {
                             // Everything the client sent before its half-close is answered.
                             self.close_when_flushed();
                         }
@@ -981,23 +969,23 @@ impl Session {
                     // The previous answer is still going out: a pipelined request waits
                     // until it drains (`on_client_written`), so a burst of pipelined
                     // requests answered from the cache never piles up their bodies.
-                    if self.client_out.len() >= HIGH_WATER {
+                    if self.conn.out_len() >= HIGH_WATER {
                         return;
                     }
-                    let parsed = head::parse_request(&self.client_in, &self.ctx.limits);
+                    let parsed = head::parse_request(&self.conn.input, &self.ctx.limits);
                     match parsed {
                         Err(e) => {
                             self.client_error(e, now);
                             return;
                         }
-                        Ok(Parsed::Partial) if self.client_eof => {
+                        Ok(Parsed::Partial) if self.conn.eof => {
                             // The client is done sending: the rest never comes.
                             self.close_when_flushed();
                             return;
                         }
                         Ok(Parsed::Partial) => {
-                            if self.head_started.is_none() {
-                                self.head_started = Some(now);
+                            if self.conn.head_started.is_none() {
+                                self.conn.head_started = Some(now);
                             }
                             return;
                         }
@@ -1036,7 +1024,7 @@ impl Session {
     /// backend is not asked).
     fn body_buffered(&mut self, h: &RequestHead, now: Instant) -> bool {
         let limit = self.ctx.body_buffer;
-        let have = &self.client_in[h.len..];
+        let have = &self.conn.input[h.len..];
         let complete = match h.body {
             _ if limit == 0 => true,
             BodyKind::None | BodyKind::UntilClose => true,
@@ -1064,7 +1052,7 @@ impl Session {
         if complete {
             return true;
         }
-        if self.client_eof {
+        if self.conn.eof {
             self.body_wait = None;
             self.client_error(
                 HttpError::new(
@@ -1077,9 +1065,10 @@ impl Session {
         }
         if self.body_wait.is_none() {
             self.body_wait = Some(now);
-            self.head_started = None;
+            self.conn.head_started = None;
             if h.expect_continue && h.version == Version::Http11 {
-                self.client_out
+                self.conn
+                    .output
                     .vec()
                     .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
@@ -1091,20 +1080,18 @@ impl Session {
     /// the client asked, a drain, the client's half-close with nothing sent after `h`, or
     /// the per-connection request limit.
     fn closes_after(&self, h: &RequestHead) -> bool {
-        !h.keep_alive
-            || self.draining
-            || (self.client_eof && self.client_in.len() <= h.len)
-            || self.requests_done + 1 >= self.ctx.max_requests_per_connection
+        self.conn
+            .closes_after(h.len, h.keep_alive, self.ctx.max_requests_per_connection)
     }
 
     /// The client half-closed and nothing it sent is left to answer.
     fn client_finished(&self) -> bool {
-        self.client_eof && self.client_in.is_empty()
+        self.conn.eof && self.conn.input_is_empty()
     }
 
     /// Close now, or once the output still queued has gone out.
     fn close_when_flushed(&mut self) {
-        self.state = if self.client_out.is_empty() {
+        self.state = if !self.conn.has_output(true) {
             State::Closed
         } else {
             State::Closing
@@ -1123,7 +1110,7 @@ impl Session {
     ) {
         let ctx = self.ctx.clone();
         let close = self.closes_after(h);
-        self.client_in.advance(h.len);
+        self.conn.input.advance(h.len);
         let status = if not_modified {
             304
         } else {
@@ -1151,7 +1138,7 @@ impl Session {
             Served::Hit
         };
         write_hit(
-            &mut self.client_out,
+            &mut self.conn.output,
             stored,
             HitReply {
                 age,
@@ -1167,8 +1154,8 @@ impl Session {
 
     /// A response answered without a backend is queued whole: the next request, or close.
     fn served(&mut self, close: bool, now: Instant) {
-        self.requests_done += 1;
-        self.last_client_io = now;
+        self.conn.requests_done += 1;
+        self.conn.last_io = now;
         self.state = if close { State::Closing } else { State::Idle };
     }
 
@@ -1176,9 +1163,9 @@ impl Session {
         match &mut self.req_body {
             ReqBody::Done => {}
             ReqBody::Length(rem) => {
-                let n = (*rem).min(self.client_in.len() as u64) as usize;
-                self.up_out.vec().extend_from_slice(&self.client_in[..n]);
-                self.client_in.advance(n);
+                let n = (*rem).min(self.conn.input.len() as u64) as usize;
+                self.up_out.vec().extend_from_slice(&self.conn.input[..n]);
+                self.conn.input.advance(n);
                 *rem -= n as u64;
                 if *rem == 0 {
                     self.req_body = ReqBody::Done;
@@ -1188,7 +1175,7 @@ impl Session {
                 let mut pos = 0;
                 let mut done = false;
                 loop {
-                    let (used, chunk) = dec.decode(&self.client_in[pos..]).map_err(|_| {
+                    let (used, chunk) = dec.decode(&self.conn.input[pos..]).map_err(|_| {
                         HttpError::new(Status::BadRequest, "invalid chunked request body")
                     })?;
                     match chunk {
@@ -1201,7 +1188,7 @@ impl Session {
                             }
                             push_chunk(
                                 self.up_out.vec(),
-                                &self.client_in[pos + r.start..pos + r.end],
+                                &self.conn.input[pos + r.start..pos + r.end],
                             );
                         }
                         Some(Chunk::End) => {
@@ -1211,11 +1198,11 @@ impl Session {
                         None => {}
                     }
                     pos += used;
-                    if done || used == 0 || pos == self.client_in.len() {
+                    if done || used == 0 || pos == self.conn.input.len() {
                         break;
                     }
                 }
-                self.client_in.advance(pos);
+                self.conn.input.advance(pos);
                 if done {
                     self.req_body = ReqBody::Done;
                 }
@@ -1234,26 +1221,26 @@ impl Session {
         if waited.is_none() && !self.l2_resumed() {
             ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
         }
-        self.head_started = None;
+        self.conn.head_started = None;
         // The body waited here (small, buffered whole); its 100 Continue went out already.
         let waited_body = self.body_wait.take();
         let body_since = waited_body.unwrap_or(now);
         let continue_sent = waited_body.is_some() && h.expect_continue;
         // One form of the target and host for routing, the cache key and the backend.
         // (Idempotent: a head looked at again after a cache wait is unchanged.)
-        if let Err(e) = h.normalize(&mut self.client_in[..h.len], ctx.merge_slashes) {
-            self.client_in.advance(h.len);
+        if let Err(e) = h.normalize(&mut self.conn.input[..h.len], ctx.merge_slashes) {
+            self.conn.input.advance(h.len);
             self.client_error(e, now);
             return;
         }
         if h.method == Method::Trace && !ctx.allow_trace {
             // Reflecting a request back (with whatever a hop added) is for debugging.
             let close = h.body != BodyKind::None || !h.keep_alive;
-            self.client_in.advance(h.len);
+            self.conn.input.advance(h.len);
             self.reply_error(Status::MethodNotAllowed, close, now);
             return;
         }
-        let buf: &[u8] = &self.client_in;
+        let buf: &[u8] = &self.conn.input;
         let host = h.effective_host(buf);
         let path = h.path.get(buf);
         let Some(up_id) = ctx
@@ -1261,7 +1248,7 @@ impl Session {
             .route(host, if path.is_empty() { b"/" } else { path })
         else {
             let body = h.body != BodyKind::None;
-            self.client_in.advance(h.len);
+            self.conn.input.advance(h.len);
             tracing::debug!(client = %self.peer.ip, "404: no route for this host and path");
             self.reply_error(Status::NotFound, body || !h.keep_alive, now);
             return;
@@ -1335,13 +1322,13 @@ impl Session {
                     return;
                 }
                 Lookup::Unsatisfiable => {
-                    self.client_in.advance(h.len);
+                    self.conn.input.advance(h.len);
                     self.reply_error(Status::GatewayTimeout, !h.keep_alive, now);
                     return;
                 }
             }
         }
-        let buf: &[u8] = &self.client_in;
+        let buf: &[u8] = &self.conn.input;
         let upstream = &ctx.upstreams[up_id];
 
         // Hash key for consistent_hash (copied: the head bytes are consumed below).
@@ -1383,7 +1370,7 @@ impl Session {
         };
 
         let Some(backend) = self.pick_begin(&req, upstream, now) else {
-            self.client_in.advance(h.len);
+            self.conn.input.advance(h.len);
             tracing::warn!(client = %self.peer.ip, upstream = %upstream.cfg.name, "503: no backend available (every one down or at max_conns)");
             let close = req.has_body || req.close_after;
             self.req = Some(req);
@@ -1412,7 +1399,7 @@ impl Session {
                 self.up_head.splice(end..end, lines);
             }
         }
-        self.client_in.advance(h.len);
+        self.conn.input.advance(h.len);
 
         self.req_body = match h.body {
             BodyKind::None | BodyKind::UntilClose => ReqBody::Done,
@@ -1628,7 +1615,7 @@ impl Session {
         if !self.resp.in_body() {
             return;
         }
-        let sink = ClientBody::new(&mut self.client_out, self.resp_framing);
+        let sink = ClientBody::new(&mut self.conn.output, self.resp_framing);
         let read = match (self.capture.as_mut(), &self.ctx.cache) {
             (Some(capture), Some(cache)) => self.resp.read_body(
                 &mut self.up_in,
@@ -1684,7 +1671,7 @@ impl Session {
             if (100..200).contains(&h.status) {
                 // Interim response: relay to HTTP/1.1 clients (100 Continue, 103).
                 if req.version == Version::Http11 {
-                    let out = self.client_out.vec();
+                    let out = self.conn.output.vec();
                     write_status_line(out, h.status, h.reason.get(&self.up_in));
                     for hd in &h.headers {
                         if !h.is_hop(&self.up_in, hd) {
@@ -1787,9 +1774,9 @@ impl Session {
         plan.close = req.close_after;
         plan.http10_keep_alive = !req.close_after && req.version == Version::Http10;
         // Client response head.
-        req.resp_at = self.client_out.end_offset();
+        req.resp_at = self.conn.output.end_offset();
         let clock = &self.ctx.clock;
-        plan.write_h1(self.client_out.vec(), || clock.at(now));
+        plan.write_h1(self.conn.output.vec(), || clock.at(now));
         drop(plan);
         req.response_started = true;
         self.resp_framing = framing;
@@ -1813,12 +1800,12 @@ impl Session {
         let finished = self.client_finished();
         let Some(req) = self.req.as_mut() else { return };
         req.response_started = true;
-        let close = req.close_after || self.draining || finished;
+        let close = req.close_after || self.conn.draining || finished;
         let head_only = req.method == Method::Head;
         let http10 = req.version == Version::Http10;
         self.ctx.metrics.count_status(stored.facts.status);
         write_hit(
-            &mut self.client_out,
+            &mut self.conn.output,
             stored,
             HitReply {
                 age: crate::cache::current_age(&stored.facts, wall).as_secs(),
@@ -1848,10 +1835,10 @@ impl Session {
         let reuse = up_reusable && req_done && self.up_in.is_empty();
         self.release_upstream(reuse);
         self.up_in.clear();
-        self.requests_done += 1;
+        self.conn.requests_done += 1;
         let close = self.req.as_ref().is_none_or(|r| r.close_after)
             || !req_done
-            || self.draining
+            || self.conn.draining
             || self.client_finished();
         self.req = None;
         self.req_body = ReqBody::Done;
@@ -1860,7 +1847,7 @@ impl Session {
             self.state = State::Closing;
         } else {
             self.state = State::Idle;
-            self.last_client_io = now;
+            self.conn.last_io = now;
             // A pipelined request may already be waiting.
             self.process_client(now);
         }
@@ -1885,14 +1872,19 @@ impl Session {
             return;
         }
         self.ctx.metrics.count_status(status.code());
-        let close = close || self.draining || self.client_finished();
-        error_response(self.client_out.vec(), status, close, self.ctx.clock.at(now));
-        self.requests_done += 1;
+        let close = close || self.conn.draining || self.client_finished();
+        error_response(
+            self.conn.output.vec(),
+            status,
+            close,
+            self.ctx.clock.at(now),
+        );
+        self.conn.requests_done += 1;
         self.req = None;
         self.resp = ResponseReader::done();
-        self.head_started = None;
+        self.conn.head_started = None;
         if close {
-            self.client_in.clear();
+            self.conn.input.clear();
             self.req_body = ReqBody::Done;
             self.state = State::Closing;
         } else {
@@ -1903,21 +1895,21 @@ impl Session {
 
     /// An admin listener's request, answered here (see [`crate::admin`]).
     fn answer_admin(&mut self, admin: &crate::admin::Admin, h: &RequestHead, now: Instant) {
-        self.head_started = None;
+        self.conn.head_started = None;
         if !matches!(h.body, BodyKind::None | BodyKind::Length(0)) {
             // No admin request has a body; not reading it means closing after the answer.
-            self.client_in.advance(h.len);
+            self.conn.input.advance(h.len);
             self.reply_error(Status::PayloadTooLarge, true, now);
             return;
         }
-        let a = admin.answer(h, &self.client_in[..h.len], now);
+        let a = admin.answer(h, &self.conn.input[..h.len], now);
         let close = self.closes_after(h);
-        self.client_in.advance(h.len);
+        self.conn.input.advance(h.len);
         self.ctx.metrics.count_status(a.status);
         let close = close || self.client_finished();
         let body = (h.method != Method::Head).then_some(&a.body[..]);
         crate::http1::write::local_response(
-            self.client_out.vec(),
+            self.conn.output.vec(),
             (a.status, a.reason.as_bytes()),
             a.content_type,
             a.extra,
@@ -1925,9 +1917,9 @@ impl Session {
             close,
             self.ctx.clock.at(now),
         );
-        self.requests_done += 1;
+        self.conn.requests_done += 1;
         if close {
-            self.client_in.clear();
+            self.conn.input.clear();
             self.state = State::Closing;
         } else {
             self.state = State::Idle;
@@ -1988,10 +1980,10 @@ impl Session {
         };
         let (head_only, http10) = (req.method == Method::Head, req.version == Version::Http10);
         self.release_upstream(false);
-        let close = close || self.draining || self.client_finished();
+        let close = close || self.conn.draining || self.client_finished();
         self.ctx.metrics.count_status(stored.facts.status);
         write_hit(
-            &mut self.client_out,
+            &mut self.conn.output,
             &stored,
             HitReply {
                 age,
@@ -2003,7 +1995,7 @@ impl Session {
             },
         );
         tracing::info!(client = %self.peer.ip, "origin failed; served a stale response (stale-if-error)");
-        self.requests_done += 1;
+        self.conn.requests_done += 1;
         self.req = None;
         self.resp = ResponseReader::done();
         self.req_body = ReqBody::Done;
@@ -2019,8 +2011,8 @@ impl Session {
         self.report_backend_failure(now);
         let at = self.req.as_ref().map(|r| r.resp_at);
         match at {
-            Some(at) if self.client_out.untouched_from(at) => {
-                self.client_out.truncate_at(at);
+            Some(at) if self.conn.output.untouched_from(at) => {
+                self.conn.output.truncate_at(at);
                 // An unfinished copy into the cache is abandoned (cutting off followers).
                 self.capture = None;
                 self.resp = ResponseReader::done();
@@ -2047,7 +2039,7 @@ impl Session {
         self.capture = None;
         // Closed means nothing more is written: pending output is dropped, so a runtime
         // whose write failed has nothing left to retry.
-        self.client_out.clear();
+        self.conn.clear_output();
         self.up_out.clear();
         self.req = None;
         self.req_body = ReqBody::Done;

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod head;
 pub mod response;
+pub(crate) mod server;
 pub mod write;
 
 pub use body::{BodyError, ChunkedDecoder};

@@ -32,7 +32,7 @@ impl Session {
     pub(super) fn begin_follow(&mut self, h: &RequestHead, grow: Arc<Growing>, now: Instant) {
         let ctx = self.ctx.clone();
         let close = self.closes_after(h);
-        self.client_in.advance(h.len);
+        self.conn.input.advance(h.len);
         let head_only = h.method == Method::Head;
         ctx.metrics.count_status(grow.facts.status);
         if let Some(cache) = &ctx.cache {
@@ -40,7 +40,7 @@ impl Session {
         }
         let wall = ctx.clock.at(now);
         write_hit_head(
-            self.client_out.vec(),
+            self.conn.output.vec(),
             &grow.head,
             grow.length,
             HitReply {
@@ -68,7 +68,7 @@ impl Session {
 
     /// Copy what arrived since the last look (as much as the output bound allows).
     pub(super) fn pump_follow(&mut self, now: Instant) {
-        let room = HIGH_WATER.saturating_sub(self.client_out.len());
+        let room = HIGH_WATER.saturating_sub(self.conn.out_len());
         let Some(f) = self.follow.as_mut() else {
             return;
         };
@@ -81,7 +81,7 @@ impl Session {
         if room == 0 {
             return;
         }
-        let mut sink = ClientBody::new(&mut self.client_out, Framing::Length(f.grow.length));
+        let mut sink = ClientBody::new(&mut self.conn.output, Framing::Length(f.grow.length));
         let (n, state) = f
             .grow
             .copy_from(f.sent, room, &mut sink, self.waker.as_ref());

@@ -37,12 +37,13 @@ impl Session {
 
     /// The head being processed is one whose L2 lookup already ended.
     pub(super) fn l2_resumed(&self) -> bool {
-        self.l2_tried.is_some_and(|(n, _)| n == self.requests_done)
+        self.l2_tried
+            .is_some_and(|(n, _)| n == self.conn.requests_done)
     }
 
     /// The hit being served was filled from L2 for this request.
     pub(super) fn l2_filled(&self) -> bool {
-        self.l2_tried == Some((self.requests_done, true))
+        self.l2_tried == Some((self.conn.requests_done, true))
     }
 
     /// An L1 miss: start an L2 lookup and return `None`, or give `p` back when L2 is not
@@ -66,7 +67,7 @@ impl Session {
         self.up_in.clear();
         l2.get_command(&p.key, self.up_out.vec());
         self.push_connect(upstream, 0, addr, false);
-        self.l2_tried = Some((self.requests_done, false));
+        self.l2_tried = Some((self.conn.requests_done, false));
         self.l2 = Some(Box::new(L2Fetch {
             pending: p,
             since: now,
@@ -169,7 +170,7 @@ impl Session {
                 };
                 l2.stats.hits.fetch_add(1, Ordering::Relaxed);
                 cache.fill_from_l2(&f.pending.key, *entry, f.generation);
-                self.l2_tried = Some((self.requests_done, true));
+                self.l2_tried = Some((self.conn.requests_done, true));
                 // The lead goes with `f`: the head is looked up again and L1 answers
                 // (or, an entry for another variant or a stale one, it is a miss again).
                 drop(f);

@@ -293,7 +293,7 @@ fn bounded_buffering_while_client_does_not_read() {
         fed < 200_000,
         "read {fed} bytes while the client read nothing"
     );
-    assert!(s.client_out.len() < HIGH_WATER + 32 * 1024);
+    assert!(s.conn.output.len() < HIGH_WATER + 32 * 1024);
 }
 
 #[test]
@@ -313,10 +313,10 @@ fn client_write_error_drops_pending_output() {
         origin,
     );
     s.feed_upstream(s.up_io, &[b'x'; 30_000], origin);
-    assert!(!s.client_out.is_empty());
+    assert!(!s.conn.output.is_empty());
     s.on_client_error(origin);
     assert!(s.wants_close());
-    assert!(s.client_out.is_empty() && s.up_out.is_empty());
+    assert!(s.conn.output.is_empty() && s.up_out.is_empty());
     assert!(matches!(
         s.poll_action(),
         Some(Action::ReleaseUpstream { reuse: false, .. })
@@ -598,8 +598,8 @@ fn expect_100_continue_is_relayed_for_streamed_bodies() {
     assert!(head.contains("Expect: 100-continue"), "{head}");
     s.on_upstream_written(s.up_io, s.up_out.len(), now);
     s.feed_upstream(s.up_io, b"HTTP/1.1 100 Continue\r\n\r\n", now);
-    assert_eq!(s.client_out.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
-    s.on_client_written(s.client_out.len(), now);
+    assert_eq!(s.conn.output.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.on_client_written(s.conn.output.len(), now);
     s.feed_client(b"body", now);
     assert_eq!(s.up_out.pending(), b"body");
 }
@@ -617,8 +617,8 @@ fn small_request_bodies_are_buffered_before_connecting() {
         now,
     );
     assert_eq!(s.poll_action(), None, "no backend yet");
-    assert_eq!(s.client_out.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
-    s.on_client_written(s.client_out.len(), now);
+    assert_eq!(s.conn.output.pending(), b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.on_client_written(s.conn.output.len(), now);
     let t = now + Duration::from_millis(300);
     s.feed_client(b"01234", t);
     assert_eq!(s.poll_action(), None, "still waiting for the rest");
@@ -645,7 +645,7 @@ fn small_request_bodies_are_buffered_before_connecting() {
         }
     }
     assert_eq!(s.poll_action(), None);
-    assert!(String::from_utf8_lossy(s.client_out.pending()).starts_with("HTTP/1.1 408 "));
+    assert!(String::from_utf8_lossy(s.conn.output.pending()).starts_with("HTTP/1.1 408 "));
     assert!(t <= now + ctx.body_timeout + Duration::from_secs(1));
     // Chunked bodies are buffered up to their end too.
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
@@ -681,12 +681,12 @@ fn streamed_bodies_have_a_total_deadline() {
         if s.deadline().is_some_and(|d| d <= t) {
             s.on_timeout(t);
         }
-        if !s.client_out.is_empty() || s.wants_close() {
+        if !s.conn.output.is_empty() || s.wants_close() {
             break;
         }
     }
     assert_eq!(t, now + Duration::from_secs(20));
-    assert!(String::from_utf8_lossy(s.client_out.pending()).starts_with("HTTP/1.1 408 "));
+    assert!(String::from_utf8_lossy(s.conn.output.pending()).starts_with("HTTP/1.1 408 "));
 }
 
 #[test]
@@ -772,7 +772,7 @@ fn bad_body_in_the_first_read_opens_no_backend_connection() {
     );
     let actions: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
     assert!(actions.is_empty(), "{actions:?}");
-    assert!(s.client_out.pending().starts_with(b"HTTP/1.1 400 "));
+    assert!(s.conn.output.pending().starts_with(b"HTTP/1.1 400 "));
     assert!(s.ctx.upstreams[0]
         .backends
         .iter()
@@ -794,8 +794,8 @@ fn exchange(s: &mut Session, pool: &mut BufPool, now: Instant) {
     s.reserve_up_in(pool)
         .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
     s.on_upstream_read(s.up_io, now);
-    assert!(s.client_out.pending().ends_with(b"\r\n\r\nhi"));
-    let n = s.client_out.len();
+    assert!(s.conn.output.pending().ends_with(b"\r\n\r\nhi"));
+    let n = s.conn.output.len();
     s.on_client_written(n, now);
     assert!(matches!(
         s.poll_action(),
@@ -810,19 +810,19 @@ fn idle_connection_parks_its_buffers_and_reuses_them() {
     let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
     let mut pool = BufPool::new(16);
     exchange(&mut s, &mut pool, now);
-    let ptr = s.client_in.as_ptr();
+    let ptr = s.conn.input.as_ptr();
     s.park_buffers(&mut pool);
     assert_eq!(
         pool.free(),
         (2, 3),
         "all four buffers and the upstream head's copy parked"
     );
-    assert_eq!(s.client_in.capacity() + s.up_in.capacity(), 0);
-    assert_eq!(s.client_out.capacity() + s.up_out.capacity(), 0);
+    assert_eq!(s.conn.input.capacity() + s.up_in.capacity(), 0);
+    assert_eq!(s.conn.output.capacity() + s.up_out.capacity(), 0);
     // The next request takes the same allocations back.
     exchange(&mut s, &mut pool, now);
     assert_eq!(pool.free(), (0, 0));
-    assert_eq!(s.client_in.as_ptr(), ptr);
+    assert_eq!(s.conn.input.as_ptr(), ptr);
     // Not parked while a request is in flight.
     s.reserve_client_in(&mut pool)
         .extend_from_slice(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -1377,7 +1377,7 @@ fn l2_miss_goes_to_the_backend_and_the_stored_response_is_queued_for_l2() {
         b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nhello",
     );
     s.on_upstream_read(s.up_io, now);
-    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    let out = String::from_utf8_lossy(s.conn.output.pending()).into_owned();
     assert!(
         out.contains("X-Cache: MISS") && out.ends_with("hello"),
         "{out}"
@@ -1428,7 +1428,7 @@ fn assert_answered_from_l2(s: &mut Session) -> String {
         })
     ));
     assert!(s.poll_action().is_none(), "no backend connection");
-    String::from_utf8_lossy(s.client_out.pending()).into_owned()
+    String::from_utf8_lossy(s.conn.output.pending()).into_owned()
 }
 
 /// An entry as L2 holds it, with `Vary: vary` (when not empty) and the secondary key of
@@ -1549,7 +1549,7 @@ fn l2_hit_for_a_key_invalidated_meanwhile_is_not_used() {
             .extend_from_slice(&l2_hit_reply(b"old"));
         s.on_upstream_read(s.up_io, now);
         assert_l2_released_then_backend(&mut s, None);
-        assert!(s.client_out.is_empty());
+        assert!(s.conn.output.is_empty());
         assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 0);
         assert_eq!(cache.store.len(), 0, "not filled into L1 (peer: {peer})");
         assert_eq!(
@@ -1693,7 +1693,7 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
         ));
         if from_l2 {
             assert!(s.poll_action().is_none(), "no backend connection");
-            let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+            let out = String::from_utf8_lossy(s.conn.output.pending()).into_owned();
             assert!(
                 out.contains("detail=l2") && out.contains("Age: 10\r\n") && out.ends_with("new"),
                 "{out}"
@@ -1734,13 +1734,13 @@ fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
     s.on_client_eof(now);
     // One answer at a time: the next waits until the output drained below the mark.
     let mut sent = Vec::new();
-    while !s.client_out.is_empty() {
-        let pending = s.client_out.pending_parts();
+    while !s.conn.output.is_empty() {
+        let pending = s.conn.output.pending_parts();
         assert!(pending.0.len() + pending.1.len() < HIGH_WATER + body.len() + 512);
         assert!(!s.wants_close(), "not flushed yet");
         // The client takes 16 KiB at a time.
-        let n = s.client_out.pending().len().min(16 * 1024);
-        sent.extend_from_slice(&s.client_out.pending()[..n]);
+        let n = s.conn.output.pending().len().min(16 * 1024);
+        sent.extend_from_slice(&s.conn.output.pending()[..n]);
         s.on_client_written(n, now);
     }
     let answers = sent.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count();
@@ -1778,7 +1778,7 @@ fn pipelined_hits_share_every_stored_body() {
             .collect()
     };
     let mut c: [&[u8]; 8] = [&[]; 8];
-    let n = s.client_out.chunks(&mut c);
+    let n = s.conn.output.chunks(&mut c);
     let shared = bodies(&c[..n]);
     assert_eq!(n, 6, "head, body, three times");
     assert_eq!(shared.len(), 3, "three bodies");
@@ -1787,14 +1787,14 @@ fn pipelined_hits_share_every_stored_body() {
         "all three are the stored body, not copies"
     );
     let stored = shared[0];
-    let lent = s.client_out.lend(pool.out_buf());
+    let lent = s.conn.output.lend(pool.out_buf());
     let mut c: [&[u8]; 8] = [&[]; 8];
     let n = lent.chunks(&mut c);
     assert_eq!(bodies(&c[..n]), vec![stored; 3], "lent uncopied");
     let total = lent.len();
-    pool.put_out(s.client_out.unlend(lent));
+    pool.put_out(s.conn.output.unlend(lent));
     s.on_client_written(total, now);
-    assert!(s.client_out.is_empty());
+    assert!(s.conn.output.is_empty());
     assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 3);
 }
 
@@ -1812,7 +1812,7 @@ fn l2_hit_fills_l1_and_answers_without_the_backend() {
     let (a, b) = reply.split_at(reply.len() / 2);
     s.reserve_up_in(&mut pool).extend_from_slice(a);
     s.on_upstream_read(s.up_io, later);
-    assert!(s.poll_action().is_none() && s.client_out.is_empty());
+    assert!(s.poll_action().is_none() && s.conn.output.is_empty());
     s.reserve_up_in(&mut pool).extend_from_slice(b);
     s.on_upstream_read(s.up_io, later);
     let out = assert_answered_from_l2(&mut s);
@@ -1826,13 +1826,13 @@ fn l2_hit_fills_l1_and_answers_without_the_backend() {
         "aged since it was stored: {out}"
     );
     assert!(out.ends_with("from redis"), "{out}");
-    let n = s.client_out.len();
+    let n = s.conn.output.len();
     s.on_client_written(n, later);
     // L1 has it now: the next request is a plain L1 hit.
     s.reserve_client_in(&mut pool).extend_from_slice(&get("/y"));
     s.on_client_read(later);
     assert!(s.poll_action().is_none());
-    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    let out = String::from_utf8_lossy(s.conn.output.pending()).into_owned();
     assert!(out.contains("Cache-Status: trireme; hit\r\n"), "{out}");
     let l2 = ctx.cache.as_ref().unwrap().l2.as_ref().unwrap();
     assert_eq!(l2.stats.hits.load(Ordering::Relaxed), 1);
@@ -1908,12 +1908,12 @@ fn client_half_close_during_l2_lookup_still_gets_its_answer() {
     s.reserve_up_in(&mut pool)
         .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
     s.on_upstream_read(s.up_io, now);
-    let out = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    let out = String::from_utf8_lossy(s.conn.output.pending()).into_owned();
     assert!(
         out.contains("Connection: close") && out.ends_with("ok"),
         "{out}"
     );
-    let n = s.client_out.len();
+    let n = s.conn.output.len();
     s.on_client_written(n, now);
     assert!(s.wants_close());
 }
@@ -1955,7 +1955,7 @@ fn waiters_stream_the_lead_fetch_as_it_arrives() {
     f.reserve_client_in(&mut pool).extend_from_slice(&get("/f"));
     f.on_client_read(now);
     assert!(f.poll_action().is_none(), "no backend connection");
-    let out = String::from_utf8_lossy(f.client_out.pending()).into_owned();
+    let out = String::from_utf8_lossy(f.conn.output.pending()).into_owned();
     assert!(
         out.contains("Cache-Status: trireme; fwd=miss; collapsed\r\n"),
         "{out}"
@@ -1964,27 +1964,27 @@ fn waiters_stream_the_lead_fetch_as_it_arrives() {
         out.contains("Content-Length: 10\r\n") && out.ends_with("\r\n\r\nhello"),
         "{out}"
     );
-    let n = f.client_out.len();
+    let n = f.conn.output.len();
     f.on_client_written(n, now);
     // A conditional request waits for the entry instead.
     let mut c = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     c.reserve_client_in(&mut pool)
         .extend_from_slice(&get_h("/f", "If-None-Match: \"x\"\r\n"));
     c.on_client_read(now);
-    assert!(c.client_out.is_empty() && c.poll_action().is_none());
+    assert!(c.conn.output.is_empty() && c.poll_action().is_none());
     // The rest arrives: the follower's next look completes it; the waiter gets its 304.
     lead.reserve_up_in(&mut pool).extend_from_slice(b"world");
     lead.on_upstream_read(lead.up_io, now);
     let t = f.deadline().expect("polling");
     assert!(t <= now + crate::cache::http::WAIT_POLL);
     f.on_timeout(t);
-    assert_eq!(f.client_out.pending(), b"world");
-    let n = f.client_out.len();
+    assert_eq!(f.conn.output.pending(), b"world");
+    let n = f.conn.output.len();
     f.on_client_written(n, t);
     assert!(!f.wants_close());
     assert_eq!(f.deadline(), Some(t + ctx.keep_alive_timeout), "idle again");
     c.on_timeout(c.deadline().unwrap());
-    assert!(String::from_utf8_lossy(c.client_out.pending()).starts_with("HTTP/1.1 304"));
+    assert!(String::from_utf8_lossy(c.conn.output.pending()).starts_with("HTTP/1.1 304"));
 }
 
 #[test]
@@ -1997,13 +1997,13 @@ fn followers_are_cut_off_when_the_lead_fetch_fails() {
     let mut f = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     f.reserve_client_in(&mut pool).extend_from_slice(&get("/g"));
     f.on_client_read(now);
-    assert!(String::from_utf8_lossy(f.client_out.pending()).ends_with("hel"));
-    let n = f.client_out.len();
+    assert!(String::from_utf8_lossy(f.conn.output.pending()).ends_with("hel"));
+    let n = f.conn.output.len();
     f.on_client_written(n, now);
     // The backend dies mid-body. Nothing reached the lead's client yet: it gets a 502 in
     // place of the queued head. The follower already has part of the body: cut off.
     lead.on_upstream_eof(lead.up_io, true, now);
-    let text = String::from_utf8_lossy(lead.client_out.pending()).into_owned();
+    let text = String::from_utf8_lossy(lead.conn.output.pending()).into_owned();
     assert!(
         text.starts_with("HTTP/1.1 502 ") && !text.contains("hel"),
         "{text}"
@@ -2014,7 +2014,7 @@ fn followers_are_cut_off_when_the_lead_fetch_fails() {
         f.wants_close(),
         "a response that cannot complete is cut off"
     );
-    assert!(f.client_out.is_empty());
+    assert!(f.conn.output.is_empty());
     // Nothing was stored: the next request fetches again.
     let mut again = Session::new(ctx.clone(), CLIENT.parse().unwrap(), t);
     again
@@ -2046,12 +2046,12 @@ fn other_vary_variants_and_unknown_lengths_are_not_streamed() {
     de.reserve_client_in(&mut pool)
         .extend_from_slice(&get_h("/v", "Accept-Language: de\r\n"));
     de.on_client_read(now);
-    assert!(de.client_out.is_empty());
+    assert!(de.conn.output.is_empty());
     let mut fr = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     fr.reserve_client_in(&mut pool)
         .extend_from_slice(&get_h("/v", "Accept-Language: fr\r\n"));
     fr.on_client_read(now);
-    assert!(String::from_utf8_lossy(fr.client_out.pending()).contains("collapsed"));
+    assert!(String::from_utf8_lossy(fr.conn.output.pending()).contains("collapsed"));
     // Chunked (length unknown until the end): waiters wait for the entry.
     let chunked =
         "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -2059,7 +2059,7 @@ fn other_vary_variants_and_unknown_lengths_are_not_streamed() {
     let mut w = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
     w.reserve_client_in(&mut pool).extend_from_slice(&get("/c"));
     w.on_client_read(now);
-    assert!(w.client_out.is_empty() && w.poll_action().is_none());
+    assert!(w.conn.output.is_empty() && w.poll_action().is_none());
 }
 
 #[test]
@@ -2308,8 +2308,8 @@ fn answer_with(raw: &[u8], yaml: &str) -> (Vec<u8>, bool) {
     s.on_upstream_written(s.up_io, s.up_out.len(), now);
     s.feed_upstream(s.up_io, raw, now);
     let mut got = Vec::new();
-    while !s.client_out.is_empty() {
-        let (a, b) = s.client_out.pending_parts();
+    while !s.conn.output.is_empty() {
+        let (a, b) = s.conn.output.pending_parts();
         got.extend_from_slice(a);
         got.extend_from_slice(b);
         let n = a.len() + b.len();
@@ -2361,10 +2361,10 @@ fn a_malformed_chunk_after_the_head_went_out_cuts_the_connection() {
         now,
     );
     // The head and the first chunk reach the client; then the framing breaks.
-    s.on_client_written(s.client_out.len(), now);
+    s.on_client_written(s.conn.output.len(), now);
     s.feed_upstream(s.up_io, b"zz\r\n", now);
     assert!(s.wants_close(), "the only honest signal left");
-    assert!(s.client_out.is_empty());
+    assert!(s.conn.output.is_empty());
 }
 
 #[test]
@@ -2377,7 +2377,7 @@ fn trace_is_answered_405_unless_allowed() {
     );
     s.feed_client(b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", now);
     assert_eq!(s.poll_action(), None, "no backend involved");
-    let text = String::from_utf8_lossy(s.client_out.pending()).into_owned();
+    let text = String::from_utf8_lossy(s.conn.output.pending()).into_owned();
     assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
     assert!(text.contains("\r\nAllow: GET, HEAD"), "{text}");
     let yaml = two_backends("").replace("server:\n", "server:\n  allow_trace: true\n");
@@ -2505,13 +2505,13 @@ fn buffers_park_whole_after_a_lent_shared_body() {
     s.on_upstream_read(s.up_io, now);
     while s.poll_action().is_some() {}
     // The write takes the head and the body (shared with the read buffer) with it.
-    let lent = s.client_out.lend(pool.out_buf());
+    let lent = s.conn.output.lend(pool.out_buf());
     let mut c: [&[u8]; 4] = [&[]; 4];
     assert_eq!(lent.chunks(&mut c), 2);
     assert_eq!(c[1].len(), 16384, "the body is shared");
     let total = lent.len();
     s.park_buffers(&mut pool);
-    let spare = s.client_out.unlend(lent);
+    let spare = s.conn.output.unlend(lent);
     pool.put_out(spare);
     s.on_client_written(total, now);
     s.park_buffers(&mut pool);
@@ -2554,7 +2554,7 @@ fn each_connect_names_a_new_io_and_its_release_names_it_again() {
     s.on_upstream_connected(second, false, d);
     s.on_upstream_written(second, s.up_out.len(), d);
     s.feed_upstream(second, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", d);
-    assert!(s.client_out.pending().ends_with(b"\r\n\r\nok"));
+    assert!(s.conn.output.pending().ends_with(b"\r\n\r\nok"));
 }
 
 /// A completion for an attempt the session gave up (a runtime that kept a timed-out
@@ -2566,4 +2566,241 @@ fn a_completion_for_a_released_io_is_misuse() {
     let (mut s, first, d) = first_connect_timed_out();
     while s.poll_action().is_some() {}
     s.on_upstream_connected(first, false, d);
+}
+
+/// The transport slot under the client connection ([`crate::transport`]), with a stand-in
+/// for TLS: records of a two-byte length and a payload XORed with 0x5a (so a session that
+/// parsed the raw bytes would see garbage), `FF FF` as the closing bytes and `EE EE` as the
+/// alert after a bad record.
+mod transport {
+    use super::*;
+    use crate::transport::{Transport, TransportError};
+
+    const MAX_RECORD: usize = 1000;
+
+    #[derive(Default)]
+    struct Records {
+        failed: bool,
+        closed: usize,
+    }
+
+    fn record(payload: &[u8], out: &mut Vec<u8>) {
+        for p in payload.chunks(MAX_RECORD) {
+            out.extend_from_slice(&(p.len() as u16).to_be_bytes());
+            out.extend(p.iter().map(|b| b ^ 0x5a));
+        }
+    }
+
+    /// The bytes a client would send for `plain`, in records of at most `max` bytes.
+    fn records(plain: &[u8], max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in plain.chunks(max) {
+            record(p, &mut out);
+        }
+        out
+    }
+
+    /// What the client reads out of the proxy's records, and what followed the last one.
+    fn open(mut raw: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut plain = Vec::new();
+        while raw.len() >= 2 {
+            let n = u16::from_be_bytes([raw[0], raw[1]]) as usize;
+            if n == 0 || n > MAX_RECORD || raw.len() < 2 + n {
+                break;
+            }
+            plain.extend(raw[2..2 + n].iter().map(|b| b ^ 0x5a));
+            raw = &raw[2 + n..];
+        }
+        (plain, raw.to_vec())
+    }
+
+    impl Transport for Records {
+        fn receive(
+            &mut self,
+            raw: &mut BytesMut,
+            plain: &mut BytesMut,
+            _out: &mut Vec<u8>,
+        ) -> Result<(), TransportError> {
+            while raw.len() >= 2 {
+                let n = u16::from_be_bytes([raw[0], raw[1]]) as usize;
+                if n == 0 || n > MAX_RECORD {
+                    self.failed = true;
+                    return Err(TransportError("bad record"));
+                }
+                if raw.len() < 2 + n {
+                    break;
+                }
+                plain.extend(raw[2..2 + n].iter().map(|b| b ^ 0x5a));
+                raw.advance(2 + n);
+            }
+            Ok(())
+        }
+
+        fn send(&mut self, plain: &mut OutBuf, out: &mut Vec<u8>) {
+            while !plain.is_empty() {
+                let (own, shared) = plain.pending_parts();
+                let part = if own.is_empty() { shared } else { own };
+                let n = part.len();
+                record(part, out);
+                plain.consume(n);
+            }
+        }
+
+        fn close(&mut self, out: &mut Vec<u8>) {
+            self.closed += 1;
+            out.extend_from_slice(if self.failed {
+                b"\xee\xee"
+            } else {
+                b"\xff\xff"
+            });
+        }
+    }
+
+    fn sim_records(seed: u64) -> (Sim, usize) {
+        let mut sim = sim_with(&two_backends(""), echo_path("b1"), echo_path("b2"), seed);
+        sim.max_piece = 5;
+        let c = sim.connect_client(CLIENT.parse().unwrap());
+        sim.clients[c]
+            .session
+            .set_transport(Box::new(Records::default()));
+        (sim, c)
+    }
+
+    #[test]
+    fn requests_and_responses_pass_through_the_transport() {
+        for seed in 1..10 {
+            let (mut sim, c) = sim_records(seed);
+            let mut plain = Vec::new();
+            for i in 0..4 {
+                plain.extend_from_slice(&get(&format!("/t{i}")));
+            }
+            plain.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            // Records cut across requests, and arriving in pieces that cut records.
+            sim.send(c, &records(&plain, 37));
+            sim.run_for(Duration::from_millis(100));
+            let targets: Vec<String> = sim.backends[0]
+                .requests
+                .iter()
+                .chain(&sim.backends[1].requests)
+                .map(|r| r.target().to_string())
+                .collect();
+            assert_eq!(targets.len(), 5, "seed {seed}: {targets:?}");
+            let (got, after) = open(&sim.clients[c].received);
+            let resp = parse_responses(&got, &[false; 5]);
+            assert_eq!(resp.len(), 5, "seed {seed}");
+            for (i, r) in resp.iter().enumerate().take(4) {
+                assert!(String::from_utf8_lossy(&r.2).ends_with(&format!("/t{i}")));
+            }
+            assert!(String::from_utf8_lossy(&resp[4].2).ends_with("/last"));
+            // The closing bytes follow the last response, then the connection closes.
+            assert_eq!(after, b"\xff\xff", "seed {seed}");
+            assert!(sim.clients[c].closed);
+        }
+    }
+
+    #[test]
+    fn a_transport_failure_sends_its_alert_and_closes() {
+        let (mut sim, c) = sim_records(1);
+        let mut raw = records(&get("/ok"), 1000);
+        // A record of length zero, then a request nobody may see.
+        raw.extend_from_slice(b"\x00\x00");
+        raw.extend_from_slice(&records(&get("/never"), 1000));
+        sim.max_piece = usize::MAX;
+        sim.send(c, &raw);
+        sim.run_for(Duration::from_millis(100));
+        let seen: Vec<&str> = sim.backends[0]
+            .requests
+            .iter()
+            .chain(&sim.backends[1].requests)
+            .map(|r| r.target())
+            .collect();
+        // The bytes decoded before the bad record were dropped with it: nothing was asked.
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(sim.clients[c].received, b"\xee\xee");
+        assert!(sim.clients[c].closed);
+    }
+
+    #[test]
+    fn output_through_a_transport_is_bounded_while_the_client_does_not_read() {
+        let now = crate::test_origin();
+        let ctx = ctx_from(&two_backends(""), now);
+        let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+        s.set_transport(Box::new(Records::default()));
+        s.feed_client(&records(&get("/"), 1000), now);
+        assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+        s.on_upstream_connected(s.up_io, false, now);
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n";
+        s.feed_upstream(s.up_io, head, now);
+        let chunk = vec![1u8; 16 * 1024];
+        let mut fed = 0;
+        while s.wants_upstream_read() && fed < 2_000_000 {
+            s.feed_upstream(s.up_io, &chunk, now);
+            fed += chunk.len();
+            // The runtime asks for output to write (the transport encodes it) but the
+            // socket takes nothing.
+            assert!(s.has_client_output());
+            let _ = s.client_output();
+        }
+        assert!(
+            fed < 200_000,
+            "read {fed} bytes while the client read nothing"
+        );
+        assert!(s.conn.output.is_empty(), "every plaintext byte was encoded");
+        assert!(s.conn.out_len() < HIGH_WATER + 32 * 1024);
+        // Writing it all lets the response go on; what the client reads opens to it.
+        let mut raw = Vec::new();
+        while s.has_client_output() || s.wants_upstream_read() {
+            if s.wants_upstream_read() {
+                s.feed_upstream(s.up_io, &chunk, now);
+            }
+            let out = s.client_output();
+            let (own, shared) = out.pending_parts();
+            raw.extend_from_slice(own);
+            raw.extend_from_slice(shared);
+            let n = own.len() + shared.len();
+            s.on_client_written(n, now);
+        }
+        let (plain, after) = open(&raw);
+        assert!(after.is_empty());
+        let resp = parse_responses(&plain, &[false]);
+        assert_eq!(resp[0].0, 200);
+        assert_eq!(resp[0].2.len(), 2_000_000);
+    }
+
+    #[test]
+    fn an_idle_connection_parks_the_transport_buffers_too() {
+        let now = crate::test_origin();
+        let ctx = ctx_from(&two_backends(""), now);
+        let mut pool = BufPool::default();
+        let mut s = Session::new(ctx, CLIENT.parse().unwrap(), now);
+        s.set_transport(Box::new(Records::default()));
+        let raw = records(&get("/"), 1000);
+        // Half a record: the raw input holds it, so the connection is not idle.
+        s.reserve_client_in(&mut pool).extend_from_slice(&raw[..5]);
+        s.on_client_read(now);
+        assert!(!s.awaiting_request());
+        s.park_buffers(&mut pool);
+        assert_eq!(pool.free(), (0, 0), "nothing parked with a partial record");
+        s.reserve_client_in(&mut pool).extend_from_slice(&raw[5..]);
+        s.on_client_read(now);
+        assert!(matches!(s.poll_action(), Some(Action::Connect { .. })));
+        s.on_upstream_connected(s.up_io, false, now);
+        s.on_upstream_written(s.up_io, s.up_out.len(), now);
+        s.reserve_up_in(&mut pool)
+            .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        s.on_upstream_read(s.up_io, now);
+        let n = s.client_output().len();
+        assert!(n > 0);
+        s.on_client_written(n, now);
+        assert!(matches!(
+            s.poll_action(),
+            Some(Action::ReleaseUpstream { reuse: true, .. })
+        ));
+        assert!(s.awaiting_request());
+        s.park_buffers(&mut pool);
+        // Plaintext and raw buffers, both ways, and the upstream ones: all in the pool.
+        let (reads, outs) = pool.free();
+        assert_eq!((reads, outs), (3, 4), "parked buffers");
+        s.recycle(&mut pool);
+    }
 }
