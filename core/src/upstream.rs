@@ -455,9 +455,15 @@ impl<C> Pool<C> {
     }
 
     fn usable(cfg: &PoolConfig, meta: &ConnMeta, since: Instant, now: Instant) -> bool {
-        now.saturating_duration_since(since) < cfg.idle_timeout
+        now.saturating_duration_since(since) < cfg.idle_timeout && Self::young(cfg, meta, now)
+    }
+
+    /// Within `max_requests` and `max_lifetime` (the idle time aside: a connection just
+    /// released has none).
+    #[inline]
+    fn young(cfg: &PoolConfig, meta: &ConnMeta, now: Instant) -> bool {
+        meta.requests < cfg.max_requests
             && now.saturating_duration_since(meta.created) < cfg.max_lifetime
-            && meta.requests < cfg.max_requests
     }
 
     /// Count (and log, throttled) an idle connection found readable.
@@ -531,7 +537,10 @@ impl<C> Pool<C> {
     }
 
     pub fn put(&mut self, backend: usize, conn: C, meta: ConnMeta, now: Instant) -> Option<C> {
-        if !self.cfg.enabled || !Self::usable(&self.cfg, &meta, now, now) {
+        if !self.cfg.enabled
+            || self.cfg.idle_timeout.is_zero()
+            || !Self::young(&self.cfg, &meta, now)
+        {
             return Some(conn);
         }
         let Some(q) = self.per_backend.get_mut(backend) else {

@@ -561,9 +561,15 @@ pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
     if name.len() != lower.len() {
         return false;
     }
+    #[inline(always)]
+    fn word(s: &[u8]) -> u64 {
+        match s.first_chunk::<8>() {
+            Some(w) => u64::from_le_bytes(*w),
+            None => 0,
+        }
+    }
     let mut i = 0;
     while i + 8 <= name.len() {
-        let word = |s: &[u8]| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
         if word(&name[i..]) | 0x2020_2020_2020_2020 != word(&lower[i..]) {
             return false;
         }
