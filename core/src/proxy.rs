@@ -266,18 +266,35 @@ pub struct Session {
     parked: bool,
     /// The response in flight is being copied into the cache.
     capture: Option<Box<Capture>>,
-    /// The parsed request waits for another request's fetch of the same cache key.
-    cache_wait: Option<CacheWait>,
-    /// An L2 (Redis) lookup in flight for the parsed request.
-    l2: Option<Box<l2::L2Fetch>>,
+    /// Where the answer comes from when it is not the origin's connection or written at
+    /// once: what the exchange waits on.
+    source: Source,
     /// `requests_done` when the latest L2 lookup ended, and whether it was a hit.
     l2_tried: Option<(u32, bool)>,
-    /// After an L2 miss: the request's pending fetch, taken up again by `start_request`.
-    l2_carry: Option<Box<Pending>>,
-    /// The response in flight streams from another request's fetch (collapsed forwarding).
-    follow: Option<Box<follow::Follow>>,
     /// How the runtime is told that a fetch this session waits on moved (else it polls).
     waker: Option<crate::wake::Waker>,
+}
+
+/// Where the answer to the parsed request comes from, when not from the origin through the
+/// upstream I/O slot (`up`) or written at once (a generated response, a cache hit): the one
+/// thing the session waits on, so no two waits can overlap and no call has to ask which of
+/// several optional sub-machines is live. While one of the first three runs, the request
+/// head stays in the input (the session is `Idle` with a head pending) and is processed
+/// again when it ends.
+#[derive(Debug, Default)]
+enum Source {
+    /// The origin, or nothing to wait for.
+    #[default]
+    Direct,
+    /// The cache lock: another request's fetch of the same key is awaited.
+    CacheLock(CacheWait),
+    /// An L2 (Redis) lookup in flight on the upstream I/O slot.
+    L2(Box<l2::L2Fetch>),
+    /// After an L2 miss: the request's pending fetch (still leading the key), taken up
+    /// again by `start_request`.
+    AfterL2(Box<Pending>),
+    /// The response streams from another request's fetch (collapsed forwarding).
+    Follow(Box<follow::Follow>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -337,11 +354,8 @@ impl Session {
             last_up_io: now,
             parked: false,
             capture: None,
-            cache_wait: None,
-            l2: None,
+            source: Source::Direct,
             l2_tried: None,
-            l2_carry: None,
-            follow: None,
             waker: None,
         };
         if s.ctx.admin.as_ref().is_some_and(|a| !a.opened()) {
@@ -364,17 +378,20 @@ impl Session {
     /// The fetch this session waits on moved (see [`set_waker`](Self::set_waker)). A wake-up
     /// that finds nothing to do (the session stopped waiting meanwhile) is harmless.
     pub fn on_wake(&mut self, now: Instant) {
-        if self.follow.is_some() || self.cache_wait.is_some() {
-            let m = &self.ctx.metrics;
-            m.waiter_wakeups.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.follow.is_some() {
-            self.pump_follow(now);
-        } else if let Some(w) = self.cache_wait.as_mut() {
-            w.next = now;
-            if self.state == State::Idle {
-                self.process_client(now);
+        let m = &self.ctx.metrics;
+        match &mut self.source {
+            Source::Follow(_) => {
+                m.waiter_wakeups.fetch_add(1, Ordering::Relaxed);
+                self.pump_follow(now);
             }
+            Source::CacheLock(w) => {
+                m.waiter_wakeups.fetch_add(1, Ordering::Relaxed);
+                w.next = now;
+                if self.state == State::Idle {
+                    self.process_client(now);
+                }
+            }
+            Source::Direct | Source::L2(_) | Source::AfterL2(_) => {}
         }
     }
 
@@ -470,7 +487,7 @@ impl Session {
     pub fn park_buffers(&mut self, pool: &mut BufPool) {
         if self.state != State::Idle
             || self.up != Up::None
-            || self.l2.is_some()
+            || self.is_l2()
             // (With shared body bytes still in a write, the runtime parks again once the
             // write is back.)
             || !self.conn.can_park()
@@ -551,8 +568,8 @@ impl Session {
 
     /// The runtime should read from the upstream connection now.
     pub fn wants_upstream_read(&self) -> bool {
-        if self.l2.is_some() {
-            return self.l2_wants_read();
+        if let Source::L2(f) = &self.source {
+            return f.connected;
         }
         matches!(self.up, Up::Connected { .. })
             && !self.resp.is_done()
@@ -582,13 +599,13 @@ impl Session {
     fn each_timer(&self, mut push: impl FnMut(Timer, Instant)) {
         let c = &self.ctx;
         match self.state {
-            State::Idle if self.l2.is_some() => {
+            State::Idle if self.is_l2() => {
                 if let Some(d) = self.l2_deadline() {
                     push(Timer::L2, d);
                 }
             }
-            State::Idle if self.cache_wait.is_some() => {
-                if let Some(w) = self.cache_wait {
+            State::Idle if matches!(self.source, Source::CacheLock(_)) => {
+                if let Source::CacheLock(w) = &self.source {
                     push(Timer::CacheWait, w.next);
                 }
             }
@@ -621,7 +638,7 @@ impl Session {
                 if let Some(r) = self.req.as_ref().filter(|_| body_open) {
                     push(Timer::RequestBody, r.body_since + c.body_timeout);
                 }
-                if let Some(f) = self.follow.as_ref() {
+                if let Source::Follow(f) = &self.source {
                     if self.conn.out_len() < HIGH_WATER {
                         push(Timer::Follow, f.next);
                     }
@@ -657,7 +674,7 @@ impl Session {
         if !self.conn.written(n, now) {
             misuse("on_client_written: more bytes than were pending");
         }
-        if self.follow.is_some() {
+        if matches!(self.source, Source::Follow(_)) {
             self.pump_follow(now);
         }
         // A pipelined request held back by the output (see `process_client`).
@@ -674,7 +691,7 @@ impl Session {
     pub fn on_client_eof(&mut self, now: Instant) {
         self.conn.eof = true;
         match self.state {
-            State::Idle if self.l2.is_some() || self.cache_wait.is_some() => {
+            State::Idle if matches!(self.source, Source::L2(_) | Source::CacheLock(_)) => {
                 // A complete head waits on the cache: it is answered, then the connection
                 // closes.
             }
@@ -728,7 +745,7 @@ impl Session {
         if !self.is_current(io, "on_upstream_connected for another I/O") {
             return;
         }
-        if self.l2.is_some() {
+        if self.is_l2() {
             self.l2_connected(reused, now);
             return;
         }
@@ -749,7 +766,7 @@ impl Session {
         if !self.is_current(io, "on_upstream_connect_failed for another I/O") {
             return;
         }
-        if self.l2.is_some() {
+        if self.is_l2() {
             self.l2_fail("connect failed", now);
             return;
         }
@@ -776,7 +793,7 @@ impl Session {
             return;
         }
         self.last_up_io = now;
-        if self.l2.is_some() {
+        if self.is_l2() {
             self.l2_read(now);
             return;
         }
@@ -800,7 +817,7 @@ impl Session {
         if !self.is_current(io, "on_upstream_eof for another I/O") {
             return;
         }
-        if self.l2.is_some() {
+        if self.is_l2() {
             self.l2_fail("connection closed", now);
             return;
         }
@@ -911,7 +928,8 @@ impl Session {
             }
             Timer::ClientIdle | Timer::RequestBody => {
                 let started = self.req.as_ref().is_some_and(|r| r.response_started);
-                if self.follow.is_none() && !started && !matches!(self.req_body, ReqBody::Done) {
+                let following = matches!(self.source, Source::Follow(_));
+                if !following && !started && !matches!(self.req_body, ReqBody::Done) {
                     self.release_upstream(false);
                     self.client_error(
                         HttpError::new(Status::RequestTimeout, "request body not received in time"),
@@ -947,6 +965,12 @@ impl Session {
 
     // ----------------------------------------------------------------- internals
 
+    /// The upstream I/O slot is an L2 lookup's (Redis), not the origin's.
+    #[inline]
+    fn is_l2(&self) -> bool {
+        matches!(self.source, Source::L2(_))
+    }
+
     fn current_upstream(&self) -> &Upstream {
         let id = self.req.as_ref().map_or(0, |r| r.upstream as usize);
         &self.ctx.upstreams[id]
@@ -963,8 +987,10 @@ impl Session {
                         }
                         return;
                     }
-                    if self.cache_wait.is_some_and(|w| now < w.next) || self.l2.is_some() {
-                        return;
+                    match &self.source {
+                        Source::CacheLock(w) if now < w.next => return,
+                        Source::L2(_) => return,
+                        _ => {}
                     }
                     // The previous answer is still going out: a pipelined request waits
                     // until it drains (`on_client_written`), so a burst of pipelined
@@ -1217,7 +1243,19 @@ impl Session {
             self.answer_admin(admin, &h, now);
             return;
         }
-        let waited = self.cache_wait.take();
+        // A wait that ended, or the fetch an L2 miss hands back.
+        let (waited, after_l2) = match std::mem::take(&mut self.source) {
+            Source::CacheLock(w) => (Some(w), None),
+            Source::AfterL2(p) => (None, Some(p)),
+            other => {
+                debug_assert!(
+                    matches!(other, Source::Direct),
+                    "start_request while {other:?}"
+                );
+                self.source = other;
+                (None, None)
+            }
+        };
         if waited.is_none() && !self.l2_resumed() {
             ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
         }
@@ -1254,7 +1292,7 @@ impl Session {
             return;
         };
         let mut cache_req = CacheReq::None;
-        if let Some(p) = self.l2_carry.take() {
+        if let Some(p) = after_l2 {
             // Back from an L2 miss: this request still leads the key's fetch.
             cache_req = CacheReq::Miss(p);
         } else if let Some(cache) = &ctx.cache {
@@ -1269,7 +1307,7 @@ impl Session {
                         Some(_) => since + cache.lock_timeout,
                         None => now + crate::cache::http::WAIT_POLL,
                     };
-                    self.cache_wait = Some(CacheWait { since, next });
+                    self.source = Source::CacheLock(CacheWait { since, next });
                     return;
                 }
                 Lookup::Bypass => {}
@@ -2034,7 +2072,7 @@ impl Session {
     fn abort(&mut self, _now: Instant) {
         self.release_upstream(false);
         self.l2_release(false);
-        self.follow = None;
+        self.source = Source::Direct;
         // An unfinished copy into the cache is abandoned (cutting off its followers).
         self.capture = None;
         // Closed means nothing more is written: pending output is dropped, so a runtime

@@ -5,7 +5,7 @@
 //! [`crate::wake`]) and whenever the client drained its output; without a waker it polls
 //! every [`WAIT_POLL`].
 
-use super::{Session, State, HIGH_WATER};
+use super::{Session, Source, State, HIGH_WATER};
 use crate::cache::http::{write_hit_head, Growing, Grown, HitReply, Served, WAIT_POLL};
 use crate::http1::head::{Method, RequestHead};
 use crate::http1::Version;
@@ -57,7 +57,7 @@ impl Session {
             self.served(close, now);
             return;
         }
-        self.follow = Some(Box::new(Follow {
+        self.source = Source::Follow(Box::new(Follow {
             grow,
             sent: 0,
             next: now,
@@ -69,7 +69,7 @@ impl Session {
     /// Copy what arrived since the last look (as much as the output bound allows).
     pub(super) fn pump_follow(&mut self, now: Instant) {
         let room = HIGH_WATER.saturating_sub(self.conn.out_len());
-        let Some(f) = self.follow.as_mut() else {
+        let Source::Follow(f) = &mut self.source else {
             return;
         };
         // Woken sessions need no poll: the deadline is only a bound on a fetch that stalls
@@ -90,7 +90,7 @@ impl Session {
             Grown::More => {}
             Grown::Done => {
                 let (sent, close) = (f.sent, f.close);
-                self.follow = None;
+                self.source = Source::Direct;
                 if let Some(cache) = &self.ctx.cache {
                     cache
                         .stats
@@ -105,7 +105,7 @@ impl Session {
             }
             Grown::Failed => {
                 tracing::debug!(client = %self.peer.ip, "the fetch this response streamed from failed; closing");
-                self.follow = None;
+                self.source = Source::Direct;
                 self.abort(now);
             }
         }
@@ -113,7 +113,7 @@ impl Session {
 
     /// The client connection closes after the response being streamed.
     pub(super) fn follow_close_after(&mut self) {
-        if let Some(f) = self.follow.as_mut() {
+        if let Source::Follow(f) = &mut self.source {
             f.close = true;
         }
     }

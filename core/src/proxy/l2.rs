@@ -7,7 +7,7 @@
 //! miss or a failure the request goes to the backend with the lookup's pending fetch
 //! (still leading the key for requests waiting on it).
 
-use super::Session;
+use super::{Session, Source};
 use crate::cache::http::Pending;
 use crate::cache::l2::{Reply, L2};
 use crate::cache::store::Stored;
@@ -20,7 +20,7 @@ pub(super) struct L2Fetch {
     /// The L1 miss this lookup is for (it holds the key's lead).
     pending: Box<Pending>,
     since: Instant,
-    connected: bool,
+    pub(super) connected: bool,
     /// `+OK` replies to the new connection's `AUTH` / `SELECT` still to come.
     hello_left: usize,
     /// The first reply named `Vary` fields: the request's variant was asked for.
@@ -68,7 +68,8 @@ impl Session {
         l2.get_command(&p.key, self.up_out.vec());
         self.push_connect(upstream, 0, addr, false);
         self.l2_tried = Some((self.conn.requests_done, false));
-        self.l2 = Some(Box::new(L2Fetch {
+        debug_assert!(matches!(self.source, Source::Direct));
+        self.source = Source::L2(Box::new(L2Fetch {
             pending: p,
             since: now,
             connected: false,
@@ -81,12 +82,24 @@ impl Session {
 
     /// When the lookup gives up.
     pub(super) fn l2_deadline(&self) -> Option<Instant> {
-        let f = self.l2.as_ref()?;
+        let Source::L2(f) = &self.source else {
+            return None;
+        };
         Some(f.since + self.l2_tier()?.timeout)
     }
 
-    pub(super) fn l2_wants_read(&self) -> bool {
-        self.l2.as_ref().is_some_and(|f| f.connected)
+    fn l2_mut(&mut self) -> Option<&mut L2Fetch> {
+        match &mut self.source {
+            Source::L2(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    fn l2_ref(&self) -> Option<&L2Fetch> {
+        match &self.source {
+            Source::L2(f) => Some(f),
+            _ => None,
+        }
     }
 
     /// Connected; a new connection logs in first (`AUTH` / `SELECT` before the `GET`).
@@ -95,9 +108,11 @@ impl Session {
         let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) else {
             return;
         };
-        let Some(f) = self.l2.as_mut() else { return };
-        f.connected = true;
         self.last_up_io = now;
+        let Source::L2(f) = &mut self.source else {
+            return;
+        };
+        f.connected = true;
         let (hello, replies) = l2.hello();
         if !reused && replies > 0 {
             let get = self.up_out.pending().to_vec();
@@ -115,11 +130,11 @@ impl Session {
             return;
         };
         let Some(l2) = cache.l2.as_ref() else { return };
-        while self.l2.as_ref().is_some_and(|f| f.hello_left > 0) {
+        while self.l2_ref().is_some_and(|f| f.hello_left > 0) {
             match l2.parse_ok(&mut self.up_in) {
                 Ok(None) => return,
                 Ok(Some(())) => {
-                    if let Some(f) = self.l2.as_mut() {
+                    if let Some(f) = self.l2_mut() {
                         f.hello_left -= 1;
                     }
                 }
@@ -131,8 +146,8 @@ impl Session {
         }
         // Invalidated (here or by another instance) while the reply was on its way: not
         // brought back. Not more recent than L1's aged entry: that one is validated.
-        let unusable = |f: &Option<Box<L2Fetch>>, entry: &Stored| {
-            f.as_ref().is_some_and(|f| {
+        let unusable = |f: Option<&L2Fetch>, entry: &Stored| {
+            f.is_some_and(|f| {
                 l2.deletion_pending(&f.pending.key)
                     || l2.invalidated_since(&f.pending.key, f.generation)
                     || f.pending
@@ -140,7 +155,7 @@ impl Session {
                         .is_some_and(|t| entry.facts.response_time <= t)
             })
         };
-        let reply = if self.l2.as_ref().is_some_and(|f| f.variant) {
+        let reply = if self.l2_ref().is_some_and(|f| f.variant) {
             l2.parse_variant_reply(&mut self.up_in)
         } else {
             l2.parse_get_reply(&mut self.up_in)
@@ -148,7 +163,9 @@ impl Session {
         match reply {
             Ok(None) => {}
             Ok(Some(Reply::Vary(vary))) => {
-                let Some(f) = self.l2.as_mut() else { return };
+                let Source::L2(f) = &mut self.source else {
+                    return;
+                };
                 match f.pending.vary_key(&vary) {
                     Some(secondary) if self.up_in.is_empty() => {
                         f.variant = true;
@@ -163,7 +180,7 @@ impl Session {
                     }
                 }
             }
-            Ok(Some(Reply::Hit(entry))) if !unusable(&self.l2, &entry) => {
+            Ok(Some(Reply::Hit(entry))) if !unusable(self.l2_ref(), &entry) => {
                 let reuse = self.up_in.is_empty();
                 let Some(f) = self.l2_release(reuse) else {
                     return;
@@ -188,7 +205,7 @@ impl Session {
     /// The lookup failed (connect, timeout, closed, a bad reply): count it, back off, and
     /// let the request go to the backend.
     pub(super) fn l2_fail(&mut self, why: &str, now: Instant) {
-        if self.l2.is_none() {
+        if self.l2_ref().is_none() {
             return;
         }
         if let Some(l2) = self.l2_tier() {
@@ -202,14 +219,20 @@ impl Session {
     /// No entry from L2: go on to the backend with the pending fetch.
     fn l2_end(&mut self, reuse: bool, now: Instant) {
         if let Some(f) = self.l2_release(reuse) {
-            self.l2_carry = Some(f.pending);
+            self.source = Source::AfterL2(f.pending);
             self.process_client(now);
         }
     }
 
     /// End the lookup: the Redis connection back to the pool (`reuse`) or closed.
     pub(super) fn l2_release(&mut self, reuse: bool) -> Option<Box<L2Fetch>> {
-        let f = self.l2.take()?;
+        let f = match std::mem::take(&mut self.source) {
+            Source::L2(f) => f,
+            other => {
+                self.source = other;
+                return None;
+            }
+        };
         let upstream = self.l2_tier().map_or(0, |l| l.upstream);
         self.push_release(upstream, 0, reuse && f.connected);
         self.up_out.clear();
