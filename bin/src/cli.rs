@@ -305,7 +305,7 @@ fn run_proxy(
     if let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) {
         tracing::info!(redis = %l2.addr, ttl = ?l2.ttl, timeout = ?l2.timeout, "cache L2 on");
     }
-    crate::refresh::spawn(&ctx, cfg, sd.clone()).map_err(|e| format!("cache refresher: {e}"))?;
+    // Scheduled and predictive warming come due on the runtime's first worker.
     crate::refresh::warm(&ctx, cfg);
     on_ready(addr);
     let listeners = crate::runtimes::Listeners {

@@ -10,6 +10,11 @@
 //! upstream's `retries`. At most `cache.refresh_concurrency` fetches run at once; the rest
 //! wait in the cache's bounded queue. The runtime is told when a fetch is queued through
 //! [`crate::cache::http::HttpCache::set_refresher`].
+//!
+//! It also keeps the cache's own schedule ([`crate::cache::WarmingPlan`]: warming on cron
+//! schedules, predictive refreshes of hot entries about to expire), queueing those fetches
+//! when they come due; [`Background::next_deadline`] includes the next of them, so the
+//! worker wakes for it like for a probe. No thread keeps time.
 
 use crate::balance::PickInput;
 use crate::cache::http::{HttpCache, Refresh};
@@ -17,7 +22,10 @@ use crate::proxy::ProxyContext;
 use crate::upstream::{Attempts, Health, ProbeId, ProbeRun};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often predictive warming looks for hot entries about to expire.
+pub const PREDICTIVE_SCAN: Duration = Duration::from_millis(500);
 
 /// How a run's I/O ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,18 +106,32 @@ pub struct Background {
     cache: Option<Arc<HttpCache>>,
     fetches: usize,
     max_fetches: usize,
+    /// When each of the cache's scheduled warmings runs next (wall clock).
+    warm_next: Vec<Option<SystemTime>>,
+    /// When predictive warming looks next.
+    scan_next: Option<Instant>,
 }
 
 impl Background {
     /// The health checks of `ctx`'s upstreams and, with a cache, its background fetches
     /// (at most `refresh_concurrency` at once).
     pub fn new(ctx: &Arc<ProxyContext>, refresh_concurrency: usize, now: Instant) -> Self {
+        let wall = ctx.clock.at(now);
+        let plan = ctx.cache.as_ref().map(|c| &c.warming);
         Background {
             health: Health::for_context(ctx, now),
             cache: ctx.cache.clone(),
             ctx: ctx.clone(),
             fetches: 0,
             max_fetches: refresh_concurrency.max(1),
+            warm_next: plan.map_or_else(Vec::new, |p| {
+                p.scheduled
+                    .iter()
+                    .map(|(c, _)| c.next_after(wall))
+                    .collect()
+            }),
+            // A first look at start-up.
+            scan_next: plan.and_then(|p| p.predictive).map(|_| now),
         }
     }
 
@@ -118,9 +140,49 @@ impl Background {
         self.health.is_empty() && self.cache.is_none()
     }
 
+    /// Queue the cache's scheduled and predictive fetches that are due at `now`.
+    fn warm(&mut self, now: Instant) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        let plan = &cache.warming;
+        if plan.is_empty() {
+            return;
+        }
+        let wall = self.ctx.clock.at(now);
+        if let Some((threshold, horizon)) = plan.predictive {
+            if self.scan_next.is_some_and(|t| t <= now) {
+                self.scan_next = Some(now + PREDICTIVE_SCAN);
+                for (host, target, entry) in cache.hot_and_expiring(threshold, horizon, wall) {
+                    let Some(up) = self.ctx.router.route(host.as_bytes(), target.as_bytes()) else {
+                        continue;
+                    };
+                    let limits = &self.ctx.limits;
+                    if let Some(job) =
+                        cache.fetch_job(&host, &target, up as u16, limits, wall, Some(entry))
+                    {
+                        tracing::debug!(host = %host, target = %target, "predictive refresh");
+                        cache.queue_refresh(job);
+                    }
+                }
+            }
+        }
+        for (next, (cron, paths)) in self.warm_next.iter_mut().zip(&plan.scheduled) {
+            if next.is_some_and(|t| t <= wall) {
+                if let Some(host) = &plan.host {
+                    let paths = paths.iter().map(String::as_str);
+                    let n = queue_warming(&self.ctx, &cache, host, paths, wall);
+                    tracing::info!(paths = n, host = %host, "scheduled cache warming");
+                }
+                *next = cron.next_after(wall);
+            }
+        }
+    }
+
     /// The next run to start now, if any: a probe that is due, or a queued fetch while
-    /// fewer than the bound run.
+    /// fewer than the bound run (warming that came due queued first).
     pub fn poll_run(&mut self, now: Instant) -> Option<Run> {
+        self.warm(now);
         if let Some(run) = self.health.poll_probe(now) {
             return Some(Run {
                 addr: run.addr,
@@ -236,9 +298,81 @@ impl Background {
         }
     }
 
-    /// When [`poll_run`](Self::poll_run) will next have a probe (queued fetches are
-    /// announced through the cache's refresher callback instead).
+    /// When [`poll_run`](Self::poll_run) will next have a probe or warming to queue
+    /// (queued fetches are announced through the cache's refresher callback instead).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.health.next_deadline()
+        let clock = &self.ctx.clock;
+        let warm = self
+            .warm_next
+            .iter()
+            .flatten()
+            .map(|t| clock.instant_of(*t));
+        let scan = self.scan_next;
+        self.health
+            .next_deadline()
+            .into_iter()
+            .chain(warm)
+            .chain(scan)
+            .min()
+    }
+}
+
+/// Queue warming fetches of `paths` under `host` (routed like requests); how many were
+/// queued. `wall`: now, on the wall clock.
+pub fn queue_warming<'a>(
+    ctx: &ProxyContext,
+    cache: &Arc<HttpCache>,
+    host: &str,
+    paths: impl Iterator<Item = &'a str>,
+    wall: SystemTime,
+) -> usize {
+    let mut queued = 0;
+    for path in paths {
+        let Some(up) = ctx.router.route(host.as_bytes(), path.as_bytes()) else {
+            tracing::warn!(host, path, "cache warming: no route for this path");
+            continue;
+        };
+        if let Some(job) = cache.fetch_job(host, path, up as u16, &ctx.limits, wall, None) {
+            cache.queue_refresh(job);
+            queued += 1;
+        }
+    }
+    queued
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduled_warming_comes_due_on_the_worker_and_moves_on() {
+        let t0 = crate::test_origin();
+        let yaml = "cache:\n  size: 1MB\n  warming:\n    host: test\n    scheduled:\n      - cron: \"*/5 * * * * *\"\n        paths:\n          - /w\nbackends:\n  - url: http://127.0.0.1:9001\n";
+        let ctx = crate::test_ctx(yaml, t0);
+        let mut bg = Background::new(&ctx, 4, t0);
+        // The test wall clock starts on a multiple of five seconds: the next one is due.
+        let due = t0 + Duration::from_secs(5);
+        assert_eq!(bg.next_deadline(), Some(due));
+        assert!(bg.poll_run(due - Duration::from_millis(1)).is_none());
+        let run = bg.poll_run(due).expect("the warming fetch");
+        assert_eq!(run.addr, "127.0.0.1:9001".parse().unwrap());
+        let req = String::from_utf8_lossy(run.pending()).into_owned();
+        assert!(req.starts_with("GET /w HTTP/1.1\r\n"), "{req}");
+        assert!(req.to_ascii_lowercase().contains("host: test\r\n"), "{req}");
+        // Once queued, it runs once; the schedule moves to its next time.
+        assert!(bg.poll_run(due).is_none());
+        assert_eq!(bg.next_deadline(), Some(due + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn predictive_warming_looks_at_start_and_then_every_scan() {
+        let t0 = crate::test_origin();
+        let yaml = "cache:\n  size: 1MB\n  warming:\n    predictive:\n      threshold: 3\n      horizon: 30s\nbackends:\n  - url: http://127.0.0.1:9001\n";
+        let ctx = crate::test_ctx(yaml, t0);
+        let mut bg = Background::new(&ctx, 4, t0);
+        assert_eq!(bg.next_deadline(), Some(t0));
+        // Nothing hot in an empty cache: no fetch, and the next look is a scan away.
+        assert!(bg.poll_run(t0).is_none());
+        assert_eq!(bg.next_deadline(), Some(t0 + PREDICTIVE_SCAN));
     }
 }

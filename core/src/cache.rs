@@ -157,6 +157,25 @@ fn unquote(v: &[u8]) -> &[u8] {
     }
 }
 
+/// The fetches the cache makes on its own schedule (`cache.warming`): `paths` under
+/// `host` on each cron schedule, and predictive refreshes of entries that drew `threshold`
+/// requests this hour and expire within `horizon`. [`crate::background::Background`] keeps
+/// the time and queues them.
+#[derive(Clone, Debug, Default)]
+pub struct WarmingPlan {
+    /// The `Host` the warmed entries are keyed under.
+    pub host: Option<String>,
+    pub scheduled: Vec<(CronSchedule, Vec<String>)>,
+    /// `(threshold, horizon)`.
+    pub predictive: Option<(u64, std::time::Duration)>,
+}
+
+impl WarmingPlan {
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty() && self.predictive.is_none()
+    }
+}
+
 /// A cron schedule (UTC): 5 fields, or 6 with seconds first.
 #[derive(Clone, Debug)]
 pub struct CronSchedule(croner::Cron);

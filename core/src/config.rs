@@ -1412,6 +1412,25 @@ impl Config {
                         c.key_headers.clone(),
                     );
                     hc.lock_timeout = c.lock_timeout.0;
+                    if let Some(w) = c.warming.as_ref().filter(|w| w.enabled) {
+                        hc.warming = crate::cache::WarmingPlan {
+                            host: w.host.clone(),
+                            // Crons are checked above (a bad one is a config error).
+                            scheduled: w
+                                .scheduled
+                                .iter()
+                                .filter_map(|s| {
+                                    let cron = crate::cache::CronSchedule::parse(&s.cron).ok()?;
+                                    Some((cron, s.paths.clone()))
+                                })
+                                .collect(),
+                            predictive: w
+                                .predictive
+                                .as_ref()
+                                .filter(|p| p.enabled)
+                                .map(|p| (p.threshold, p.horizon.0)),
+                        };
+                    }
                     hc.l2 = l2.map(|(l, addr, upstream)| {
                         crate::cache::l2::L2::new(
                             addr,

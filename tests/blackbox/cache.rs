@@ -638,6 +638,15 @@ fn cache_warms_on_a_schedule(bin: &PathBuf) {
         Some("HIT")
     );
     assert!(p.logs().contains("scheduled cache warming"));
+    // The schedule's time is kept by the runtime's first worker: no thread of its own.
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("trireme-refresh")),
+        "{names:?}"
+    );
 }
 
 fn cache_refreshes_hot_entries_before_they_expire(bin: &PathBuf) {

@@ -29,6 +29,12 @@ impl WallClock {
     pub fn at(&self, now: Instant) -> SystemTime {
         self.wall + now.saturating_duration_since(self.base)
     }
+
+    /// The monotonic moment of wall-clock time `t` (the inverse of [`at`](Self::at); a
+    /// time before the base maps to the base).
+    pub fn instant_of(&self, t: SystemTime) -> Instant {
+        self.base + t.duration_since(self.wall).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +68,8 @@ pub struct HttpCache {
     refresh_wake: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// The shared tier behind this one (Redis), when configured.
     pub l2: Option<super::l2::L2>,
+    /// What the cache fetches on its own schedule.
+    pub warming: super::WarmingPlan,
 }
 
 /// Refreshes queued at most; past it, a stale entry is simply refreshed later.
@@ -483,6 +491,7 @@ impl HttpCache {
             refreshes: Mutex::new(std::collections::VecDeque::new()),
             refresh_wake: Mutex::new(None),
             l2: None,
+            warming: super::WarmingPlan::default(),
         }
     }
 
