@@ -12,6 +12,7 @@
 
 pub mod http;
 pub mod l2;
+pub mod l2_conn;
 pub mod store;
 
 pub use http::{HttpCache, WallClock};

@@ -39,7 +39,7 @@ use redis_protocol::resp2::types::BytesFrame;
 pub use redis_protocol::resp2::types::OwnedFrame;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -100,6 +100,8 @@ pub struct L2 {
     pub timeout: Duration,
     /// Largest entry (encoded) read or written: larger replies are abandoned.
     pub max_entry: usize,
+    /// Redis refused a `PUBLISH` of a deletion (logged once).
+    pub announce_refused: AtomicBool,
     /// Commands sent first on every new connection (`AUTH`, `SELECT`), each answered `+OK`.
     hello: Vec<u8>,
     hello_replies: usize,
@@ -162,6 +164,7 @@ impl L2 {
             ttl,
             timeout,
             max_entry: max_object.saturating_add(ENTRY_OVERHEAD),
+            announce_refused: AtomicBool::new(false),
             hello: Vec::new(),
             hello_replies: 0,
             stats: L2Stats::default(),
