@@ -301,8 +301,10 @@ fn run_proxy(
         tracing::info!(upstream = %u.cfg.name, algorithm = u.cfg.algorithm.name(), backends = %list.join(", "), "upstream");
     }
     // Active health checks run on the runtime's first worker (core's `upstream::Health`).
-    crate::l2::spawn(ctx.cache.as_ref(), sd.clone()).map_err(|e| format!("L2 writer: {e}"))?;
     if let Some(l2) = ctx.cache.as_ref().and_then(|c| c.l2.as_ref()) {
+        // The L2 writer and subscriber run on the runtime's first worker (core's
+        // `background::Background`); what this instance publishes carries its name.
+        l2.set_instance(instance_id());
         tracing::info!(redis = %l2.addr, ttl = ?l2.ttl, timeout = ?l2.timeout, "cache L2 on");
     }
     // Scheduled and predictive warming come due on the runtime's first worker.
@@ -435,4 +437,14 @@ pub(crate) fn run_demo_proxy(
         say!("  stop: Ctrl-C");
         say!();
     })
+}
+
+/// Distinct per process (and per start): pid, start time, and the process's random hash
+/// keys. Tells this instance's invalidation messages on the L2 channel from the others'.
+fn instance_id() -> Vec<u8> {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    format!("{:016x}", h.finish()).into_bytes()
 }

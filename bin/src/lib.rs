@@ -8,7 +8,6 @@
 pub mod admin;
 pub mod cli;
 pub mod demo;
-pub mod l2;
 pub mod process;
 pub mod refresh;
 pub mod runtimes;

@@ -11,6 +11,14 @@
 //! wait in the cache's bounded queue. The runtime is told when a fetch is queued through
 //! [`crate::cache::http::HttpCache::set_refresher`].
 //!
+//! With an L2 tier it also keeps the tier's two long-lived Redis connections as runs
+//! ([`crate::cache::l2_conn`]): the writer, opened when L2 work is queued and kept while
+//! Redis keeps it, and the subscriber, always on. Their runs do not end on their own: after
+//! each read they may have more to write ([`Run::pending`] again), and when work is queued
+//! for an idle writer the runtime lets every run in flight look for it ([`Run::refill`]).
+//! A failed writer or subscriber is started again after [`RETRY`] (a refused subscription
+//! after [`REFUSED_RETRY`]).
+//!
 //! It also keeps the cache's own schedule ([`crate::cache::WarmingPlan`]: warming on cron
 //! schedules, predictive refreshes of hot entries about to expire), queueing those fetches
 //! when they come due; [`Background::next_deadline`] includes the next of them, so the
@@ -18,9 +26,11 @@
 
 use crate::balance::PickInput;
 use crate::cache::http::{HttpCache, Refresh};
+use crate::cache::l2_conn::{SubError, Subscriber, Writer, IO_TIMEOUT, REFUSED_RETRY, RETRY};
 use crate::proxy::ProxyContext;
 use crate::upstream::{Attempts, Health, ProbeId, ProbeRun};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,7 +54,27 @@ enum Kind {
         verdict: Option<Option<u16>>,
     },
     Fetch(Box<Fetch>),
+    L2(Box<L2Run>),
 }
+
+/// One of the L2 tier's connections (see the [module docs](self)).
+struct L2Run {
+    cache: Arc<HttpCache>,
+    conv: Conv,
+    /// Why the conversation cannot go on (the run is then done).
+    error: Option<Result<String, SubError>>,
+    /// A reply arrived on this connection (Redis was reached).
+    heard: bool,
+}
+
+enum Conv {
+    Write(Writer),
+    Sub(Subscriber),
+}
+
+/// How long an L2 connection with nothing awaited stays before it is opened again (a
+/// connection that went quiet may be gone without a word).
+const L2_IDLE: Duration = Duration::from_secs(3600);
 
 struct Fetch {
     job: Refresh,
@@ -67,10 +97,16 @@ pub struct Run {
 
 impl Run {
     /// Request bytes still to write.
+    /// Runs that keep their connection (L2's) may have more after a read or a
+    /// [`refill`](Self::refill).
     pub fn pending(&self) -> &[u8] {
         match &self.kind {
             Kind::Probe { run, .. } => run.pending(),
             Kind::Fetch(f) => &f.job.request[f.written.min(f.job.request.len())..],
+            Kind::L2(r) => match &r.conv {
+                Conv::Write(w) => w.pending(),
+                Conv::Sub(s) => s.pending(),
+            },
         }
     }
 
@@ -78,7 +114,27 @@ impl Run {
         match &mut self.kind {
             Kind::Probe { run, .. } => run.wrote(n),
             Kind::Fetch(f) => f.written += n,
+            Kind::L2(r) => match &mut r.conv {
+                Conv::Write(w) => w.wrote(n),
+                Conv::Sub(s) => s.wrote(n),
+            },
         }
+    }
+
+    /// Work was queued for the process's background runs: an idle L2 writer takes it.
+    /// True when there is something to write now.
+    pub fn refill(&mut self, now: Instant) -> bool {
+        let Kind::L2(r) = &mut self.kind else {
+            return false;
+        };
+        let (Conv::Write(w), Some(l2)) = (&mut r.conv, r.cache.l2.as_ref()) else {
+            return false;
+        };
+        let more = w.refill(l2);
+        if w.awaits_reply() {
+            self.deadline = self.deadline.min(now + IO_TIMEOUT);
+        }
+        more
     }
 
     /// Bytes read at `now`; true when the run has what it needs (finish it with
@@ -95,6 +151,47 @@ impl Run {
                 f.too_large = f.got.len() > f.limit;
                 f.too_large
             }
+            Kind::L2(r) => {
+                let Some(l2) = r.cache.l2.as_ref() else {
+                    return true;
+                };
+                r.heard = true;
+                match &mut r.conv {
+                    Conv::Write(w) => {
+                        if let Err(e) = w.on_read(l2, data) {
+                            r.error = Some(Ok(e));
+                            return true;
+                        }
+                        if w.is_idle() && l2.writer_down.swap(false, Relaxed) {
+                            tracing::info!(redis = %l2.addr, "L2 writer: Redis answers again");
+                        }
+                        // The next queued op at once, on the same connection.
+                        w.refill(l2);
+                        self.deadline = now
+                            + if w.awaits_reply() {
+                                IO_TIMEOUT
+                            } else {
+                                L2_IDLE
+                            };
+                        false
+                    }
+                    Conv::Sub(s) => match s.on_read(&r.cache, data) {
+                        Ok(confirmed) => {
+                            if confirmed {
+                                self.deadline = now + L2_IDLE;
+                                if l2.subscriber_down.swap(false, Relaxed) {
+                                    tracing::info!(redis = %l2.addr, "L2 subscriber: subscribed again (invalidations sent meanwhile are not replayed)");
+                                }
+                            }
+                            false
+                        }
+                        Err(e) => {
+                            r.error = Some(Err(e));
+                            true
+                        }
+                    },
+                }
+            }
         }
     }
 }
@@ -110,6 +207,12 @@ pub struct Background {
     warm_next: Vec<Option<SystemTime>>,
     /// When predictive warming looks next.
     scan_next: Option<Instant>,
+    /// The L2 writer's run is out; when it may start again after a failure.
+    l2_writer: bool,
+    l2_writer_retry: Option<Instant>,
+    /// The L2 subscriber's run is out; when it may start again.
+    l2_sub: bool,
+    l2_sub_retry: Option<Instant>,
 }
 
 impl Background {
@@ -132,6 +235,90 @@ impl Background {
             }),
             // A first look at start-up.
             scan_next: plan.and_then(|p| p.predictive).map(|_| now),
+            l2_writer: false,
+            l2_writer_retry: None,
+            l2_sub: false,
+            l2_sub_retry: None,
+        }
+    }
+
+    /// The L2 tier's runs to start now: the subscriber when none is out (and no retry
+    /// waits), the writer when work is queued and none is out.
+    fn poll_l2(&mut self, now: Instant) -> Option<Run> {
+        let cache = self.cache.as_ref()?;
+        let l2 = cache.l2.as_ref()?;
+        let conv = if !self.l2_sub && self.l2_sub_retry.is_none_or(|t| t <= now) {
+            self.l2_sub = true;
+            self.l2_sub_retry = None;
+            Conv::Sub(Subscriber::new(l2, &l2.instance()))
+        } else if !self.l2_writer && self.l2_writer_retry.is_none_or(|t| t <= now) && l2.has_ops() {
+            self.l2_writer = true;
+            self.l2_writer_retry = None;
+            let mut w = Writer::new(l2, &l2.instance());
+            w.refill(l2);
+            Conv::Write(w)
+        } else {
+            return None;
+        };
+        Some(Run {
+            addr: l2.addr,
+            deadline: now + IO_TIMEOUT,
+            kind: Kind::L2(Box::new(L2Run {
+                cache: cache.clone(),
+                conv,
+                error: None,
+                heard: false,
+            })),
+        })
+    }
+
+    /// An L2 run ended: the writer's op in flight goes by the queue's rules (a write
+    /// dropped, a deletion kept; with Redis unreachable every queued write is dropped),
+    /// and a failed writer or any subscriber is started again after a while.
+    fn finish_l2(&mut self, r: L2Run, end: End, now: Instant) {
+        let Some(l2) = r.cache.l2.as_ref() else {
+            return;
+        };
+        let ended = match end {
+            End::Closed => "Redis closed the connection",
+            End::Done => "a bad reply",
+            End::Failed => "connect, I/O or reply timed out or failed",
+        };
+        match r.conv {
+            Conv::Write(w) => {
+                self.l2_writer = false;
+                let why = match r.error {
+                    Some(Ok(e)) => Some(e),
+                    Some(Err(e)) => Some(e.to_string()),
+                    // Gone while idle (Redis's own timeout): opened again with the next op.
+                    None if w.is_idle() => None,
+                    None => Some(ended.to_string()),
+                };
+                let Some(why) = why else { return };
+                if !r.heard {
+                    // Unreachable: what is queued is dropped, deletions wait.
+                    l2.drop_writes();
+                }
+                w.fail(l2, &why);
+                if !l2.writer_down.swap(true, Relaxed) {
+                    tracing::warn!(redis = %l2.addr, error = %why, "L2 writer: Redis failed; writes are dropped and deletions retried every second until it answers");
+                }
+                // A refusing or vanished Redis is not retried in a tight loop.
+                self.l2_writer_retry = Some(now + RETRY);
+            }
+            Conv::Sub(_) => {
+                self.l2_sub = false;
+                let (why, wait) = match r.error {
+                    Some(Err(e @ SubError::Refused(_))) => (e.to_string(), REFUSED_RETRY),
+                    Some(Err(e)) => (e.to_string(), RETRY),
+                    Some(Ok(e)) => (e, RETRY),
+                    None => (ended.to_string(), RETRY),
+                };
+                if !l2.subscriber_down.swap(true, Relaxed) {
+                    tracing::warn!(redis = %l2.addr, error = %why, "L2 subscriber: no subscription; invalidations by other instances are not received until it works (channel {:?})", String::from_utf8_lossy(&l2.channel()));
+                }
+                self.l2_sub_retry = Some(now + wait);
+            }
         }
     }
 
@@ -183,6 +370,9 @@ impl Background {
     /// fewer than the bound run (warming that came due queued first).
     pub fn poll_run(&mut self, now: Instant) -> Option<Run> {
         self.warm(now);
+        if let Some(run) = self.poll_l2(now) {
+            return Some(run);
+        }
         if let Some(run) = self.health.poll_probe(now) {
             return Some(Run {
                 addr: run.addr,
@@ -238,6 +428,10 @@ impl Background {
     pub fn finish(&mut self, run: Run, end: End, now: Instant) -> Option<Run> {
         let Run { kind, addr, .. } = run;
         match kind {
+            Kind::L2(r) => {
+                self.finish_l2(*r, end, now);
+                None
+            }
             Kind::Probe { run, verdict } => {
                 let verdict = match end {
                     End::Done => verdict.flatten(),
@@ -308,11 +502,19 @@ impl Background {
             .flatten()
             .map(|t| clock.instant_of(*t));
         let scan = self.scan_next;
+        // L2 runs to start again after a failure.
+        let l2 = self.cache.as_ref().and_then(|c| c.l2.as_ref());
+        let sub = self.l2_sub_retry.filter(|_| !self.l2_sub);
+        let writer = self
+            .l2_writer_retry
+            .filter(|_| !self.l2_writer && l2.is_some_and(|l| l.has_ops()));
         self.health
             .next_deadline()
             .into_iter()
             .chain(warm)
             .chain(scan)
+            .chain(sub)
+            .chain(writer)
             .min()
     }
 }
@@ -362,6 +564,87 @@ mod tests {
         // Once queued, it runs once; the schedule moves to its next time.
         assert!(bg.poll_run(due).is_none());
         assert_eq!(bg.next_deadline(), Some(due + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_l2_writer_keeps_its_connection_and_the_subscriber_comes_back() {
+        use crate::cache::store::Stored;
+        let t0 = crate::test_origin();
+        let yaml = "cache:\n  size: 1MB\n  l2:\n    host: 127.0.0.1\n    port: 6379\nbackends:\n  - url: http://127.0.0.1:9001\n";
+        let ctx = crate::test_ctx(yaml, t0);
+        let cache = ctx.cache.clone().unwrap();
+        let l2 = cache.l2.as_ref().unwrap();
+        // The runtime's wake-up for queued work is the L2 writer's too.
+        cache.set_refresher(|| {});
+        let mut bg = Background::new(&ctx, 4, t0);
+        // The subscriber first, always on.
+        let mut sub = bg.poll_run(t0).expect("the subscriber");
+        assert_eq!(sub.addr, l2.addr);
+        assert!(String::from_utf8_lossy(sub.pending()).contains("SUBSCRIBE"));
+        let n = sub.pending().len();
+        sub.wrote(n);
+        let chan = String::from_utf8(l2.channel()).unwrap();
+        let confirm = format!(
+            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{chan}\r\n:1\r\n",
+            chan.len()
+        );
+        assert!(
+            !sub.on_read(confirm.as_bytes(), t0),
+            "a subscription does not end"
+        );
+        // No writer while nothing is queued.
+        assert!(bg.poll_run(t0).is_none());
+        let entry = |body: &'static [u8]| {
+            let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n";
+            let whole = format!("{head}\r\n");
+            let Ok(crate::http1::Parsed::Complete(h)) =
+                crate::http1::head::parse_response(whole.as_bytes(), 4096)
+            else {
+                panic!("head")
+            };
+            let t = ctx.clock.at(t0);
+            Stored {
+                head: bytes::Bytes::copy_from_slice(head.as_bytes()),
+                body: bytes::Bytes::from_static(body),
+                facts: crate::cache::http::response_facts(&h, whole.as_bytes(), t, t),
+                etag: None,
+                vary: bytes::Bytes::new(),
+                secondary: Vec::new(),
+                demand: Default::default(),
+            }
+        };
+        l2.queue_set(b"k1", entry(b"one"));
+        let mut w = bg.poll_run(t0).expect("the writer, with work queued");
+        assert!(String::from_utf8_lossy(w.pending()).contains("one"));
+        let n = w.pending().len();
+        w.wrote(n);
+        assert!(
+            !w.on_read(b":1\r\n:1\r\n", t0),
+            "the writer keeps its connection"
+        );
+        assert!(w.pending().is_empty() && w.deadline > t0 + Duration::from_secs(60));
+        assert_eq!(l2.stats.writes.load(Relaxed), 1);
+        // More work: no second writer; the one out takes it when the runtime asks.
+        l2.queue_set(b"k2", entry(b"two"));
+        assert!(bg.poll_run(t0).is_none());
+        assert!(w.refill(t0));
+        assert!(String::from_utf8_lossy(w.pending()).contains("two"));
+        assert!(w.deadline <= t0 + IO_TIMEOUT, "a reply is awaited");
+        // Redis goes away with that write in flight: dropped (counted), and a writer is
+        // started again only after RETRY, with work queued.
+        assert!(bg.finish(w, End::Failed, t0).is_none());
+        assert_eq!(l2.stats.dropped.load(Relaxed), 1);
+        l2.queue_delete(b"k3", false);
+        assert!(bg.poll_run(t0).is_none());
+        assert_eq!(bg.next_deadline(), Some(t0 + RETRY));
+        let w = bg.poll_run(t0 + RETRY).expect("the writer again");
+        assert!(String::from_utf8_lossy(w.pending()).contains("UNLINK"));
+        // The subscription breaks: subscribed again after RETRY.
+        assert!(bg.finish(sub, End::Closed, t0).is_none());
+        let at = t0 + Duration::from_millis(1500);
+        let again = bg.poll_run(at).expect("the subscriber again");
+        assert!(String::from_utf8_lossy(again.pending()).contains("SUBSCRIBE"));
+        drop(w);
     }
 
     #[test]

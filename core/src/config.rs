@@ -1441,6 +1441,7 @@ impl Config {
                             c.max_object_size.0 as usize,
                             base,
                         )
+                        .with_instance(wall)
                         .with_login(
                             l.username.as_deref(),
                             l.password.as_deref(),

@@ -570,6 +570,19 @@ impl Worker {
         if !self.bg_ask && self.bg_next.is_none_or(|t| t > now) {
             return;
         }
+        if self.bg_ask {
+            // Work queued: a run that keeps its connection (the L2 writer) may take it.
+            let keys: Vec<usize> = self.runs.iter().map(|(k, _)| k).collect();
+            for k in keys {
+                let more = self
+                    .runs
+                    .get_mut(k)
+                    .is_some_and(|p| p.connected && p.run.refill(now));
+                if more {
+                    self.run_io(k, now);
+                }
+            }
+        }
         self.bg_ask = false;
         while let Some(run) = self.bg.as_mut().and_then(|b| b.poll_run(now)) {
             self.start_run(run, now);
@@ -622,26 +635,43 @@ impl Worker {
                 Ok(Some(_)) | Err(_) => return self.run_done(k, End::Failed, now),
             }
         }
-        while !p.run.pending().is_empty() {
-            match (&p.stream).write(p.run.pending()) {
-                Ok(n) if n > 0 => p.run.wrote(n),
-                Err(e) if would_block(&e) => return,
-                Err(e) if interrupted(&e) => {}
-                _ => return self.run_done(k, End::Failed, now),
-            }
-        }
+        self.run_io(k, now);
+    }
+
+    /// Write what connected run `k` has, read what came; a run that has more to write after
+    /// a read (a conversation: the L2 tier's) writes it, until the socket would block.
+    fn run_io(&mut self, k: usize, now: Instant) {
+        let Some(p) = self.runs.get_mut(k) else {
+            return;
+        };
         let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match (&p.stream).read(&mut chunk) {
-                Ok(0) => return self.run_done(k, End::Closed, now),
-                Ok(n) => {
-                    if p.run.on_read(&chunk[..n], now) {
-                        return self.run_done(k, End::Done, now);
-                    }
+        // The socket took no more: the rest goes when it is writable again (its edge), and
+        // reading goes on meanwhile.
+        let mut blocked = false;
+        'io: loop {
+            while !blocked && !p.run.pending().is_empty() {
+                match (&p.stream).write(p.run.pending()) {
+                    Ok(n) if n > 0 => p.run.wrote(n),
+                    Err(e) if would_block(&e) => blocked = true,
+                    Err(e) if interrupted(&e) => {}
+                    _ => return self.run_done(k, End::Failed, now),
                 }
-                Err(e) if would_block(&e) => return,
-                Err(e) if interrupted(&e) => {}
-                Err(_) => return self.run_done(k, End::Failed, now),
+            }
+            loop {
+                match (&p.stream).read(&mut chunk) {
+                    Ok(0) => return self.run_done(k, End::Closed, now),
+                    Ok(n) => {
+                        if p.run.on_read(&chunk[..n], now) {
+                            return self.run_done(k, End::Done, now);
+                        }
+                        if !blocked && !p.run.pending().is_empty() {
+                            continue 'io;
+                        }
+                    }
+                    Err(e) if would_block(&e) => return,
+                    Err(e) if interrupted(&e) => {}
+                    Err(_) => return self.run_done(k, End::Failed, now),
+                }
             }
         }
     }

@@ -480,13 +480,26 @@ async fn run_background(bg: Background, local: Rc<Local>) {
         cache.set_refresher(move || bell.wake(slot as u64));
     }
     let far = Duration::from_secs(3600);
+    // The woken slots of the runs out: rung when work is queued, so a run that keeps its
+    // connection (the L2 writer) looks for it.
+    let runs: Rc<RefCell<Vec<usize>>> = Rc::default();
     while !local.drain.on.get() {
         let now = Instant::now();
+        for &r in runs.borrow().iter() {
+            ring(&local, r);
+        }
         loop {
             let Some(run) = bg.borrow_mut().poll_run(now) else {
                 break;
             };
-            monoio::spawn(carry(run, bg.clone(), local.clone(), slot));
+            let run_slot = local.woken.borrow_mut().insert(Woken::default());
+            runs.borrow_mut().push(run_slot);
+            let (bg, local, runs) = (bg.clone(), local.clone(), runs.clone());
+            monoio::spawn(async move {
+                carry(run, bg, local.clone(), slot, run_slot).await;
+                runs.borrow_mut().retain(|&r| r != run_slot);
+                local.woken.borrow_mut().remove(run_slot);
+            });
         }
         let next = bg.borrow().next_deadline();
         // Look again when a probe comes due, a fetch is queued, or at least every 200 ms
@@ -509,18 +522,30 @@ async fn run_background(bg: Background, local: Rc<Local>) {
     local.woken.borrow_mut().remove(slot);
 }
 
-/// Carry out `run` (and the retries it turns into), handing each outcome back.
-async fn carry(mut run: Run, bg: Rc<RefCell<Background>>, local: Rc<Local>, slot: usize) {
+/// Mark woken slot `slot` and wake its task.
+fn ring(local: &Local, slot: usize) {
+    if let Some(w) = local.woken.borrow_mut().get_mut(slot) {
+        w.rung = true;
+        if let Some(k) = w.waker.take() {
+            k.wake();
+        }
+    }
+}
+
+/// Carry out `run` (and the retries it turns into), handing each outcome back. `run_slot`
+/// is rung when work is queued (see [`Run::refill`]).
+async fn carry(
+    mut run: Run,
+    bg: Rc<RefCell<Background>>,
+    local: Rc<Local>,
+    slot: usize,
+    run_slot: usize,
+) {
     loop {
-        let end = exchange(&mut run).await;
+        let end = exchange(&mut run, &local, run_slot).await;
         let next = bg.borrow_mut().finish(run, end, Instant::now());
         // A run ended: the next probe's time moved, a fetch slot is free.
-        if let Some(w) = local.woken.borrow_mut().get_mut(slot) {
-            w.rung = true;
-            if let Some(k) = w.waker.take() {
-                k.wake();
-            }
-        }
+        ring(&local, slot);
         match next {
             Some(r) => run = r,
             None => return,
@@ -528,36 +553,63 @@ async fn carry(mut run: Run, bg: Rc<RefCell<Background>>, local: Rc<Local>, slot
     }
 }
 
+/// What ended a wait of [`exchange`].
+enum RunEvent {
+    Read(OwnedReadHalf<TcpStream>, io::Result<usize>, BytesMut),
+    Kicked,
+    Late,
+}
+
 /// One run's I/O: connect, write, read until the run is done or the peer closes, each step
-/// before the run's deadline (which reads move on).
-async fn exchange(run: &mut Run) -> End {
+/// before the run's deadline (which reads move on). A run that has more to write after a
+/// read or when work is queued (`run_slot` rung; a conversation: the L2 tier's) writes it
+/// while its read stays in flight.
+async fn exchange(run: &mut Run, local: &Local, run_slot: usize) -> End {
     let left = |run: &Run| run.deadline.saturating_duration_since(Instant::now());
-    let Ok(Ok(mut s)) = monoio::time::timeout(left(run), TcpStream::connect_addr(run.addr)).await
+    let Ok(Ok(s)) = monoio::time::timeout(left(run), TcpStream::connect_addr(run.addr)).await
     else {
         return End::Failed;
     };
-    let req = run.pending().to_vec();
-    let n = req.len();
-    match monoio::time::timeout(left(run), s.write_all(req)).await {
-        Ok((Ok(_), _)) => run.wrote(n),
-        _ => return End::Failed,
-    }
-    let mut buf = Vec::with_capacity(16 * 1024);
+    let (rd, mut wr) = s.into_split();
+    let mut read = pin!(Some(read_owned(rd, BytesMut::with_capacity(16 * 1024))));
     loop {
-        let Ok((r, b)) = monoio::time::timeout(left(run), s.read(buf)).await else {
-            return End::Failed;
-        };
-        match r {
-            Ok(0) => return End::Closed,
-            Ok(n) => {
+        if !run.pending().is_empty() {
+            let req = run.pending().to_vec();
+            let n = req.len();
+            match monoio::time::timeout(left(run), wr.write_all(req)).await {
+                Ok((Ok(_), _)) => run.wrote(n),
+                _ => return End::Failed,
+            }
+        }
+        let mut late = pin!(monoio::time::sleep(left(run)));
+        let ev = poll_fn(|cx| {
+            if let Some((rd, r, b)) = poll_slot(&mut read, cx) {
+                return Poll::Ready(RunEvent::Read(rd, r, b));
+            }
+            if poll_woken(local, run_slot, cx).is_ready() {
+                return Poll::Ready(RunEvent::Kicked);
+            }
+            if late.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(RunEvent::Late);
+            }
+            Poll::Pending
+        })
+        .await;
+        match ev {
+            RunEvent::Late => return End::Failed,
+            RunEvent::Kicked => {
+                run.refill(Instant::now());
+            }
+            RunEvent::Read(_, Ok(0), _) => return End::Closed,
+            RunEvent::Read(rd, Ok(n), mut b) => {
                 if run.on_read(&b[..n], Instant::now()) {
                     return End::Done;
                 }
+                b.clear();
+                read.set(Some(read_owned(rd, b)));
             }
-            Err(_) => return End::Failed,
+            RunEvent::Read(_, Err(_), _) => return End::Failed,
         }
-        buf = b;
-        buf.clear();
     }
 }
 

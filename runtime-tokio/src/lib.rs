@@ -385,16 +385,18 @@ async fn run_background(bg: Background, sh: Arc<Shared>, mut drain: watch::Recei
         let w = wake.clone();
         cache.set_refresher(move || w.notify_one());
     }
+    // Work was queued: runs that keep their connection (the L2 writer) look for it.
+    let (kick, kicked) = watch::channel(0u64);
     loop {
         let now = Instant::now();
         while let Some(run) = bg.lock().poll_run(now) {
-            tokio::spawn(carry(run, bg.clone(), wake.clone()));
+            tokio::spawn(carry(run, bg.clone(), wake.clone(), kicked.clone()));
         }
         let next = bg.lock().next_deadline();
         let until = next.unwrap_or(now + Duration::from_secs(3600));
         tokio::select! {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
-            _ = wake.notified() => {}
+            _ = wake.notified() => kick.send_modify(|n| *n += 1),
             _ = drain.changed() => break,
         }
     }
@@ -404,9 +406,14 @@ async fn run_background(bg: Background, sh: Arc<Shared>, mut drain: watch::Recei
 }
 
 /// Carry out `run` (and the retries it turns into), handing each outcome back.
-async fn carry(mut run: Run, bg: Arc<Mutex<Background>>, wake: Arc<tokio::sync::Notify>) {
+async fn carry(
+    mut run: Run,
+    bg: Arc<Mutex<Background>>,
+    wake: Arc<tokio::sync::Notify>,
+    mut kicked: watch::Receiver<u64>,
+) {
     loop {
-        let end = exchange(&mut run).await;
+        let end = exchange(&mut run, &mut kicked).await;
         let next = bg.lock().finish(run, end, Instant::now());
         // A run ended: the next probe's time moved, a fetch slot is free.
         wake.notify_one();
@@ -419,27 +426,36 @@ async fn carry(mut run: Run, bg: Arc<Mutex<Background>>, wake: Arc<tokio::sync::
 
 /// One run's I/O: connect, write, read until the run is done or the peer closes, each step
 /// before the run's deadline (which reads move on).
-async fn exchange(run: &mut Run) -> End {
+async fn exchange(run: &mut Run, kicked: &mut watch::Receiver<u64>) -> End {
     use tokio::io::AsyncReadExt;
     let at = |run: &Run| tokio::time::Instant::from_std(run.deadline);
     let Ok(Ok(mut s)) = tokio::time::timeout_at(at(run), TcpStream::connect(run.addr)).await else {
         return End::Failed;
     };
-    let req = run.pending().to_vec();
-    match tokio::time::timeout_at(at(run), s.write_all(&req)).await {
-        Ok(Ok(())) => run.wrote(req.len()),
-        _ => return End::Failed,
-    }
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        match tokio::time::timeout_at(at(run), s.read(&mut chunk)).await {
-            Ok(Ok(0)) => return End::Closed,
-            Ok(Ok(n)) => {
-                if run.on_read(&chunk[..n], Instant::now()) {
-                    return End::Done;
-                }
+        // What the run has to write: its request, or (a conversation: the L2 tier's) what
+        // a reply or queued work gave it.
+        if !run.pending().is_empty() {
+            let n = run.pending().len();
+            match tokio::time::timeout_at(at(run), s.write_all(run.pending())).await {
+                Ok(Ok(())) => run.wrote(n),
+                _ => return End::Failed,
             }
-            _ => return End::Failed,
+        }
+        tokio::select! {
+            r = tokio::time::timeout_at(at(run), s.read(&mut chunk)) => match r {
+                Ok(Ok(0)) => return End::Closed,
+                Ok(Ok(n)) => {
+                    if run.on_read(&chunk[..n], Instant::now()) {
+                        return End::Done;
+                    }
+                }
+                _ => return End::Failed,
+            },
+            Ok(()) = kicked.changed() => {
+                run.refill(Instant::now());
+            }
         }
     }
 }

@@ -62,6 +62,16 @@ fn cache_l2_is_shared_between_instances(bin: &PathBuf) {
     c.send(format!("POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nhi").as_bytes());
     assert_eq!(c.read_response(false).unwrap().status, 200);
     assert_eq!(redis.wait_keys(|n| n == 0), 0, "invalidated in Redis");
+    // The writer and the subscriber run on the runtime's first worker: no threads of
+    // their own.
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", a.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("trireme-l2")),
+        "{names:?}"
+    );
 }
 
 fn cache_l2_invalidations_reach_the_other_instances(bin: &PathBuf) {

@@ -177,6 +177,11 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the proxy said, for the failed test's output.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "--- proxy log ---\n{}", self.logs());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);

@@ -497,8 +497,15 @@ impl HttpCache {
 
     /// A fetcher (a runtime service) will carry out background refreshes; `wake` is called
     /// when one is queued.
+    /// The same call wakes it for L2 work (the L2 writer runs beside the fetches:
+    /// [`crate::background::Background`]).
     pub fn set_refresher(&self, wake: impl Fn() + Send + Sync + 'static) {
-        *self.refresh_wake.lock() = Some(Box::new(wake));
+        let wake = Arc::new(wake);
+        if let Some(l2) = &self.l2 {
+            let w = wake.clone();
+            l2.set_writer(move || w());
+        }
+        *self.refresh_wake.lock() = Some(Box::new(move || wake()));
     }
 
     /// Queue a refresh and wake the fetcher. Dropped (with its lead) when the queue is full.

@@ -102,6 +102,11 @@ pub struct L2 {
     pub max_entry: usize,
     /// Redis refused a `PUBLISH` of a deletion (logged once).
     pub announce_refused: AtomicBool,
+    /// The writer's last op failed (logged when it changes).
+    pub writer_down: AtomicBool,
+    /// The subscription is down (logged when it changes).
+    pub subscriber_down: AtomicBool,
+    instance: Mutex<Vec<u8>>,
     /// Commands sent first on every new connection (`AUTH`, `SELECT`), each answered `+OK`.
     hello: Vec<u8>,
     hello_replies: usize,
@@ -165,6 +170,9 @@ impl L2 {
             timeout,
             max_entry: max_object.saturating_add(ENTRY_OVERHEAD),
             announce_refused: AtomicBool::new(false),
+            writer_down: AtomicBool::new(false),
+            subscriber_down: AtomicBool::new(false),
+            instance: Mutex::new(b"0".to_vec()),
             hello: Vec::new(),
             hello_replies: 0,
             stats: L2Stats::default(),
@@ -182,6 +190,14 @@ impl L2 {
 
     /// Authenticate (`AUTH [username] password`) and pick a database (`SELECT db`) on
     /// every new connection.
+    /// Named after `wall`, the time the process set the tier up (see
+    /// [`set_instance`](Self::set_instance)).
+    pub fn with_instance(self, wall: SystemTime) -> L2 {
+        let t = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.set_instance(format!("{:016x}", t.as_nanos() as u64).into_bytes());
+        self
+    }
+
     pub fn with_login(mut self, username: Option<&str>, password: Option<&str>, db: u32) -> L2 {
         self.hello.clear();
         self.hello_replies = 0;
@@ -466,6 +482,23 @@ impl L2 {
     /// The writer's next job.
     pub fn take_op(&self) -> Option<L2Op> {
         self.queue.lock().pop_front()
+    }
+
+    /// Work is queued for the writer.
+    pub fn has_ops(&self) -> bool {
+        !self.queue.lock().is_empty()
+    }
+
+    /// Name this process in what it publishes (before the writer and the subscriber
+    /// start; distinct per process and start). The config's tier starts with a name from
+    /// its start time.
+    pub fn set_instance(&self, id: Vec<u8>) {
+        *self.instance.lock() = id;
+    }
+
+    /// This process's name on the invalidation channel.
+    pub fn instance(&self) -> Vec<u8> {
+        self.instance.lock().clone()
     }
 
     /// Redis is unreachable: drop the queued writes (counted); deletions stay.

@@ -13,12 +13,20 @@
 //! freshness.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use super::http::HttpCache;
 use super::l2::{encode_command, parse_reply, L2Op, OwnedFrame, L2};
 
 /// Replies buffered at most while one is incomplete (a `SCAN` batch of 512 keys fits).
 const MAX_REPLY: usize = 1 << 20;
+
+/// Connect and reply time allowed per command (writes may be large; not on a request path).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Wait before trying Redis again after a failure.
+pub const RETRY: Duration = Duration::from_secs(1);
+/// Wait before subscribing again after Redis refused it (a permission, not an outage).
+pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// Where the writer's op in flight stands: which reply it waits for.
 #[derive(Debug, PartialEq, Eq)]
