@@ -233,6 +233,14 @@ impl OutBuf {
             }
             return;
         }
+        if n == self.len() {
+            // All of it (the usual case: a head and its body in one write).
+            self.buf.clear();
+            self.pos = 0;
+            self.segs.clear();
+            self.shared_len = 0;
+            return;
+        }
         self.consume_segments(n);
     }
 
@@ -336,6 +344,15 @@ impl OutBuf {
             shared_len,
         } = l;
         let own = self.buf.len() - self.pos;
+        if own == 0 && self.segs.is_empty() {
+            // Nothing queued meanwhile (the usual case): the lent bytes are all there is.
+            let mut spare = std::mem::replace(&mut self.buf, v);
+            spare.clear();
+            self.pos = pos;
+            self.segs = segs;
+            self.shared_len = shared_len;
+            return spare;
+        }
         // Drop the bytes written before the lend when appending would grow the allocation
         // (as `vec` does): a peer that keeps taking part of each write would otherwise
         // have every byte ever sent kept in front of `pos`. Offsets of the write reported

@@ -114,20 +114,29 @@ impl ServerConn {
 
     /// What the runtime writes next: the plaintext output, or (with a transport) the bytes
     /// it encodes the plaintext into, followed once `closing` by its closing bytes.
+    #[inline]
     pub(crate) fn write_target(&mut self, closing: bool) -> &mut OutBuf {
-        match self.layer.as_deref_mut() {
-            None => &mut self.output,
-            Some(l) => {
-                if !self.output.is_empty() {
-                    l.transport.send(&mut self.output, l.raw_out.vec());
-                }
-                if closing && !l.closed {
-                    l.closed = true;
-                    l.transport.close(l.raw_out.vec());
-                }
-                &mut l.raw_out
-            }
+        if self.layer.is_none() {
+            return &mut self.output;
         }
+        self.encode(closing)
+    }
+
+    /// The transport's part of [`write_target`](Self::write_target) (kept out of the plain
+    /// path).
+    #[inline(never)]
+    fn encode(&mut self, closing: bool) -> &mut OutBuf {
+        let Some(l) = self.layer.as_deref_mut() else {
+            return &mut self.output;
+        };
+        if !self.output.is_empty() {
+            l.transport.send(&mut self.output, l.raw_out.vec());
+        }
+        if closing && !l.closed {
+            l.closed = true;
+            l.transport.close(l.raw_out.vec());
+        }
+        &mut l.raw_out
     }
 
     /// Something waits to be written (`closing`: the connection closes after it, so a
