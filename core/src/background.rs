@@ -568,7 +568,6 @@ mod tests {
 
     #[test]
     fn the_l2_writer_keeps_its_connection_and_the_subscriber_comes_back() {
-        use crate::cache::store::Stored;
         let t0 = crate::test_origin();
         let yaml = "cache:\n  size: 1MB\n  l2:\n    host: 127.0.0.1\n    port: 6379\nbackends:\n  - url: http://127.0.0.1:9001\n";
         let ctx = crate::test_ctx(yaml, t0);
@@ -594,25 +593,7 @@ mod tests {
         );
         // No writer while nothing is queued.
         assert!(bg.poll_run(t0).is_none());
-        let entry = |body: &'static [u8]| {
-            let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n";
-            let whole = format!("{head}\r\n");
-            let Ok(crate::http1::Parsed::Complete(h)) =
-                crate::http1::head::parse_response(whole.as_bytes(), 4096)
-            else {
-                panic!("head")
-            };
-            let t = ctx.clock.at(t0);
-            Stored {
-                head: bytes::Bytes::copy_from_slice(head.as_bytes()),
-                body: bytes::Bytes::from_static(body),
-                facts: crate::cache::http::response_facts(&h, whole.as_bytes(), t, t),
-                etag: None,
-                vary: bytes::Bytes::new(),
-                secondary: Vec::new(),
-                demand: Default::default(),
-            }
-        };
+        let entry = |body: &[u8]| crate::cache::store::test_entry(body, ctx.clock.at(t0));
         l2.queue_set(b"k1", entry(b"one"));
         let mut w = bg.poll_run(t0).expect("the writer, with work queued");
         assert!(String::from_utf8_lossy(w.pending()).contains("one"));

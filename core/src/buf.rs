@@ -491,6 +491,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A write of at most `n` bytes from `parts`: what it took goes to `sent`; how much.
+    fn take_up_to(parts: &[&[u8]], n: usize, sent: &mut Vec<u8>) -> usize {
+        let mut left = n;
+        for part in parts {
+            let t = part.len().min(left);
+            sent.extend_from_slice(&part[..t]);
+            left -= t;
+        }
+        n - left
+    }
+
     /// Everything pending, in write order (through `chunks`, one at a time).
     fn drain_all(o: &mut OutBuf) -> Vec<u8> {
         let mut got = Vec::new();
@@ -789,28 +800,14 @@ mod tests {
                     Op::Write(n) => {
                         let mut c: [&[u8]; 3] = [&[]; 3];
                         let k = o.chunks(&mut c);
-                        let mut left = n as usize;
-                        let mut done = 0;
-                        for part in &c[..k] {
-                            let t = part.len().min(left);
-                            sent.extend_from_slice(&part[..t]);
-                            left -= t;
-                            done += t;
-                        }
+                        let done = take_up_to(&c[..k], n as usize, &mut sent);
                         o.consume(done);
                     }
                     Op::Lend(n, own, shared) => {
                         let l = o.lend(Vec::new());
                         let mut c: [&[u8]; 8] = [&[]; 8];
                         let k = l.chunks(&mut c);
-                        let mut left = n as usize;
-                        let mut done = 0;
-                        for part in &c[..k] {
-                            let t = part.len().min(left);
-                            sent.extend_from_slice(&part[..t]);
-                            left -= t;
-                            done += t;
-                        }
+                        let done = take_up_to(&c[..k], n as usize, &mut sent);
                         let b = bytes(own);
                         o.vec().extend_from_slice(&b);
                         want.extend_from_slice(&b);

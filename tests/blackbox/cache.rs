@@ -421,10 +421,7 @@ fn slow_admin_clients_hold_no_thread_and_stall_no_traffic(bin: &PathBuf) {
         base,
         "threads with slow admin clients held"
     );
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .collect();
+    let names = thread_names(p.pid());
     assert!(
         names.iter().all(|n| !n.starts_with("trireme-admin")),
         "{names:?}"
@@ -639,10 +636,7 @@ fn cache_warms_on_a_schedule(bin: &PathBuf) {
     );
     assert!(p.logs().contains("scheduled cache warming"));
     // The schedule's time is kept by the runtime's first worker: no thread of its own.
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .collect();
+    let names = thread_names(p.pid());
     assert!(
         names.iter().all(|n| !n.starts_with("trireme-refresh")),
         "{names:?}"

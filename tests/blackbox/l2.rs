@@ -64,10 +64,7 @@ fn cache_l2_is_shared_between_instances(bin: &PathBuf) {
     assert_eq!(redis.wait_keys(|n| n == 0), 0, "invalidated in Redis");
     // The writer and the subscriber run on the runtime's first worker: no threads of
     // their own.
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", a.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .collect();
+    let names = thread_names(a.pid());
     assert!(
         names.iter().all(|n| !n.starts_with("trireme-l2")),
         "{names:?}"

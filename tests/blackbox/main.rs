@@ -110,6 +110,16 @@ const MANY: usize = 10_000;
 /// The 10,000-connection scenarios run one at a time (file descriptors, backlog).
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The names of process `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn threads_of(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()

@@ -815,21 +815,27 @@ pub fn decode_entry(b: Bytes) -> Option<Stored> {
     })
 }
 
+/// Test support: a tier on 127.0.0.1:6379, keys under `t:`, a minute's expiry, 50 ms lookups.
+#[cfg(test)]
+pub(crate) fn test_l2() -> L2 {
+    L2::new(
+        "127.0.0.1:6379".parse().unwrap(),
+        1,
+        b"t:".to_vec(),
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        1000,
+        crate::test_origin(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn l2() -> L2 {
-        L2::new(
-            "127.0.0.1:6379".parse().unwrap(),
-            1,
-            b"t:".to_vec(),
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            1000,
-            crate::test_origin(),
-        )
+        test_l2()
     }
 
     fn entry(head: &str, body: &[u8], etag: Option<&str>) -> Stored {

@@ -391,42 +391,17 @@ impl Subscriber {
 mod tests {
     use super::*;
     use crate::cache::store::Stored;
-    use bytes::Bytes;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn l2() -> L2 {
-        let l2 = L2::new(
-            "127.0.0.1:6379".parse().unwrap(),
-            1,
-            b"t:".to_vec(),
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            1000,
-            crate::test_origin(),
-        )
-        .with_login(None, Some("pw"), 0);
+        let l2 = crate::cache::l2::test_l2().with_login(None, Some("pw"), 0);
         // A writer runs: work is queued.
         l2.set_writer(|| {});
         l2
     }
 
     fn entry(body: &[u8]) -> Stored {
-        let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n";
-        let whole = format!("{head}\r\n");
-        let h = match crate::http1::head::parse_response(whole.as_bytes(), 4096) {
-            Ok(crate::http1::head::Parsed::Complete(h)) => h,
-            _ => panic!("bad head"),
-        };
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        Stored {
-            head: Bytes::copy_from_slice(head.as_bytes()),
-            body: Bytes::copy_from_slice(body),
-            facts: crate::cache::http::response_facts(&h, whole.as_bytes(), t0, t0),
-            etag: None,
-            vary: Bytes::new(),
-            secondary: Vec::new(),
-            demand: Default::default(),
-        }
+        crate::cache::store::test_entry(body, UNIX_EPOCH + Duration::from_secs(1_700_000_000))
     }
 
     fn take(w: &mut Writer) -> String {

@@ -483,3 +483,24 @@ impl Store {
         self.len() == 0
     }
 }
+
+/// Test support: a stored `200` with `body`, fresh for a minute, received at `at`.
+#[cfg(test)]
+pub(crate) fn test_entry(body: &[u8], at: std::time::SystemTime) -> Stored {
+    let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n";
+    let whole = format!("{head}\r\n");
+    let Ok(crate::http1::Parsed::Complete(h)) =
+        crate::http1::head::parse_response(whole.as_bytes(), 4096)
+    else {
+        panic!("bad head")
+    };
+    Stored {
+        head: Bytes::copy_from_slice(head.as_bytes()),
+        body: Bytes::copy_from_slice(body),
+        facts: crate::cache::http::response_facts(&h, whole.as_bytes(), at, at),
+        etag: None,
+        vary: Bytes::new(),
+        secondary: Vec::new(),
+        demand: Default::default(),
+    }
+}

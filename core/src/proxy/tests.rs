@@ -1713,14 +1713,17 @@ fn an_aged_l1_entry_is_refreshed_from_l2_when_another_instance_has_a_newer_one()
     }
 }
 
-#[test]
-fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
-    let now = crate::test_origin();
+/// Three pipelined GETs on a new session of a body of `len` bytes that L1 holds (filled
+/// from L2), read: the context, the session, its pool and the body.
+fn three_pipelined_hits(
+    len: usize,
+    now: Instant,
+) -> (Arc<ProxyContext>, Session, BufPool, &'static [u8]) {
     let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 16MB\n{L2_CFG}"));
     let ctx = ctx_from(&yaml, now);
     let cache = ctx.cache.as_ref().unwrap();
     let l2 = cache.l2.as_ref().unwrap();
-    let body: &'static [u8] = Box::leak(vec![b'x'; 100_000].into_boxed_slice());
+    let body: &'static [u8] = Box::leak(vec![b'x'; len].into_boxed_slice());
     let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
     let Ok(Some(crate::cache::l2::Reply::Hit(e))) = l2.parse_get_reply(&mut b) else {
         panic!()
@@ -1731,6 +1734,14 @@ fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
     s.reserve_client_in(&mut pool)
         .extend_from_slice(&get("/big").repeat(3));
     s.on_client_read(now);
+    (ctx, s, pool, body)
+}
+
+#[test]
+fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
+    let now = crate::test_origin();
+    let (ctx, mut s, _pool, body) = three_pipelined_hits(100_000, now);
+    let cache = ctx.cache.as_ref().unwrap();
     s.on_client_eof(now);
     // One answer at a time: the next waits until the output drained below the mark.
     let mut sent = Vec::new();
@@ -1756,21 +1767,8 @@ fn pipelined_hits_wait_for_the_output_and_a_half_close_still_gets_them_all() {
 #[test]
 fn pipelined_hits_share_every_stored_body() {
     let now = crate::test_origin();
-    let yaml = cached("").replace("  size: 1MB\n", &format!("  size: 16MB\n{L2_CFG}"));
-    let ctx = ctx_from(&yaml, now);
+    let (ctx, mut s, mut pool, body) = three_pipelined_hits(3000, now);
     let cache = ctx.cache.as_ref().unwrap();
-    let l2 = cache.l2.as_ref().unwrap();
-    let body: &'static [u8] = Box::leak(vec![b'x'; 3000].into_boxed_slice());
-    let mut b = bytes::BytesMut::from(&l2_hit_reply(body)[..]);
-    let Ok(Some(crate::cache::l2::Reply::Hit(e))) = l2.parse_get_reply(&mut b) else {
-        panic!()
-    };
-    assert!(cache.fill_from_l2(b"GET http://example.com/big", *e, l2.generation()));
-    let mut pool = BufPool::default();
-    let mut s = Session::new(ctx.clone(), CLIENT.parse().unwrap(), now);
-    s.reserve_client_in(&mut pool)
-        .extend_from_slice(&get("/big").repeat(3));
-    s.on_client_read(now);
     let bodies = |c: &[&[u8]]| -> Vec<*const u8> {
         c.iter()
             .filter(|p| p.len() == body.len())
