@@ -11,8 +11,9 @@
 //!   abandoned, counted, and the request goes to the backend; for [`BACKOFF`] after a
 //!   failure lookups skip L2 altogether.
 //! - Writes (`HSET` of what L1 stores, one field per variant) and deletions (invalidation,
-//!   purge) are queued here and carried out by a process service (the runtime-independent
-//!   L2 writer), off the request path. Until a deletion is carried out, lookups of the
+//!   purge) are queued here and carried out by the L2 writer
+//!   ([`super::l2_conn::Writer`], a background run on the runtime's first worker), off the
+//!   request path. Until a deletion is carried out, lookups of the
 //!   keys it covers skip L2, so an invalidated response never comes back from Redis.
 //! - Instances sharing a Redis tell each other what they invalidated: after carrying out
 //!   a deletion the writer publishes it on [`L2::channel`], and every instance's
