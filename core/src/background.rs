@@ -96,9 +96,9 @@ pub struct Run {
 }
 
 impl Run {
-    /// Request bytes still to write.
-    /// Runs that keep their connection (L2's) may have more after a read or a
-    /// [`refill`](Self::refill).
+    /// Bytes to write next: write until it is empty (it may come in parts, e.g. an L2
+    /// write's stored body after its command). Runs that keep their connection (L2's) may
+    /// have more after a read or a [`refill`](Self::refill).
     pub fn pending(&self) -> &[u8] {
         match &self.kind {
             Kind::Probe { run, .. } => run.pending(),
@@ -546,6 +546,17 @@ pub fn queue_warming<'a>(
 mod tests {
     use super::*;
 
+    /// Everything `run` has to write now, as a write loop takes it.
+    fn written(run: &mut Run) -> String {
+        let mut s = Vec::new();
+        while !run.pending().is_empty() {
+            let n = run.pending().len();
+            s.extend_from_slice(run.pending());
+            run.wrote(n);
+        }
+        String::from_utf8_lossy(&s).into_owned()
+    }
+
     #[test]
     fn scheduled_warming_comes_due_on_the_worker_and_moves_on() {
         let t0 = crate::test_origin();
@@ -596,9 +607,7 @@ mod tests {
         let entry = |body: &[u8]| crate::cache::store::test_entry(body, ctx.clock.at(t0));
         l2.queue_set(b"k1", entry(b"one"));
         let mut w = bg.poll_run(t0).expect("the writer, with work queued");
-        assert!(String::from_utf8_lossy(w.pending()).contains("one"));
-        let n = w.pending().len();
-        w.wrote(n);
+        assert!(written(&mut w).contains("one"));
         assert!(
             !w.on_read(b":1\r\n:1\r\n", t0),
             "the writer keeps its connection"
@@ -609,7 +618,7 @@ mod tests {
         l2.queue_set(b"k2", entry(b"two"));
         assert!(bg.poll_run(t0).is_none());
         assert!(w.refill(t0));
-        assert!(String::from_utf8_lossy(w.pending()).contains("two"));
+        assert!(written(&mut w).contains("two"));
         assert!(w.deadline <= t0 + IO_TIMEOUT, "a reply is awaited");
         // Redis goes away with that write in flight: dropped (counted), and a writer is
         // started again only after RETRY, with work queued.
@@ -618,8 +627,8 @@ mod tests {
         l2.queue_delete(b"k3", false);
         assert!(bg.poll_run(t0).is_none());
         assert_eq!(bg.next_deadline(), Some(t0 + RETRY));
-        let w = bg.poll_run(t0 + RETRY).expect("the writer again");
-        assert!(String::from_utf8_lossy(w.pending()).contains("UNLINK"));
+        let mut w = bg.poll_run(t0 + RETRY).expect("the writer again");
+        assert!(written(&mut w).contains("UNLINK"));
         // The subscription breaks: subscribed again after RETRY.
         assert!(bg.finish(sub, End::Closed, t0).is_none());
         let at = t0 + Duration::from_millis(1500);

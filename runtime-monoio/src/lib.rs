@@ -573,7 +573,7 @@ async fn exchange(run: &mut Run, local: &Local, run_slot: usize) -> End {
     let (rd, mut wr) = s.into_split();
     let mut read = pin!(Some(read_owned(rd, BytesMut::with_capacity(16 * 1024))));
     loop {
-        if !run.pending().is_empty() {
+        while !run.pending().is_empty() {
             let req = run.pending().to_vec();
             let n = req.len();
             match monoio::time::timeout(left(run), wr.write_all(req)).await {

@@ -436,7 +436,7 @@ async fn exchange(run: &mut Run, kicked: &mut watch::Receiver<u64>) -> End {
     loop {
         // What the run has to write: its request, or (a conversation: the L2 tier's) what
         // a reply or queued work gave it.
-        if !run.pending().is_empty() {
+        while !run.pending().is_empty() {
             let n = run.pending().len();
             match tokio::time::timeout_at(at(run), s.write_all(run.pending())).await {
                 Ok(Ok(())) => run.wrote(n),
