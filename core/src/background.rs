@@ -177,11 +177,12 @@ impl Run {
                     }
                     Conv::Sub(s) => match s.on_read(&r.cache, data) {
                         Ok(confirmed) => {
-                            if confirmed {
+                            if s.is_subscribed() {
+                                // Quiet for L2_IDLE (no message, no close): opened again.
                                 self.deadline = now + L2_IDLE;
-                                if l2.subscriber_down.swap(false, Relaxed) {
-                                    tracing::info!(redis = %l2.addr, "L2 subscriber: subscribed again (invalidations sent meanwhile are not replayed)");
-                                }
+                            }
+                            if confirmed && l2.subscriber_down.swap(false, Relaxed) {
+                                tracing::info!(redis = %l2.addr, "L2 subscriber: subscribed again (invalidations sent meanwhile are not replayed)");
                             }
                             false
                         }
@@ -275,7 +276,7 @@ impl Background {
     /// An L2 run ended: the writer's op in flight goes by the queue's rules (a write
     /// dropped, a deletion kept; with Redis unreachable every queued write is dropped),
     /// and a failed writer or any subscriber is started again after a while.
-    fn finish_l2(&mut self, r: L2Run, end: End, now: Instant) {
+    fn finish_l2(&mut self, r: L2Run, end: End, late: bool, now: Instant) {
         let Some(l2) = r.cache.l2.as_ref() else {
             return;
         };
@@ -306,8 +307,14 @@ impl Background {
                 // A refusing or vanished Redis is not retried in a tight loop.
                 self.l2_writer_retry = Some(now + RETRY);
             }
-            Conv::Sub(_) => {
+            Conv::Sub(s) => {
                 self.l2_sub = false;
+                if late && end == End::Failed && r.error.is_none() && s.is_subscribed() {
+                    // Nothing came for L2_IDLE: not a failure; subscribed again at once.
+                    tracing::debug!(redis = %l2.addr, "L2 subscriber: quiet; subscribing again");
+                    self.l2_sub_retry = None;
+                    return;
+                }
                 let (why, wait) = match r.error {
                     Some(Err(e @ SubError::Refused(_))) => (e.to_string(), REFUSED_RETRY),
                     Some(Err(e)) => (e.to_string(), RETRY),
@@ -426,10 +433,11 @@ impl Background {
     /// response byte comes back as a run on another backend while the retry budget lasts:
     /// start it like a new one.
     pub fn finish(&mut self, run: Run, end: End, now: Instant) -> Option<Run> {
+        let late = run.deadline <= now;
         let Run { kind, addr, .. } = run;
         match kind {
             Kind::L2(r) => {
-                self.finish_l2(*r, end, now);
+                self.finish_l2(*r, end, late, now);
                 None
             }
             Kind::Probe { run, verdict } => {
@@ -629,6 +637,22 @@ mod tests {
         assert_eq!(bg.next_deadline(), Some(t0 + RETRY));
         let mut w = bg.poll_run(t0 + RETRY).expect("the writer again");
         assert!(written(&mut w).contains("UNLINK"));
+        // Every message moves the subscription's deadline; a quiet one past it is opened
+        // again at once, not counted as down.
+        let later = t0 + Duration::from_secs(600);
+        let msg = format!(
+            "*3\r\n$7\r\nmessage\r\n${}\r\n{chan}\r\n$7\r\nx k/a/b\r\n",
+            chan.len()
+        );
+        assert!(!sub.on_read(msg.as_bytes(), later));
+        assert_eq!(sub.deadline, later + L2_IDLE);
+        let quiet = bg.finish(sub, End::Failed, later + L2_IDLE);
+        assert!(quiet.is_none() && !l2.subscriber_down.load(Relaxed));
+        let mut sub = bg
+            .poll_run(later + L2_IDLE)
+            .expect("subscribed again at once");
+        written(&mut sub);
+        assert!(!sub.on_read(confirm.as_bytes(), t0));
         // The subscription breaks: subscribed again after RETRY.
         assert!(bg.finish(sub, End::Closed, t0).is_none());
         let at = t0 + Duration::from_millis(1500);
