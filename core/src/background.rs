@@ -601,15 +601,8 @@ mod tests {
         assert!(String::from_utf8_lossy(sub.pending()).contains("SUBSCRIBE"));
         let n = sub.pending().len();
         sub.wrote(n);
-        let chan = String::from_utf8(l2.channel()).unwrap();
-        let confirm = format!(
-            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{chan}\r\n:1\r\n",
-            chan.len()
-        );
-        assert!(
-            !sub.on_read(confirm.as_bytes(), t0),
-            "a subscription does not end"
-        );
+        let confirm = crate::cache::l2_conn::test_confirmation(l2);
+        assert!(!sub.on_read(&confirm, t0), "a subscription does not end");
         // No writer while nothing is queued.
         assert!(bg.poll_run(t0).is_none());
         let entry = |body: &[u8]| crate::cache::store::test_entry(body, ctx.clock.at(t0));
@@ -640,11 +633,8 @@ mod tests {
         // Every message moves the subscription's deadline; a quiet one past it is opened
         // again at once, not counted as down.
         let later = t0 + Duration::from_secs(600);
-        let msg = format!(
-            "*3\r\n$7\r\nmessage\r\n${}\r\n{chan}\r\n$7\r\nx k/a/b\r\n",
-            chan.len()
-        );
-        assert!(!sub.on_read(msg.as_bytes(), later));
+        let msg = crate::cache::l2_conn::test_message(l2, "x k/a/b");
+        assert!(!sub.on_read(&msg, later));
         assert_eq!(sub.deadline, later + L2_IDLE);
         let quiet = bg.finish(sub, End::Failed, later + L2_IDLE);
         assert!(quiet.is_none() && !l2.subscriber_down.load(Relaxed));
@@ -652,7 +642,7 @@ mod tests {
             .poll_run(later + L2_IDLE)
             .expect("subscribed again at once");
         written(&mut sub);
-        assert!(!sub.on_read(confirm.as_bytes(), t0));
+        assert!(!sub.on_read(&confirm, t0));
         // The subscription breaks: subscribed again after RETRY.
         assert!(bg.finish(sub, End::Closed, t0).is_none());
         let at = t0 + Duration::from_millis(1500);

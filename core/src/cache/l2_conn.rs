@@ -424,6 +424,26 @@ impl Subscriber {
     }
 }
 
+/// Test support: Redis's confirmation of a `SUBSCRIBE` to `l2`'s channel.
+#[cfg(test)]
+pub(crate) fn test_confirmation(l2: &L2) -> Vec<u8> {
+    let chan = l2.channel();
+    let mut f = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", chan.len()).into_bytes();
+    f.extend_from_slice(&chan);
+    f.extend_from_slice(b"\r\n:1\r\n");
+    f
+}
+
+/// Test support: a message on `l2`'s channel carrying `body`.
+#[cfg(test)]
+pub(crate) fn test_message(l2: &L2, body: &str) -> Vec<u8> {
+    let chan = l2.channel();
+    let mut f = format!("*3\r\n$7\r\nmessage\r\n${}\r\n", chan.len()).into_bytes();
+    f.extend_from_slice(&chan);
+    f.extend_from_slice(format!("\r\n${}\r\n{body}\r\n", body.len()).as_bytes());
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,29 +591,15 @@ mod tests {
         );
         let n = sub.pending().len();
         sub.wrote(n);
-        let chan = String::from_utf8(l2.channel()).unwrap();
-        let confirm = format!(
-            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{chan}\r\n:1\r\n",
-            chan.len()
-        );
         let mut reply = b"+OK\r\n".to_vec();
-        reply.extend_from_slice(confirm.as_bytes());
+        reply.extend_from_slice(&test_confirmation(l2));
         assert_eq!(sub.on_read(cache, &reply), Ok(true));
         assert!(sub.is_subscribed());
-        let message = |body: &str| {
-            format!(
-                "*3\r\n$7\r\nmessage\r\n${}\r\n{chan}\r\n${}\r\n{body}\r\n",
-                chan.len(),
-                body.len()
-            )
-        };
+        let message = |body: &str| test_message(l2, body);
         // This instance's own announcement is skipped; another's is applied.
-        assert_eq!(sub.on_read(cache, message("me k/x").as_bytes()), Ok(false));
+        assert_eq!(sub.on_read(cache, &message("me k/x")), Ok(false));
         assert_eq!(l2.stats.peer_invalidations.load(Relaxed), 0);
-        assert_eq!(
-            sub.on_read(cache, message("other k/x").as_bytes()),
-            Ok(false)
-        );
+        assert_eq!(sub.on_read(cache, &message("other k/x")), Ok(false));
         assert_eq!(l2.stats.peer_invalidations.load(Relaxed), 1);
         // A refusal is told apart from a broken connection.
         let mut sub = Subscriber::new(l2, b"me");
