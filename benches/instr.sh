@@ -7,6 +7,8 @@
 #     CANDIDATE  trireme-mio (default), trireme-monoio, trireme-tokio or nginx
 #     REQUESTS   measured requests (default 20000), after 2000 unmeasured ones
 #     PATH       /small (default: 100 B body) or /16k
+#   env HDR='Connection: close' sends that header with every request (a new client
+#   connection per request: what a new connection costs).
 #
 # An nginx origin (one worker, the shared harness's /small and /16k) serves 127.0.0.1:18301;
 # the candidate runs under callgrind with one worker on 127.0.0.1:18300, instrumentation off.
@@ -97,12 +99,13 @@ pids+=($vg)
 wait_port 18300
 served() { curl -s http://127.0.0.1:18301/be-status | awk 'NR==3 {print $3}'; }
 # warm-up: pools, buffers and caches filled; then count from zero
-timeout 60 wrk -t1 -c10 -d5s "http://127.0.0.1:18300$path" >/dev/null
+hdr=(); [ -n "${HDR:-}" ] && hdr=(-H "$HDR")
+timeout 60 wrk -t1 -c10 -d5s "${hdr[@]}" "http://127.0.0.1:18300$path" >/dev/null
 callgrind_control -i on "$vg" >/dev/null
 callgrind_control -z "$vg" >/dev/null
 before=$(served)
 # measured: wrk is time-bounded; stop it once the origin has served enough requests
-timeout 600 wrk -t1 -c10 -d600s "http://127.0.0.1:18300$path" >/dev/null &
+timeout 600 wrk -t1 -c10 -d600s "${hdr[@]}" "http://127.0.0.1:18300$path" >/dev/null &
 w=$!
 pids+=($w)
 while :; do
