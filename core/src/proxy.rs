@@ -45,10 +45,9 @@ use crate::http1::{BodyKind, Limits, Version};
 use crate::metrics::Metrics;
 use crate::respond::{push_header, CaptureStage, ClientBody, Framing, ResponsePlan, Runs};
 use crate::route::Router;
-use crate::upstream::{HashKey, Upstream};
+use crate::upstream::{AttemptState, HashKey, Upstream};
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -210,12 +209,9 @@ struct Req {
     version: Version,
     has_body: bool,
     upstream: u16,
-    backend: Option<u16>,
-    /// The backend of the latest attempt (kept after the connection is released).
-    last_backend: u16,
-    tried: SmallVec<[u16; 4]>,
-    retries_left: u32,
-    stale_retry_used: bool,
+    /// Its attempts on the upstream's backends: the one in flight, those tried, the retry
+    /// budget and the stale-connection retry (the rules any origin exchange follows).
+    attempts: AttemptState,
     /// The client has been sent (part of) a final response head.
     response_started: bool,
     /// When the request head was complete: the whole body must arrive within
@@ -243,7 +239,11 @@ pub struct Session {
     up_in: BytesMut,
     /// Bytes to write to the current upstream connection.
     up_out: OutBuf,
-    actions: VecDeque<Action>,
+    /// The actions the runtime has not taken yet: at most a release and then a connect
+    /// (a release while a connect is unseen withdraws the connect, and a connect comes only
+    /// after the previous connection's release), so two slots and no queue to allocate.
+    release: Option<Action>,
+    connect: Option<Action>,
     state: State,
     req: Option<Req>,
     req_body: ReqBody,
@@ -303,6 +303,32 @@ struct CacheWait {
     next: Instant,
 }
 
+/// Start the request's next attempt on `upstream` (see [`AttemptState::begin`]): the
+/// client's address and the request's hash key are the balancer's input.
+fn begin_attempt(
+    req: &mut Req,
+    client: IpAddr,
+    upstream: &Upstream,
+    now: Instant,
+) -> Option<usize> {
+    let mut ipb = [0u8; 16];
+    let client: &[u8] = match client {
+        IpAddr::V4(a) => {
+            ipb[..4].copy_from_slice(&a.octets());
+            &ipb[..4]
+        }
+        IpAddr::V6(a) => {
+            ipb.copy_from_slice(&a.octets());
+            &ipb[..]
+        }
+    };
+    let input = PickInput {
+        client,
+        key: req.has_hash_key.then_some(&req.hash_key[..]),
+    };
+    req.attempts.begin(upstream, &input, now)
+}
+
 fn put_bytes(into: &mut BytesMut, buf: BytesMut, pool: &mut BufPool) {
     if into.is_empty() {
         pool.put_read(std::mem::replace(into, buf));
@@ -340,7 +366,8 @@ impl Session {
             conn: ServerConn::new(now),
             up_in: BytesMut::new(),
             up_out: OutBuf::new(),
-            actions: VecDeque::new(),
+            release: None,
+            connect: None,
             state: State::Idle,
             req: None,
             req_body: ReqBody::Done,
@@ -396,7 +423,15 @@ impl Session {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        // Looked at before taken: the runtime asks after every call, and a `take` of an
+        // empty slot still copies it.
+        if self.release.is_some() {
+            self.release.take()
+        } else if self.connect.is_some() {
+            self.connect.take()
+        } else {
+            None
+        }
     }
 
     /// What to write to the client: write from [`OutBuf::pending_parts`] (or lend it,
@@ -834,13 +869,13 @@ impl Session {
                 if retryable
                     && no_bytes
                     && reused
-                    && !self.req.as_ref().is_some_and(|r| r.stale_retry_used)
+                    && !self
+                        .req
+                        .as_ref()
+                        .is_some_and(|r| r.attempts.stale_retry_used())
                 {
                     // A pooled connection the backend had already closed: not the backend's
                     // fault, and never the client's problem. Same backend, fresh connection.
-                    if let Some(r) = self.req.as_mut() {
-                        r.stale_retry_used = true;
-                    }
                     self.ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     self.release_upstream(false);
                     if !self.connect_again(now, true, false) {
@@ -1393,11 +1428,7 @@ impl Session {
             version: h.version,
             has_body: h.body != BodyKind::None,
             upstream: up_id as u16,
-            backend: None,
-            last_backend: 0,
-            tried: SmallVec::new(),
-            retries_left: upstream.cfg.retries,
-            stale_retry_used: false,
+            attempts: AttemptState::new(upstream),
             response_started: false,
             resp_at: 0,
             body_since,
@@ -1407,7 +1438,7 @@ impl Session {
             has_hash_key,
         };
 
-        let Some(backend) = self.pick_begin(&req, upstream, now) else {
+        let Some(backend) = begin_attempt(&mut req, self.peer.ip, upstream, now) else {
             self.conn.input.advance(h.len);
             tracing::warn!(client = %self.peer.ip, upstream = %upstream.cfg.name, "503: no backend available (every one down or at max_conns)");
             let close = req.has_body || req.close_after;
@@ -1447,9 +1478,6 @@ impl Session {
         self.up_out.clear();
         self.up_out.vec().extend_from_slice(&self.up_head);
         self.up_in.clear();
-        req.backend = Some(backend as u16);
-        req.last_backend = backend as u16;
-        req.tried.push(backend as u16);
         self.push_connect(
             up_id as u16,
             backend as u16,
@@ -1463,38 +1491,6 @@ impl Session {
         };
         self.resp = ResponseReader::new();
         self.state = State::Active;
-    }
-
-    /// Pick a backend for the request and take one of its slots (`max_conns`): one taken
-    /// meanwhile by another worker is skipped for the next pick.
-    fn pick_begin(&self, req: &Req, upstream: &Upstream, now: Instant) -> Option<usize> {
-        let mut skip = req.tried.clone();
-        loop {
-            let b = self.pick(req, upstream, &skip, now)?;
-            if upstream.try_begin(b) {
-                return Some(b);
-            }
-            skip.push(b as u16);
-        }
-    }
-
-    fn pick(&self, req: &Req, upstream: &Upstream, skip: &[u16], now: Instant) -> Option<usize> {
-        let mut ipb = [0u8; 16];
-        let client: &[u8] = match self.peer.ip {
-            IpAddr::V4(a) => {
-                ipb[..4].copy_from_slice(&a.octets());
-                &ipb[..4]
-            }
-            IpAddr::V6(a) => {
-                ipb.copy_from_slice(&a.octets());
-                &ipb[..]
-            }
-        };
-        let input = PickInput {
-            client,
-            key: req.has_hash_key.then_some(&req.hash_key[..]),
-        };
-        upstream.pick(&input, skip, now)
     }
 
     /// Connect failed or timed out: passive health, then retry elsewhere or answer 502/504.
@@ -1511,13 +1507,12 @@ impl Session {
         let retry = self
             .req
             .as_ref()
-            .is_some_and(|r| r.method.is_idempotent() && !r.has_body && r.retries_left > 0);
+            .is_some_and(|r| r.method.is_idempotent() && !r.has_body && r.attempts.may_retry());
         if retry {
             self.release_upstream(false);
             if let Some(r) = self.req.as_mut() {
-                r.retries_left -= 1;
+                r.attempts.take_retry(&self.ctx.metrics);
             }
-            self.ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
             if self.connect_again(now, false, true) {
                 return;
             }
@@ -1532,34 +1527,25 @@ impl Session {
     /// (`repick`) another backend. Returns false when no backend is left.
     fn connect_again(&mut self, now: Instant, fresh: bool, repick: bool) -> bool {
         let ctx = self.ctx.clone();
-        let Some(req) = self.req.as_ref() else {
+        let Some(req) = self.req.as_mut() else {
             return false;
         };
         let upstream = &ctx.upstreams[req.upstream as usize];
         let backend = if repick {
-            match self.pick_begin(req, upstream, now) {
-                Some(b) => b,
-                None => return false,
-            }
-        } else if upstream.try_begin(req.last_backend as usize) {
-            req.last_backend as usize
+            begin_attempt(req, self.peer.ip, upstream, now)
         } else {
+            req.attempts.again_on_fresh(upstream)
+        };
+        let Some(backend) = backend else {
             return false;
         };
+        req.resp_bytes = 0;
         let up_id = req.upstream;
         // The head names the backend's Host only for HTTP/1.0 clients without Host; the
         // stored head is reused as is.
         self.up_out.clear();
         self.up_out.vec().extend_from_slice(&self.up_head);
         self.up_in.clear();
-        if let Some(r) = self.req.as_mut() {
-            r.backend = Some(backend as u16);
-            r.last_backend = backend as u16;
-            if !r.tried.contains(&(backend as u16)) {
-                r.tried.push(backend as u16);
-            }
-            r.resp_bytes = 0;
-        }
         self.push_connect(
             up_id,
             backend as u16,
@@ -1573,9 +1559,8 @@ impl Session {
 
     fn report_backend_failure(&self, now: Instant) {
         if let Some(r) = &self.req {
-            if let Some(b) = r.backend {
-                self.ctx.upstreams[r.upstream as usize].report_failure(b as usize, now);
-            }
+            r.attempts
+                .report_failure(&self.ctx.upstreams[r.upstream as usize], now);
         }
     }
 
@@ -1583,7 +1568,11 @@ impl Session {
     fn push_connect(&mut self, upstream: u16, backend: u16, addr: SocketAddr, fresh: bool) {
         self.io_seq = self.io_seq.wrapping_add(1);
         self.up_io = IoId(self.io_seq);
-        self.actions.push_back(Action::Connect {
+        debug_assert!(
+            self.connect.is_none(),
+            "a connect before the last one's release"
+        );
+        self.connect = Some(Action::Connect {
             io: self.up_io,
             upstream,
             backend,
@@ -1607,21 +1596,16 @@ impl Session {
     /// yet is withdrawn instead, so a request rejected straight after its head (a bad body
     /// already buffered) opens no connection at all.
     fn push_release(&mut self, upstream: u16, backend: u16, reuse: bool) {
-        let unseen = self
-            .actions
-            .iter()
-            .rposition(|a| matches!(a, Action::Connect { .. }));
-        match unseen {
-            Some(i) => {
-                self.actions.remove(i);
-            }
-            None => self.actions.push_back(Action::ReleaseUpstream {
-                io: self.up_io,
-                upstream,
-                backend,
-                reuse,
-            }),
+        if self.connect.take().is_some() {
+            return;
         }
+        debug_assert!(self.release.is_none(), "a second release without a connect");
+        self.release = Some(Action::ReleaseUpstream {
+            io: self.up_io,
+            upstream,
+            backend,
+            reuse,
+        });
     }
 
     /// Give up the upstream connection (and the backend's in-flight slot).
@@ -1631,10 +1615,9 @@ impl Session {
         }
         self.up = Up::None;
         if let Some(r) = self.req.as_mut() {
-            if let Some(b) = r.backend.take() {
-                let upstream = r.upstream;
-                self.ctx.upstreams[upstream as usize].end(b as usize);
-                self.push_release(upstream, b, reuse);
+            let upstream = r.upstream;
+            if let Some(b) = r.attempts.end(&self.ctx.upstreams[upstream as usize]) {
+                self.push_release(upstream, b as u16, reuse);
             }
         }
         self.up_out.clear();
@@ -1730,13 +1713,7 @@ impl Session {
             return false;
         };
         let upstream = &self.ctx.upstreams[req.upstream as usize];
-        if let Some(b) = req.backend {
-            if h.status >= 500 && upstream.cfg.passive.on_5xx {
-                upstream.report_failure(b as usize, now);
-            } else {
-                upstream.report_success(b as usize);
-            }
-        }
+        req.attempts.report_status(upstream, h.status, now);
         // The cache validated a stale response: a 304 refreshes and serves it; an origin
         // error may be answered with it (stale-if-error).
         if let (Some(cache), CacheReq::Miss(p)) = (&self.ctx.cache, &req.cache) {
@@ -1970,8 +1947,9 @@ impl Session {
         if let Some(r) = &self.req {
             let up = &self.ctx.upstreams[r.upstream as usize];
             let backend = r
-                .backend
-                .map(|b| up.backends[b as usize].addr.to_string())
+                .attempts
+                .current()
+                .map(|b| up.backends[b].addr.to_string())
                 .unwrap_or_default();
             tracing::warn!(client = %self.peer.ip, upstream = %up.cfg.name, backend = %backend, status = status.code(), "{why}");
         }
@@ -2089,10 +2067,8 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         // Keep least_conn and active counts exact when a runtime drops a busy session.
-        if let Some(r) = &self.req {
-            if let Some(b) = r.backend {
-                self.ctx.upstreams[r.upstream as usize].end(b as usize);
-            }
+        if let Some(r) = self.req.as_mut() {
+            r.attempts.end(&self.ctx.upstreams[r.upstream as usize]);
         }
         self.ctx
             .metrics

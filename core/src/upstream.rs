@@ -845,58 +845,98 @@ impl ProbeRun {
     }
 }
 
-/// One request's way through an upstream's backends, for exchanges made without a client
-/// session (cache refreshes and warming): each attempt's backend is picked like any
-/// request's (skipping those already tried and those at `max_conns`) and counted in flight
-/// (least_conn, `max_conns`) until its outcome; each outcome goes to passive health; a
-/// failed attempt is retried on another backend within the upstream's `retries`. Dropping
-/// it ends an attempt still in flight.
-pub struct Attempts {
-    upstream: Arc<Upstream>,
+/// One request's way through an upstream's backends, the rules every exchange with an
+/// origin follows, whoever makes it (a client's request in the session, a refresh or warming
+/// fetch in [`crate::background`]): each attempt's backend is picked like any request's
+/// (skipping those already tried and those at `max_conns`) and counted in flight
+/// (least_conn, `max_conns`) until it ends; each outcome goes to passive health; a failed
+/// attempt may be retried on another backend within the upstream's `retries`; and a pooled
+/// connection found closed is retried once on the same backend, on a fresh connection,
+/// outside that budget.
+///
+/// It holds no reference to the upstream (a session reaches its upstreams through its
+/// context, and a per-request `Arc` clone would bounce one counter between every worker):
+/// each call takes the `Upstream` it is about, always the same one. [`Attempts`] owns one
+/// for callers that want the upstream held and the attempt ended on drop.
+#[derive(Debug, Default)]
+pub struct AttemptState {
     tried: smallvec::SmallVec<[u16; 4]>,
     retries_left: u32,
+    /// The backend whose in-flight slot this request holds.
     current: Option<u16>,
+    /// The backend of the latest attempt (kept after its slot is given back).
+    last: Option<u16>,
+    stale_retry_used: bool,
 }
 
-impl Attempts {
-    pub fn new(upstream: Arc<Upstream>) -> Self {
-        Attempts {
-            retries_left: upstream.cfg.retries,
-            upstream,
-            tried: smallvec::SmallVec::new(),
-            current: None,
+impl AttemptState {
+    pub fn new(up: &Upstream) -> Self {
+        AttemptState {
+            retries_left: up.cfg.retries,
+            ..AttemptState::default()
         }
     }
 
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+    /// The backend whose in-flight slot is held.
+    #[inline]
+    pub fn current(&self) -> Option<usize> {
+        self.current.map(usize::from)
+    }
+
+    /// The backend of the latest attempt, in flight or not.
+    #[inline]
+    pub fn last(&self) -> Option<usize> {
+        self.last.map(usize::from)
     }
 
     /// Start the next attempt: the backend to use, or none left (none healthy, all tried
-    /// or at `max_conns`). Ends an attempt still in flight first.
-    pub fn begin(&mut self, input: &PickInput<'_>, now: Instant) -> Option<usize> {
-        self.end_current();
-        let up = &self.upstream;
-        let mut skip = self.tried.clone();
-        loop {
-            let b = up.pick(input, &skip, now)?;
-            skip.push(b as u16);
-            if up.try_begin(b) {
-                self.tried.push(b as u16);
-                self.current = Some(b as u16);
-                return Some(b);
+    /// or at `max_conns`; one taken meanwhile by another worker is skipped). Ends an
+    /// attempt still in flight first.
+    pub fn begin(&mut self, up: &Upstream, input: &PickInput<'_>, now: Instant) -> Option<usize> {
+        self.end(up);
+        let mut b = up.pick(input, &self.tried, now)?;
+        if !up.try_begin(b) {
+            // Taken meanwhile by another worker: skipped for the next picks (rare; the
+            // list of those to skip is copied only then).
+            let mut skip = self.tried.clone();
+            loop {
+                skip.push(b as u16);
+                b = up.pick(input, &skip, now)?;
+                if up.try_begin(b) {
+                    break;
+                }
             }
         }
+        self.tried.push(b as u16);
+        self.current = Some(b as u16);
+        self.last = Some(b as u16);
+        Some(b)
     }
 
-    /// The attempt failed before any response (connect failure or timeout, a connection
-    /// closed or reset before a byte): counted against its backend. True when another
-    /// attempt may follow (the retry budget allows one; counted as a retry).
-    pub fn failed(&mut self, now: Instant, metrics: &crate::metrics::Metrics) -> bool {
-        if let Some(b) = self.current {
-            self.upstream.report_failure(b as usize, now);
+    /// The pooled connection of the latest attempt was found closed before a byte of
+    /// response: the same backend again (on a fresh connection, the caller's part), once
+    /// per request and outside the retry budget (not the backend's fault). `None` when
+    /// it was used already, or the backend is at `max_conns` now.
+    pub fn again_on_fresh(&mut self, up: &Upstream) -> Option<usize> {
+        self.end(up);
+        let b = self.last?;
+        if self.stale_retry_used || !up.try_begin(usize::from(b)) {
+            return None;
         }
-        self.end_current();
+        self.stale_retry_used = true;
+        self.current = Some(b);
+        Some(usize::from(b))
+    }
+
+    /// Whether the stale-connection retry ([`again_on_fresh`](Self::again_on_fresh)) was
+    /// used already.
+    pub fn stale_retry_used(&self) -> bool {
+        self.stale_retry_used
+    }
+
+    /// Take one retry from the budget (counted in `trireme_retries_total`); false when it
+    /// is spent.
+    pub fn take_retry(&mut self, metrics: &crate::metrics::Metrics) -> bool {
         if self.retries_left == 0 {
             return false;
         }
@@ -905,39 +945,103 @@ impl Attempts {
         true
     }
 
-    /// The attempt got a response with `status`: a 5xx counts against the backend when
-    /// passive health says so, anything else clears its failures. The attempt ends.
-    pub fn answered(&mut self, status: u16, now: Instant) {
+    /// Whether a retry is left in the budget.
+    pub fn may_retry(&self) -> bool {
+        self.retries_left > 0
+    }
+
+    /// The attempt failed (before any response, or its response was broken): counted
+    /// against its backend. The attempt stays in flight until [`end`](Self::end).
+    pub fn report_failure(&self, up: &Upstream, now: Instant) {
         if let Some(b) = self.current {
-            let up = &self.upstream;
+            up.report_failure(usize::from(b), now);
+        }
+    }
+
+    /// The attempt got a response head with `status`: a 5xx counts against the backend
+    /// when passive health says so, anything else clears its failures. The attempt stays in
+    /// flight until [`end`](Self::end) (its body is still to come).
+    pub fn report_status(&self, up: &Upstream, status: u16, now: Instant) {
+        if let Some(b) = self.current {
             if status >= 500 && up.cfg.passive.on_5xx {
-                up.report_failure(b as usize, now);
+                up.report_failure(usize::from(b), now);
             } else {
-                up.report_success(b as usize);
+                up.report_success(usize::from(b));
             }
         }
-        self.end_current();
+    }
+
+    /// Give back the in-flight slot of the attempt: the backend it was on, if one was held.
+    pub fn end(&mut self, up: &Upstream) -> Option<usize> {
+        let b = self.current.take()?;
+        up.end(usize::from(b));
+        Some(usize::from(b))
+    }
+
+    /// The attempt failed before any response (connect failure or timeout, a connection
+    /// closed or reset before a byte): counted against its backend and ended. True when
+    /// another attempt may follow (`retryable`, and the budget allows one: counted as a
+    /// retry).
+    pub fn failed(
+        &mut self,
+        up: &Upstream,
+        retryable: bool,
+        now: Instant,
+        metrics: &crate::metrics::Metrics,
+    ) -> bool {
+        self.report_failure(up, now);
+        self.end(up);
+        retryable && self.take_retry(metrics)
+    }
+}
+
+/// An [`AttemptState`] with its upstream held, for exchanges made without a client session
+/// (cache refreshes and warming). Dropping it ends an attempt still in flight.
+pub struct Attempts {
+    upstream: Arc<Upstream>,
+    state: AttemptState,
+}
+
+impl Attempts {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Attempts {
+            state: AttemptState::new(&upstream),
+            upstream,
+        }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// See [`AttemptState::begin`].
+    pub fn begin(&mut self, input: &PickInput<'_>, now: Instant) -> Option<usize> {
+        self.state.begin(&self.upstream, input, now)
+    }
+
+    /// See [`AttemptState::failed`] (always retryable: a background fetch is a GET).
+    pub fn failed(&mut self, now: Instant, metrics: &crate::metrics::Metrics) -> bool {
+        self.state.failed(&self.upstream, true, now, metrics)
+    }
+
+    /// The attempt got a response with `status` (passive health as
+    /// [`AttemptState::report_status`]); the attempt ends.
+    pub fn answered(&mut self, status: u16, now: Instant) {
+        self.state.report_status(&self.upstream, status, now);
+        self.state.end(&self.upstream);
     }
 
     /// The attempt's response was broken or cut off: counted against its backend, not
     /// retried (the backend has seen the request). The attempt ends.
     pub fn broken(&mut self, now: Instant) {
-        if let Some(b) = self.current {
-            self.upstream.report_failure(b as usize, now);
-        }
-        self.end_current();
-    }
-
-    fn end_current(&mut self) {
-        if let Some(b) = self.current.take() {
-            self.upstream.end(b as usize);
-        }
+        self.state.report_failure(&self.upstream, now);
+        self.state.end(&self.upstream);
     }
 }
 
 impl Drop for Attempts {
     fn drop(&mut self) {
-        self.end_current();
+        self.state.end(&self.upstream);
     }
 }
 

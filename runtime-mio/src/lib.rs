@@ -972,7 +972,9 @@ impl Worker {
         if let Some(slot) = c.idle.take() {
             self.io.idle.leave(slot);
         }
-        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        // Dropping the socket closes it: a FIN when everything sent was read, as a
+        // `shutdown` first would send (it costs a system call and changes nothing: unread
+        // input makes either a reset).
         c.s.recycle(&mut self.io.bufs);
         if !c.admin {
             self.sh.active.fetch_sub(1, Ordering::Relaxed);

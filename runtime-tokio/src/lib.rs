@@ -710,10 +710,11 @@ async fn connection(
     if let Some(slot) = idle_slot {
         sh.idle.lock().leave(slot);
     }
-    // Closing: flush is done (or abandoned); a graceful FIN.
+    // Closing: flush is done (or abandoned). Dropping the socket closes it: a FIN when
+    // everything sent was read (a `shutdown` first costs a system call and changes nothing:
+    // unread input makes either a reset).
     with_pool(|p| s.recycle(p));
-    let mut client = client;
-    let _ = client.shutdown().await;
+    drop(client);
 }
 
 /// Read once into the spare capacity of `buf`. A short read means the socket's receive

@@ -369,6 +369,62 @@ fn background_attempts_count_in_flight_report_health_and_retry_elsewhere() {
 }
 
 #[test]
+fn a_stale_connection_is_retried_once_on_the_same_backend_outside_the_budget() {
+    let t0 = crate::test_origin();
+    let up = upstream(3, t0);
+    let metrics = crate::metrics::Metrics::default();
+    let inp = PickInput {
+        client: b"",
+        key: None,
+    };
+    let active = |i: usize| up.backends[i].active.load(Ordering::Relaxed);
+    let mut at = AttemptState::new(&up);
+    assert_eq!(
+        at.again_on_fresh(&up),
+        None,
+        "no attempt yet: nothing to retry"
+    );
+    let b = at.begin(&up, &inp, t0).expect("a backend");
+    assert_eq!((at.current(), at.last(), active(b)), (Some(b), Some(b), 1));
+    // The pooled connection was found closed: the same backend, once, and the slot is
+    // held again (the first one was given back).
+    assert_eq!(at.again_on_fresh(&up), Some(b));
+    assert_eq!(active(b), 1);
+    assert!(at.stale_retry_used());
+    assert_eq!(at.again_on_fresh(&up), None, "only once per request");
+    assert_eq!(active(b), 0, "the refused retry still gave the slot back");
+    assert_eq!(at.current(), None);
+    assert_eq!(
+        at.last(),
+        Some(b),
+        "the last backend is remembered after its slot"
+    );
+    // The budget (`retries: 1`) is untouched by it.
+    assert!(at.may_retry());
+    assert!(at.take_retry(&metrics));
+    assert!(!at.may_retry());
+    assert!(!at.take_retry(&metrics));
+    assert_eq!(metrics.retries.load(Ordering::Relaxed), 1);
+    // The next attempt skips the backend tried; `end` hands back the slot it held.
+    let next = at.begin(&up, &inp, t0).expect("another backend");
+    assert_ne!(next, b);
+    assert_eq!(at.end(&up), Some(next));
+    assert_eq!(at.end(&up), None, "ended once");
+    assert_eq!(active(next), 0);
+    // A response's status goes to passive health without ending the attempt.
+    let mut at = AttemptState::new(&up);
+    let b = at.begin(&up, &inp, t0).unwrap();
+    let fails = up.backends[b].failures.load(Ordering::Relaxed);
+    at.report_status(&up, 502, t0);
+    assert_eq!(up.backends[b].failures.load(Ordering::Relaxed), fails + 1);
+    assert_eq!(active(b), 1, "in flight until the body is read");
+    // A failure that may not be retried (a POST) ends it and takes no retry.
+    assert!(!at.failed(&up, false, t0, &metrics));
+    assert_eq!(active(b), 0);
+    assert_eq!(metrics.retries.load(Ordering::Relaxed), 1);
+}
+
+#[test]
 fn health_hands_out_one_probe_per_backend_and_takes_verdicts_back() {
     let now = crate::test_origin();
     let ctx = crate::test_ctx(
