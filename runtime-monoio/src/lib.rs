@@ -782,9 +782,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>,
     let mut timer = TimerSlot::default();
     let drain_slot = local.drain.wakers.borrow_mut().insert(None);
     let mut draining = false;
+    // The time an event was handled at stands for the turn of the loop that follows it
+    // (no wait comes between): one clock read per event.
+    let mut now = Instant::now();
 
     loop {
-        let now = Instant::now();
         while let Some(a) = s.poll_action() {
             match a {
                 Action::Connect {
@@ -932,7 +934,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>,
         })
         .await;
 
-        let now = Instant::now();
+        now = Instant::now();
         match ev {
             Ev::ClientWritten(h, r, out) => {
                 cwr = Some(h);

@@ -530,9 +530,11 @@ async fn connection(
     // The session's name for the upstream I/O (from its latest `Connect`; a released
     // connection or connect is dropped, so every completion is about this one).
     let mut uio = IoId::default();
+    // The time an event was handled at stands for the turn of the loop that follows it
+    // (no wait comes between): one clock read per event.
+    let mut now = Instant::now();
 
     loop {
-        let now = Instant::now();
         // Drain actions and write what can be written, until nothing changes.
         loop {
             let mut progress = false;
@@ -634,7 +636,7 @@ async fn connection(
         };
         tokio::select! {
             r = ready_opt(Some(&client), ci), if ci.is_some() => {
-                let now = Instant::now();
+                now = Instant::now();
                 match r {
                     Err(_) => s.on_client_error(now),
                     Ok(ready) => {
@@ -651,7 +653,7 @@ async fn connection(
                 }
             }
             r = ready_opt(up.as_ref().map(|c| &c.stream), ui), if ui.is_some() => {
-                let now = Instant::now();
+                now = Instant::now();
                 match r {
                     Err(_) => s.on_upstream_eof(uio, true, now),
                     Ok(ready) => {
@@ -670,7 +672,7 @@ async fn connection(
             }
             r = connect_opt(connecting.as_mut()), if connecting.is_some() => {
                 connecting = None;
-                let now = Instant::now();
+                now = Instant::now();
                 match r {
                     Ok(stream) => {
                         up = Some(UpConn { stream, meta: ConnMeta { created: now, requests: 0 } });
@@ -683,17 +685,19 @@ async fn connection(
                 }
             }
             _ = woken_opt(woken.as_deref()), if woken.is_some() => {
-                s.on_wake(Instant::now());
+                now = Instant::now();
+                s.on_wake(now);
             }
             _ = &mut sleep, if timer.armed().is_some() => {
                 sleep.as_mut().reset(far);
-                timer.fire(&mut s, Instant::now());
+                now = Instant::now();
+                timer.fire(&mut s, now);
             }
             _ = drain.changed(), if !draining => {
                 draining = true;
                 // Read first: a request that reached the socket before the drain is
                 // served (with `Connection: close`) rather than cut off.
-                let now = Instant::now();
+                now = Instant::now();
                 if s.wants_client_read() {
                     match with_pool(|p| client.try_read_buf(s.reserve_client_in(p))) {
                         Ok(0) => s.on_client_eof(now),
