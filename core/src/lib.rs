@@ -24,6 +24,7 @@ pub mod respond;
 pub mod route;
 pub mod shutdown;
 pub mod sim;
+pub mod static_files;
 pub mod transport;
 pub mod upstream;
 pub mod wake;
