@@ -37,6 +37,13 @@ pub struct Cli {
     /// Share the cache through this Redis (L2; overrides cache.l2.host/port), e.g. 127.0.0.1:6379.
     #[arg(long = "cache-l2", value_name = "HOST:PORT")]
     cache_l2: Option<String>,
+    /// Serve the listener over TLS with this PEM certificate chain (leaf first); needs
+    /// --tls-key.
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Admin listener for /metrics and cache purge (overrides admin.listen), e.g. 127.0.0.1:9901.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
@@ -184,7 +191,28 @@ fn load(cli: &Cli) -> Result<Config, String> {
             "no backends: pass --config FILE, or --backend URL (repeatable); try `demo`".into(),
         );
     }
-    Config::validate(fc, &src, &name).map_err(|e| e.to_string())
+    let mut cfg = Config::validate(fc, &src, &name).map_err(|e| e.to_string())?;
+    cfg.tls = tls_from_args(cli)?;
+    Ok(cfg)
+}
+
+/// `--tls-cert` / `--tls-key`: the listener's certificate and key, read and checked now;
+/// an error names the file and what is wrong with it.
+fn tls_from_args(cli: &Cli) -> Result<Option<trireme_core::tls::TlsAcceptor>, String> {
+    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
+        return Ok(None);
+    };
+    let read = |flag: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| format!("{flag} {}: cannot read: {e}", p.display()))
+    };
+    let (chain, pem_key) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+    use trireme_core::tls::{TlsAcceptor, TlsSetupError};
+    TlsAcceptor::from_pem(&chain, &pem_key)
+        .map(Some)
+        .map_err(|e| match e {
+            TlsSetupError::Cert(why) => format!("--tls-cert {}: {why}", cert.display()),
+            TlsSetupError::Key(why) => format!("--tls-key {}: {why}", key.display()),
+        })
 }
 
 /// Log lines that could not be written (stderr closed or full), for `/metrics`.
@@ -287,6 +315,7 @@ fn run_proxy(
         runtime = rt.name,
         listen = %addr,
         workers = opts.workers,
+        tls = cfg.tls.is_some(),
         upstreams = ctx.upstreams.len(),
         "trireme {} ({}) listening",
         env!("CARGO_PKG_VERSION"),

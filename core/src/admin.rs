@@ -63,6 +63,7 @@ pub fn context(serves: &Arc<ProxyContext>, cfg: &AdminSection) -> Arc<ProxyConte
         body_timeout: p.body_timeout,
         body_buffer: 0,
         per_ip: None,
+        tls: None,
         admin: Some(Arc::new(Admin {
             serves: serves.clone(),
             token: cfg.token.as_deref().map(Box::from),

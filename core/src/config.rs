@@ -828,6 +828,8 @@ pub struct RouteSection {
 pub struct Config {
     pub file: FileConfig,
     pub listen: SocketAddr,
+    /// TLS on the listener (`--tls-cert` / `--tls-key`: the files are read by the caller).
+    pub tls: Option<crate::tls::TlsAcceptor>,
     /// The source's name and outline, to place errors found later (by `build`).
     origin: (String, Outline),
 }
@@ -1123,6 +1125,7 @@ impl Config {
             Some(listen) if ck.diags.is_empty() => Ok(Config {
                 file: fc,
                 listen,
+                tls: None,
                 origin: (file.to_string(), outline),
             }),
             _ => Err(ConfigError {
@@ -1380,6 +1383,7 @@ impl Config {
             body_buffer: s.client_body_buffer_size.0.min(1 << 20) as usize,
             per_ip: s.max_connections_per_ip.map(crate::admission::PerIp::new),
             admin: None,
+            tls: self.tls.clone(),
             trusted_proxies: crate::forward::TrustedProxies(
                 s.trusted_proxies
                     .iter()

@@ -24,6 +24,8 @@ pub struct Peer {
     /// It connects from `server.trusted_proxies`: its forwarding fields are kept (and
     /// appended to), not replaced.
     pub trusted: bool,
+    /// It came over TLS: `X-Forwarded-Proto` and `Forwarded`'s `proto` say `https`.
+    pub https: bool,
 }
 
 /// An address as text, on the stack: the longest IPv6 form is 45 bytes. Written once per
@@ -83,10 +85,25 @@ impl Peer {
     pub const LOCAL: Peer = Peer {
         ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         trusted: false,
+        https: false,
     };
 
     pub fn new(ip: IpAddr, trusted: bool) -> Peer {
-        Peer { ip, trusted }
+        Peer {
+            ip,
+            trusted,
+            https: false,
+        }
+    }
+
+    /// The scheme the client used.
+    #[inline]
+    pub fn scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The address as text, as the forwarding fields carry it.
@@ -259,13 +276,13 @@ impl<'b> ForwardFields<'b> {
         out.extend_from_slice(text.as_bytes());
         out.extend_from_slice(b"\r\nForwarded: ");
         list(out, &self.forwarded);
-        push_forwarded_element(out, peer.ip, &text, host, "http");
+        push_forwarded_element(out, peer.ip, &text, host, peer.scheme());
         out.extend_from_slice(b"\r\nX-Real-IP: ");
         out.extend_from_slice(self.real_ip.unwrap_or(text.as_bytes()));
         out.extend_from_slice(b"\r\nX-Forwarded-Host: ");
         out.extend_from_slice(self.host.unwrap_or(host));
         out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
-        out.extend_from_slice(self.proto.unwrap_or(b"http"));
+        out.extend_from_slice(self.proto.unwrap_or(peer.scheme().as_bytes()));
         out.extend_from_slice(b"\r\nVia: ");
         list(out, &self.via);
         out.extend_from_slice(via);
@@ -312,7 +329,7 @@ pub fn vary_values<'b>(
                 out.extend(sent().map(Cow::Borrowed));
             }
             out.push(own(&|v| {
-                push_forwarded_element(v, peer.ip, &peer.ip_text(), host, "http")
+                push_forwarded_element(v, peer.ip, &peer.ip_text(), host, peer.scheme())
             }));
         }
         Some(Field::XRealIp) => out.push(match first_if_trusted() {
@@ -320,9 +337,9 @@ pub fn vary_values<'b>(
             None => Cow::Owned(peer.ip_text().as_bytes().to_vec()),
         }),
         Some(Field::XForwardedHost) => out.push(Cow::Borrowed(first_if_trusted().unwrap_or(host))),
-        Some(Field::XForwardedProto) => {
-            out.push(Cow::Borrowed(first_if_trusted().unwrap_or(b"http")))
-        }
+        Some(Field::XForwardedProto) => out.push(Cow::Borrowed(
+            first_if_trusted().unwrap_or(peer.scheme().as_bytes()),
+        )),
         Some(Field::Via) | None if h.is_hop_name(buf, name) => {}
         Some(Field::Via) | None => out.extend(sent().map(Cow::Borrowed)),
     }

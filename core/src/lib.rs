@@ -25,6 +25,7 @@ pub mod route;
 pub mod shutdown;
 pub mod sim;
 pub mod static_files;
+pub mod tls;
 pub mod transport;
 pub mod upstream;
 pub mod wake;

@@ -94,6 +94,8 @@ pub struct ProxyContext {
     /// An admin listener's context ([`crate::admin::context`]): its requests are answered
     /// by the admin endpoints, not proxied.
     pub admin: Option<Arc<crate::admin::Admin>>,
+    /// The listener terminates TLS: every client connection gets this transport.
+    pub tls: Option<crate::tls::TlsAcceptor>,
 }
 
 impl ProxyContext {
@@ -385,6 +387,10 @@ impl Session {
             l2_tried: None,
             waker: None,
         };
+        if let Some(tls) = &s.ctx.tls {
+            s.peer.https = true;
+            s.conn.set_transport(tls.transport());
+        }
         if s.ctx.admin.as_ref().is_some_and(|a| !a.opened()) {
             // Past admin.max_connections: answered at once, then closed.
             s.reply_error(Status::ServiceUnavailable, true, now);

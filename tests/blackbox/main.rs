@@ -20,6 +20,7 @@ mod cache;
 mod l2;
 mod proxy;
 mod runtime;
+mod tls;
 
 /// A complete response of its own, sent where no response was asked for.
 const INJECTED: &[u8] =

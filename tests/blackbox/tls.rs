@@ -1,0 +1,211 @@
+//! TLS termination (`--tls-cert` / `--tls-key`): a real rustls client against the binary,
+//! with a certificate made for the test.
+
+use super::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::io::{BufReader, Read};
+use std::net::TcpStream;
+
+matrix!(
+    tls_terminates_and_the_backend_hears_https,
+    a_second_connection_resumes_its_session,
+    plain_http_on_the_tls_listener_gets_no_answer_and_breaks_nothing,
+    a_bad_certificate_or_key_file_is_an_error_naming_it,
+);
+
+/// A certificate for 127.0.0.1 and localhost, written to files: (cert, key, cert PEM).
+fn cert_files() -> (PathBuf, PathBuf, String) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen");
+    let dir = std::env::temp_dir().join(format!(
+        "trireme-tls-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+    (cert, key, c.cert.pem())
+}
+
+fn tls_proxy(bin: &PathBuf, b: &Backend) -> (Proxy, Arc<rustls::ClientConfig>) {
+    let (cert, key, pem) = cert_files();
+    let p = Proxy::with_backends(
+        bin,
+        &[b],
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (p, Arc::new(cfg))
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn connect(p: &Proxy, cfg: &Arc<rustls::ClientConfig>) -> BufReader<Tls> {
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    // Drive the handshake now, so its outcome can be looked at before a request.
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .unwrap_or_else(|e| panic!("handshake: {e}; {}", p.logs()));
+    }
+    BufReader::new(tls)
+}
+
+fn get(c: &mut BufReader<Tls>, path: &str) -> Response {
+    c.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: secure.example\r\n\r\n").as_bytes())
+        .unwrap();
+    let (line, headers) = trireme::demo::read_head(c).expect("a response head");
+    let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = trireme::demo::read_body(c, &headers, true).expect("a body");
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn tls_terminates_and_the_backend_hears_https(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (p, cfg) = tls_proxy(bin, &b);
+    let mut c = connect(&p, &cfg);
+    {
+        let conn = &c.get_ref().conn;
+        assert_eq!(conn.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN");
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+    }
+    // Keep-alive over TLS: several exchanges, small and large, on one connection.
+    let r = get(&mut c, "/a");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello from b1\n");
+    let r = get(&mut c, "/bytes/300000");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 300_000);
+    assert_eq!(get(&mut c, "/chunked/70000").body.len(), 70_000);
+    let seen = b.requests();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        seen[0].header("forwarded"),
+        Some("for=127.0.0.1;host=\"secure.example\";proto=https")
+    );
+    assert_eq!(
+        b.connections.load(Ordering::Relaxed),
+        1,
+        "one pooled backend connection"
+    );
+}
+
+fn a_second_connection_resumes_its_session(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (p, cfg) = tls_proxy(bin, &b);
+    let mut first = connect(&p, &cfg);
+    assert_eq!(get(&mut first, "/one").status, 200);
+    assert_eq!(
+        first.get_ref().conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    // The session's tickets came after the handshake; the second connection offers one.
+    let mut second = connect(&p, &cfg);
+    assert_eq!(
+        second.get_ref().conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the server resumed the session"
+    );
+    assert_eq!(get(&mut second, "/two").status, 200);
+}
+
+fn plain_http_on_the_tls_listener_gets_no_answer_and_breaks_nothing(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (p, cfg) = tls_proxy(bin, &b);
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "no plaintext answer: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        got.first(),
+        Some(&0x15),
+        "a TLS alert record, then the close: {got:?}"
+    );
+    assert!(b.requests().is_empty(), "nothing reached the backend");
+    let mut c = connect(&p, &cfg);
+    assert_eq!(
+        get(&mut c, "/after").status,
+        200,
+        "the listener still serves TLS"
+    );
+}
+
+fn a_bad_certificate_or_key_file_is_an_error_naming_it(bin: &PathBuf) {
+    let (cert, key, _) = cert_files();
+    let garbage = cert.with_file_name("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let run = |c: &std::path::Path, k: &std::path::Path| {
+        let out = std::process::Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9"])
+            .arg("--tls-cert")
+            .arg(c)
+            .arg("--tls-key")
+            .arg(k)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&garbage, &key);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--tls-cert {}", garbage.display())),
+        "{err}"
+    );
+    let (code, err) = run(&cert, &garbage);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--tls-key {}", garbage.display())),
+        "{err}"
+    );
+    let missing = cert.with_file_name("missing.pem");
+    let (code, err) = run(&cert, &missing);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read"), "{err}");
+    // --tls-cert alone is refused by the command line.
+    let out = std::process::Command::new(bin)
+        .args(["--backend", "http://127.0.0.1:9", "--tls-cert"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
