@@ -3,10 +3,13 @@
 # same certificate, in front of the same nginx origin, on the same machine, in one run.
 #
 #   benches/tls.sh [ROUNDS] [SECONDS]        (default 3 rounds x 5 s)
-#   env KEYS="ecdsa rsa" SCENARIOS="ka-small ka-16k handshake" CANDIDATES="nginx trireme-mio ..."
+#   env KEYS="ecdsa rsa" SCENARIOS="ka-small ka-16k resumed full" CANDIDATES="nginx trireme-mio ..."
 #
-# Scenarios: ka-small / ka-16k (keep-alive requests over TLS, 100 B / 16 KiB bodies) and
-# handshake (wrk sends `Connection: close`: a new TLS connection, a full handshake, per request).
+# Scenarios: ka-small / ka-16k (keep-alive requests over TLS, 100 B / 16 KiB bodies);
+# resumed (wrk sends `Connection: close`: a new TLS connection per request, and wrk resumes
+# its TLS 1.2 session each time: an abbreviated handshake); full (`openssl s_time -new
+# -tls1_3`: a new connection and a full TLS 1.3 handshake per request, one at a time, so the
+# client is the bound and only the CPU per handshake counts).
 # The proxy runs on CPU 0, wrk (1 thread, 50 connections) and the origin on CPU 1; CPU per
 # request is the proxy process's utime+stime (/proc/PID/stat) over the run, divided by the
 # requests wrk completed; the median of the rounds is reported. Rounds interleave candidates.
@@ -17,7 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rounds=${1:-3}
 secs=${2:-5}
 keys=${KEYS:-ecdsa rsa}
-scenarios=${SCENARIOS:-ka-small ka-16k handshake}
+scenarios=${SCENARIOS:-ka-small ka-16k resumed full}
 candidates=${CANDIDATES:-nginx trireme-mio trireme-monoio trireme-tokio}
 for t in nginx wrk openssl taskset; do
   command -v $t >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx wrk openssl util-linux >/dev/null; }
@@ -57,7 +60,7 @@ http {
     location = /16k { root $work/origin/www; } }
 }
 EOF
-taskset -c 1 nginx -p "$work/origin" -c "$work/origin/nginx.conf" -g 'daemon off;' &
+taskset -c 1 nginx -p "$work/origin" -c "$work/origin/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
 pids+=($!)
 wait_port 18401
 
@@ -83,7 +86,8 @@ http {
   }
 }
 EOF
-      taskset -c 0 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off; master_process off;' &
+      taskset -c 0 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off; master_process off;' \
+        >"$work/nginx.log" 2>&1 &
       ;;
     trireme-*)
       taskset -c 0 "./target/release/$c" --listen 127.0.0.1:18400 --workers 1 \
@@ -103,7 +107,7 @@ for k in $keys; do
     case $s in
       ka-small) path=/small hdr=() ;;
       ka-16k) path=/16k hdr=() ;;
-      handshake) path=/small hdr=(-H "Connection: close") ;;
+      resumed | full) path=/small hdr=(-H "Connection: close") ;;
     esac
     for r in $(seq "$rounds"); do
       for c in $candidates; do
@@ -112,9 +116,16 @@ for k in $keys; do
         wait_port 18400
         timeout 30 taskset -c 1 wrk -t1 -c50 -d1s "${hdr[@]}" "https://127.0.0.1:18400$path" >/dev/null 2>&1 || true
         t0=$(cpu_ticks "$pid")
-        out=$(timeout $((secs + 20)) taskset -c 1 wrk -t1 -c50 -d"${secs}s" "${hdr[@]}" "https://127.0.0.1:18400$path" 2>&1)
-        t1=$(cpu_ticks "$pid")
-        n=$(echo "$out" | awk '/requests in/ {print $1}')
+        if [ "$s" = full ]; then
+          out=$(timeout $((secs + 20)) taskset -c 1 openssl s_time -connect 127.0.0.1:18400 -new \
+            -tls1_3 -www "$path" -time "$secs" 2>&1)
+          t1=$(cpu_ticks "$pid")
+          n=$(echo "$out" | awk '/connections in .* real seconds/ {print $1}')
+        else
+          out=$(timeout $((secs + 20)) taskset -c 1 wrk -t1 -c50 -d"${secs}s" "${hdr[@]}" "https://127.0.0.1:18400$path" 2>&1)
+          t1=$(cpu_ticks "$pid")
+          n=$(echo "$out" | awk '/requests in/ {print $1}')
+        fi
         errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
         us=$(awk -v a="$t0" -v b="$t1" -v n="${n:-0}" -v hz="$hz" 'BEGIN { if (n > 0) printf "%.2f", (b - a) / hz * 1e6 / n; else print "nan" }')
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$k" "$s" "$c" "$r" "$us" "$n" >> "$results"

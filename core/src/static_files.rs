@@ -52,14 +52,7 @@ fn refuse(status: Status, why: &'static str) -> Refused {
     Refused { status, why }
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
+use crate::http1::head::hex_val as hex;
 
 /// The path below a root that `path` (a request's path, without its query, relative to the
 /// location: what follows the location's prefix) names, or why it is refused. Decoded once;

@@ -12,6 +12,7 @@ matrix!(
     a_second_connection_resumes_its_session,
     plain_http_on_the_tls_listener_gets_no_answer_and_breaks_nothing,
     a_bad_certificate_or_key_file_is_an_error_naming_it,
+    a_handshake_trickled_byte_by_byte_is_cut_off_by_the_header_timeout,
 );
 
 /// A certificate for 127.0.0.1 and localhost, written to files: (cert, key, cert PEM).
@@ -42,6 +43,11 @@ fn tls_proxy(bin: &PathBuf, b: &Backend) -> (Proxy, Arc<rustls::ClientConfig>) {
             key.to_str().unwrap(),
         ],
     );
+    (p, client_config(&pem))
+}
+
+/// A client that trusts `pem` and offers ALPN h2 and http/1.1.
+fn client_config(pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -53,7 +59,7 @@ fn tls_proxy(bin: &PathBuf, b: &Backend) -> (Proxy, Arc<rustls::ClientConfig>) {
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (p, Arc::new(cfg))
+    Arc::new(cfg)
 }
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
@@ -208,4 +214,66 @@ fn a_bad_certificate_or_key_file_is_an_error_naming_it(bin: &PathBuf) {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+fn a_handshake_trickled_byte_by_byte_is_cut_off_by_the_header_timeout(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (cert, key, pem) = cert_files();
+    let yaml = cert.with_file_name("config.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "server:\n  header_timeout: 1s\nbackends:\n  - url: http://{}\n",
+            b.addr
+        ),
+    )
+    .unwrap();
+    let p = Proxy::start(
+        bin,
+        &[
+            "--config".into(),
+            yaml.display().to_string(),
+            "--listen".into(),
+            "{listen}".into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ],
+    );
+    // A real ClientHello, sent a byte every 200 ms: each byte is activity, but the head
+    // timer runs from the first one.
+    let cfg = client_config(&pem);
+    let mut conn =
+        rustls::ClientConnection::new(cfg, ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    let started = Instant::now();
+    let mut cut = None;
+    for byte in hello.iter().take(hello.len() - 1) {
+        if s.write_all(&[*byte]).is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if started.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    let cut = cut.unwrap_or_else(|| {
+        // The write side may still take bytes after the close: the read side tells.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break started.elapsed(),
+                Ok(_) => continue,
+            }
+        }
+    });
+    assert!(
+        cut < Duration::from_secs(4),
+        "the trickling handshake was cut after {cut:?}, not about 1 s"
+    );
 }

@@ -211,12 +211,4 @@ impl ChunkedDecoder {
     }
 }
 
-#[inline]
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
+use super::head::hex_val as hex;

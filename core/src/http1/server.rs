@@ -99,6 +99,12 @@ impl ServerConn {
             l.raw_in.clear();
             return Ok(());
         }
+        // The first request's head timer runs from the first byte of the transport's
+        // handshake, so a client trickling a handshake cannot hold the connection (plain
+        // bytes start it when the parser sees a partial head).
+        if self.requests_done == 0 && self.head_started.is_none() && !l.raw_in.is_empty() {
+            self.head_started = Some(now);
+        }
         // Room for what a read's worth of records carries (no regrowth per record).
         self.input.reserve(READ_CHUNK);
         let r = l
