@@ -37,13 +37,14 @@ pub struct Cli {
     /// Share the cache through this Redis (L2; overrides cache.l2.host/port), e.g. 127.0.0.1:6379.
     #[arg(long = "cache-l2", value_name = "HOST:PORT")]
     cache_l2: Option<String>,
-    /// Serve the listener over TLS with this PEM certificate chain (leaf first); needs
-    /// --tls-key.
+    /// Serve the listener over TLS with this PEM certificate chain (leaf first), with the
+    /// --tls-key given in the same place. Repeatable: a client's SNI name picks the
+    /// certificate that names it (exactly, or by a `*.` wildcard); the first is the default.
     #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    tls_cert: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert in the same place (PKCS#8, PKCS#1 or SEC1).
     #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
+    tls_key: Vec<PathBuf>,
     /// Admin listener for /metrics and cache purge (overrides admin.listen), e.g. 127.0.0.1:9901.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
@@ -199,19 +200,34 @@ fn load(cli: &Cli) -> Result<Config, String> {
 /// `--tls-cert` / `--tls-key`: the listener's certificate and key, read and checked now;
 /// an error names the file and what is wrong with it.
 fn tls_from_args(cli: &Cli) -> Result<Option<trireme_core::tls::TlsAcceptor>, String> {
-    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
+    if cli.tls_cert.is_empty() {
         return Ok(None);
-    };
+    }
+    if cli.tls_cert.len() != cli.tls_key.len() {
+        return Err(format!(
+            "{} --tls-cert but {} --tls-key: give each certificate its key, in the same order",
+            cli.tls_cert.len(),
+            cli.tls_key.len()
+        ));
+    }
     let read = |flag: &str, p: &PathBuf| {
         std::fs::read(p).map_err(|e| format!("{flag} {}: cannot read: {e}", p.display()))
     };
-    let (chain, pem_key) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+    let mut pems = Vec::with_capacity(cli.tls_cert.len());
+    for (cert, key) in cli.tls_cert.iter().zip(&cli.tls_key) {
+        pems.push((read("--tls-cert", cert)?, read("--tls-key", key)?));
+    }
+    let pairs: Vec<(&[u8], &[u8])> = pems.iter().map(|(c, k)| (&c[..], &k[..])).collect();
     use trireme_core::tls::{TlsAcceptor, TlsSetupError};
-    TlsAcceptor::from_pem(&chain, &pem_key)
+    TlsAcceptor::from_pems(&pairs)
         .map(Some)
-        .map_err(|e| match e {
-            TlsSetupError::Cert(why) => format!("--tls-cert {}: {why}", cert.display()),
-            TlsSetupError::Key(why) => format!("--tls-key {}: {why}", key.display()),
+        .map_err(|(i, e)| match e {
+            TlsSetupError::Cert(why) => format!("--tls-cert {}: {why}", cli.tls_cert[i].display()),
+            TlsSetupError::Key(why) => format!(
+                "--tls-key {} (for --tls-cert {}): {why}",
+                cli.tls_key[i].display(),
+                cli.tls_cert[i].display()
+            ),
         })
 }
 

@@ -37,23 +37,28 @@ impl TlsAcceptor {
     /// SEC1). The error says what is wrong with which of the two (the caller names the
     /// files).
     pub fn from_pem(chain: &[u8], key: &[u8]) -> Result<Self, TlsSetupError> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsSetupError::Cert(format!("not a PEM certificate chain: {e}")))?;
-        if certs.is_empty() {
-            return Err(TlsSetupError::Cert(
-                "no certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|e| TlsSetupError::Key(format!("no usable PEM private key in it: {e}")))?;
+        Self::from_pems(&[(chain, key)]).map_err(|(_, e)| e)
+    }
+
+    /// From several certificates, each a PEM chain and its key: a client's SNI name picks
+    /// the one whose certificate names it (exactly, else by a `*.` wildcard for one
+    /// label); the first is the default (no SNI, or a name none covers). The error names
+    /// the pair (its index) and the part that is wrong.
+    pub fn from_pems(pairs: &[(&[u8], &[u8])]) -> Result<Self, (usize, TlsSetupError)> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut by_sni = BySni::default();
+        for (i, (chain, key)) in pairs.iter().enumerate() {
+            let ck = certified_key(chain, key, &provider).map_err(|e| (i, e))?;
+            by_sni.add(ck);
+        }
+        if by_sni.certs.is_empty() {
+            return Err((0, TlsSetupError::Cert("no certificate given".into())));
+        }
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsSetupError::Cert(e.to_string()))?
+            .map_err(|e| (0, TlsSetupError::Cert(e.to_string())))?
             .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| TlsSetupError::Key(format!("does not fit the certificate: {e}")))?;
+            .with_cert_resolver(Arc::new(by_sni));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         // rustls's default says it already; kept explicit, as the promise is ours.
         config.max_early_data_size = 0;
@@ -72,6 +77,80 @@ impl TlsAcceptor {
             conn,
             failed: false,
         })
+    }
+}
+
+/// One chain and key, checked to belong together.
+fn certified_key(
+    chain: &[u8],
+    key: &[u8],
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, TlsSetupError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsSetupError::Cert(format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::Cert(
+            "no certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    webpki::EndEntityCert::try_from(&certs[0])
+        .map_err(|e| TlsSetupError::Cert(format!("its first certificate does not parse: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| TlsSetupError::Key(format!("no usable PEM private key in it: {e}")))?;
+    rustls::sign::CertifiedKey::from_der(certs, key, provider)
+        .map_err(|e| TlsSetupError::Key(format!("does not fit the certificate: {e}")))
+}
+
+/// The certificates of a listener and the names each covers (its subject alternative
+/// names), looked up by the client's SNI.
+#[derive(Debug, Default)]
+struct BySni {
+    certs: Vec<Arc<rustls::sign::CertifiedKey>>,
+    /// Lower-case names (`*.example.com` kept as is), with the index of their certificate;
+    /// the first certificate to name one has it.
+    names: Vec<(String, usize)>,
+}
+
+impl BySni {
+    fn add(&mut self, ck: rustls::sign::CertifiedKey) {
+        let i = self.certs.len();
+        if let Ok(ee) = webpki::EndEntityCert::try_from(&ck.cert[0]) {
+            for n in ee.valid_dns_names() {
+                let n = n.to_ascii_lowercase();
+                if !self.names.iter().any(|(m, _)| *m == n) {
+                    self.names.push((n, i));
+                }
+            }
+        }
+        self.certs.push(Arc::new(ck));
+    }
+
+    /// The certificate for `sni`: one naming it exactly, else one whose wildcard covers
+    /// its first label, else the first.
+    fn pick(&self, sni: Option<&str>) -> usize {
+        let Some(sni) = sni else {
+            return 0;
+        };
+        let sni = sni.trim_end_matches('.');
+        let exact = self.names.iter().find(|(n, _)| n.eq_ignore_ascii_case(sni));
+        let wild = || {
+            let (_, parent) = sni.split_once('.')?;
+            self.names.iter().find(|(n, _)| {
+                n.strip_prefix("*.")
+                    .is_some_and(|p| p.eq_ignore_ascii_case(parent))
+            })
+        };
+        exact.or_else(wild).map_or(0, |&(_, i)| i)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for BySni {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.certs[self.pick(hello.server_name())].clone())
     }
 }
 

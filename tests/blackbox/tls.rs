@@ -13,12 +13,18 @@ matrix!(
     plain_http_on_the_tls_listener_gets_no_answer_and_breaks_nothing,
     a_bad_certificate_or_key_file_is_an_error_naming_it,
     a_handshake_trickled_byte_by_byte_is_cut_off_by_the_header_timeout,
+    sni_picks_the_certificate_that_names_the_host,
 );
 
 /// A certificate for 127.0.0.1 and localhost, written to files: (cert, key, cert PEM).
 fn cert_files() -> (PathBuf, PathBuf, String) {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("rcgen");
+    cert_files_for(&["localhost", "127.0.0.1"])
+}
+
+/// A certificate for `names`, written to files: (cert, key, cert PEM).
+fn cert_files_for(names: &[&str]) -> (PathBuf, PathBuf, String) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let c = rcgen::generate_simple_self_signed(names).expect("rcgen");
     let dir = std::env::temp_dir().join(format!(
         "trireme-tls-{}-{}",
         std::process::id(),
@@ -65,9 +71,14 @@ fn client_config(pem: &str) -> Arc<rustls::ClientConfig> {
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 fn connect(p: &Proxy, cfg: &Arc<rustls::ClientConfig>) -> BufReader<Tls> {
+    connect_as(p, cfg, "127.0.0.1")
+}
+
+/// Connect sending `host` as the SNI name (and verifying the certificate against it).
+fn connect_as(p: &Proxy, cfg: &Arc<rustls::ClientConfig>, host: &str) -> BufReader<Tls> {
     let s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let name = ServerName::try_from(host.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, s);
     // Drive the handshake now, so its outcome can be looked at before a request.
@@ -276,4 +287,42 @@ fn a_handshake_trickled_byte_by_byte_is_cut_off_by_the_header_timeout(bin: &Path
         cut < Duration::from_secs(4),
         "the trickling handshake was cut after {cut:?}, not about 1 s"
     );
+}
+
+fn sni_picks_the_certificate_that_names_the_host(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (ca, ka, pa) = cert_files_for(&["a.example"]);
+    let (cb, kb, pb) = cert_files_for(&["*.b.example"]);
+    let arg = |p: &PathBuf| p.display().to_string();
+    let p = Proxy::with_backends(
+        bin,
+        &[&b],
+        &[
+            "--tls-cert",
+            &arg(&ca),
+            "--tls-key",
+            &arg(&ka),
+            "--tls-cert",
+            &arg(&cb),
+            "--tls-key",
+            &arg(&kb),
+        ],
+    );
+    let cfg = client_config(&format!("{pa}{pb}"));
+    let leaf = |pem: &str| {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+    };
+    for (host, want) in [
+        ("a.example", &pa),
+        ("api.b.example", &pb),
+        ("www.b.example", &pb),
+    ] {
+        let mut c = connect_as(&p, &cfg, host);
+        let sent = c.get_ref().conn.peer_certificates().unwrap()[0].clone();
+        assert_eq!(sent, leaf(want), "{host} got another certificate");
+        assert_eq!(get(&mut c, "/").status, 200, "{host}");
+    }
 }

@@ -138,3 +138,83 @@ fn bad_pem_is_an_error_that_says_which_part() {
         "a key of another certificate is refused"
     );
 }
+
+fn cert_for(names: &[&str]) -> (String, String) {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("rcgen");
+    (c.cert.pem(), c.key_pair.serialize_pem())
+}
+
+#[test]
+fn sni_picks_the_certificate_that_names_the_host() {
+    let (a, ak) = cert_for(&["a.example", "www.a.example"]);
+    let (b, bk) = cert_for(&["*.b.example", "b.example"]);
+    let acceptor =
+        TlsAcceptor::from_pems(&[(a.as_bytes(), ak.as_bytes()), (b.as_bytes(), bk.as_bytes())])
+            .unwrap();
+    // Through a real handshake: the client checks the name against what it is sent.
+    let leaf = |pem: &str| {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+    };
+    for (host, want) in [
+        ("x.b.example", &b),
+        ("B.Example", &b),
+        ("www.a.example", &a),
+        ("a.example", &a),
+    ] {
+        let mut t = acceptor.transport();
+        let mut c = client_for(&[&a, &b], host);
+        let (mut raw, mut plain) = (BytesMut::new(), BytesMut::new());
+        pump(&mut c, &mut t, &mut raw, &mut plain).unwrap();
+        assert!(!c.is_handshaking(), "{host}: handshake");
+        assert_eq!(c.peer_certificates().unwrap()[0], leaf(want), "{host}");
+    }
+    // The lookup itself: no SNI or a name no certificate covers gets the first; a wildcard
+    // covers one label only.
+    let mut by = BySni::default();
+    let provider = rustls::crypto::ring::default_provider();
+    by.add(certified_key(a.as_bytes(), ak.as_bytes(), &provider).unwrap());
+    by.add(certified_key(b.as_bytes(), bk.as_bytes(), &provider).unwrap());
+    assert_eq!(by.pick(None), 0);
+    assert_eq!(by.pick(Some("other.example")), 0);
+    assert_eq!(
+        by.pick(Some("x.y.b.example")),
+        0,
+        "a wildcard covers one label"
+    );
+    assert_eq!(
+        by.pick(Some("x.b.example.")),
+        1,
+        "a trailing dot is the same name"
+    );
+    assert_eq!(by.pick(Some("b.example")), 1);
+    // A bad second pair is named by its index.
+    assert!(matches!(
+        TlsAcceptor::from_pems(&[(a.as_bytes(), ak.as_bytes()), (b.as_bytes(), ak.as_bytes())]),
+        Err((1, TlsSetupError::Key(_)))
+    ));
+}
+
+fn client_for(trusted: &[&String], host: &str) -> rustls::ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in trusted {
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    rustls::ClientConnection::new(
+        Arc::new(cfg),
+        ServerName::try_from(host.to_string()).unwrap(),
+    )
+    .unwrap()
+}
