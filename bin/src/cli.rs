@@ -193,16 +193,6 @@ fn load(cli: &Cli) -> Result<Config, String> {
         );
     }
     let mut cfg = Config::validate(fc, &src, &name).map_err(|e| e.to_string())?;
-    cfg.tls = tls_from_args(cli)?;
-    Ok(cfg)
-}
-
-/// `--tls-cert` / `--tls-key`: the listener's certificate and key, read and checked now;
-/// an error names the file and what is wrong with it.
-fn tls_from_args(cli: &Cli) -> Result<Option<trireme_core::tls::TlsAcceptor>, String> {
-    if cli.tls_cert.is_empty() {
-        return Ok(None);
-    }
     if cli.tls_cert.len() != cli.tls_key.len() {
         return Err(format!(
             "{} --tls-cert but {} --tls-key: give each certificate its key, in the same order",
@@ -210,25 +200,46 @@ fn tls_from_args(cli: &Cli) -> Result<Option<trireme_core::tls::TlsAcceptor>, St
             cli.tls_key.len()
         ));
     }
+    cfg.tls_files = cli
+        .tls_cert
+        .iter()
+        .cloned()
+        .zip(cli.tls_key.iter().cloned())
+        .collect();
+    if !cfg.tls_files.is_empty() {
+        cfg.tls = Some(tls_from_files(&cfg.tls_files, None)?);
+    }
+    Ok(cfg)
+}
+
+/// `--tls-cert` / `--tls-key`: the listener's certificates and keys, read and checked now,
+/// into a new acceptor or (`into`, on SIGHUP) into the one serving; an error names the file
+/// and what is wrong with it, and changes nothing.
+pub(crate) fn tls_from_files(
+    files: &[(PathBuf, PathBuf)],
+    into: Option<&trireme_core::tls::TlsAcceptor>,
+) -> Result<trireme_core::tls::TlsAcceptor, String> {
     let read = |flag: &str, p: &PathBuf| {
         std::fs::read(p).map_err(|e| format!("{flag} {}: cannot read: {e}", p.display()))
     };
-    let mut pems = Vec::with_capacity(cli.tls_cert.len());
-    for (cert, key) in cli.tls_cert.iter().zip(&cli.tls_key) {
+    let mut pems = Vec::with_capacity(files.len());
+    for (cert, key) in files {
         pems.push((read("--tls-cert", cert)?, read("--tls-key", key)?));
     }
     let pairs: Vec<(&[u8], &[u8])> = pems.iter().map(|(c, k)| (&c[..], &k[..])).collect();
     use trireme_core::tls::{TlsAcceptor, TlsSetupError};
-    TlsAcceptor::from_pems(&pairs)
-        .map(Some)
-        .map_err(|(i, e)| match e {
-            TlsSetupError::Cert(why) => format!("--tls-cert {}: {why}", cli.tls_cert[i].display()),
-            TlsSetupError::Key(why) => format!(
-                "--tls-key {} (for --tls-cert {}): {why}",
-                cli.tls_key[i].display(),
-                cli.tls_cert[i].display()
-            ),
-        })
+    let made = match into {
+        Some(a) => a.replace(&pairs).map(|()| a.clone()),
+        None => TlsAcceptor::from_pems(&pairs),
+    };
+    made.map_err(|(i, e)| match e {
+        TlsSetupError::Cert(why) => format!("--tls-cert {}: {why}", files[i].0.display()),
+        TlsSetupError::Key(why) => format!(
+            "--tls-key {} (for --tls-cert {}): {why}",
+            files[i].1.display(),
+            files[i].0.display()
+        ),
+    })
 }
 
 /// Log lines that could not be written (stderr closed or full), for `/metrics`.
@@ -307,7 +318,17 @@ fn run_proxy(
     }
     let sd = Arc::new(Shutdown::new());
     // Signals first: a SIGHUP or SIGTERM during start-up is handled like any other.
-    process::spawn_signal_thread(sd.clone()).map_err(|e| format!("signal handler: {e}"))?;
+    let on_hup = cfg.tls.clone().map(|tls| {
+        let files = cfg.tls_files.clone();
+        Box::new(move || match tls_from_files(&files, Some(&tls)) {
+            Ok(_) => tracing::info!(
+                certificates = files.len(),
+                "SIGHUP: TLS certificates reloaded (new handshakes use them; open connections keep theirs)"
+            ),
+            Err(e) => tracing::error!("SIGHUP: {e}; the certificates in use stay"),
+        }) as Box<dyn Fn() + Send>
+    });
+    process::spawn_signal_thread(sd.clone(), on_hup).map_err(|e| format!("signal handler: {e}"))?;
     // Bound before the proxy's port: once that accepts, every listener is up.
     let admin = match &cfg.file.admin {
         Some(a) => {

@@ -80,9 +80,13 @@ fn in_use(e: io::Error) -> io::Error {
 
 /// SIGTERM or SIGINT requests a graceful shutdown; a second one is logged and ignored
 /// (the drain timeout bounds the wait). SIGHUP, which an nginx unit file sends to reload,
-/// is logged and ignored until config reload exists: its default action would kill the
-/// process and every request in flight.
-pub fn spawn_signal_thread(sd: Arc<Shutdown>) -> io::Result<()> {
+/// runs `on_hup` (the TLS certificates are read again) and is otherwise logged and ignored
+/// until config reload exists: its default action would kill the process and every
+/// request in flight.
+pub fn spawn_signal_thread(
+    sd: Arc<Shutdown>,
+    on_hup: Option<Box<dyn Fn() + Send>>,
+) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
@@ -90,8 +94,11 @@ pub fn spawn_signal_thread(sd: Arc<Shutdown>) -> io::Result<()> {
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
+                    if let Some(f) = &on_hup {
+                        f();
+                    }
                     tracing::warn!(
-                        "SIGHUP received: reload is not supported yet; ignored (restart to apply a new config)"
+                        "SIGHUP received: config reload is not supported yet (restart to apply a new config)"
                     );
                     continue;
                 }

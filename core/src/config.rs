@@ -830,6 +830,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TLS on the listener (`--tls-cert` / `--tls-key`: the files are read by the caller).
     pub tls: Option<crate::tls::TlsAcceptor>,
+    /// The certificate and key files `tls` was made from, read again on SIGHUP.
+    pub tls_files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
     /// The source's name and outline, to place errors found later (by `build`).
     origin: (String, Outline),
 }
@@ -1126,6 +1128,7 @@ impl Config {
                 file: fc,
                 listen,
                 tls: None,
+                tls_files: Vec::new(),
                 origin: (file.to_string(), outline),
             }),
             _ => Err(ConfigError {

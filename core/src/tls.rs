@@ -24,6 +24,8 @@ use crate::transport::{Transport, TransportError};
 #[derive(Clone)]
 pub struct TlsAcceptor {
     config: Arc<rustls::ServerConfig>,
+    /// The certificates, swapped whole by [`replace`](Self::replace).
+    certs: Arc<Certs>,
 }
 
 impl std::fmt::Debug for TlsAcceptor {
@@ -46,25 +48,32 @@ impl TlsAcceptor {
     /// the pair (its index) and the part that is wrong.
     pub fn from_pems(pairs: &[(&[u8], &[u8])]) -> Result<Self, (usize, TlsSetupError)> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut by_sni = BySni::default();
-        for (i, (chain, key)) in pairs.iter().enumerate() {
-            let ck = certified_key(chain, key, &provider).map_err(|e| (i, e))?;
-            by_sni.add(ck);
-        }
-        if by_sni.certs.is_empty() {
-            return Err((0, TlsSetupError::Cert("no certificate given".into())));
-        }
+        let by_sni = BySni::of(pairs, &provider)?;
+        let certs = Arc::new(Certs {
+            current: parking_lot::RwLock::new(Arc::new(by_sni)),
+            provider: provider.clone(),
+        });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| (0, TlsSetupError::Cert(e.to_string())))?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(by_sni));
+            .with_cert_resolver(certs.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         // rustls's default says it already; kept explicit, as the promise is ours.
         config.max_early_data_size = 0;
         Ok(TlsAcceptor {
             config: Arc::new(config),
+            certs,
         })
+    }
+
+    /// Serve these certificates from now on (as [`from_pems`](Self::from_pems) takes them):
+    /// handshakes that start later use them; connections already open keep theirs. When
+    /// one pair is wrong nothing changes, and the error names it.
+    pub fn replace(&self, pairs: &[(&[u8], &[u8])]) -> Result<(), (usize, TlsSetupError)> {
+        let by_sni = BySni::of(pairs, &self.certs.provider)?;
+        *self.certs.current.write() = Arc::new(by_sni);
+        Ok(())
     }
 
     /// The transport for one new client connection.
@@ -112,7 +121,39 @@ struct BySni {
     names: Vec<(String, usize)>,
 }
 
+/// The resolver rustls asks: the certificates in force, replaceable.
+#[derive(Debug)]
+struct Certs {
+    current: parking_lot::RwLock<Arc<BySni>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::server::ResolvesServerCert for Certs {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let by = self.current.read();
+        Some(by.certs[by.pick(hello.server_name())].clone())
+    }
+}
+
 impl BySni {
+    fn of(
+        pairs: &[(&[u8], &[u8])],
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<Self, (usize, TlsSetupError)> {
+        let mut by_sni = BySni::default();
+        for (i, (chain, key)) in pairs.iter().enumerate() {
+            let ck = certified_key(chain, key, provider).map_err(|e| (i, e))?;
+            by_sni.add(ck);
+        }
+        if by_sni.certs.is_empty() {
+            return Err((0, TlsSetupError::Cert("no certificate given".into())));
+        }
+        Ok(by_sni)
+    }
+
     fn add(&mut self, ck: rustls::sign::CertifiedKey) {
         let i = self.certs.len();
         if let Ok(ee) = webpki::EndEntityCert::try_from(&ck.cert[0]) {
@@ -142,15 +183,6 @@ impl BySni {
             })
         };
         exact.or_else(wild).map_or(0, |&(_, i)| i)
-    }
-}
-
-impl rustls::server::ResolvesServerCert for BySni {
-    fn resolve(
-        &self,
-        hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.certs[self.pick(hello.server_name())].clone())
     }
 }
 

@@ -14,6 +14,7 @@ matrix!(
     a_bad_certificate_or_key_file_is_an_error_naming_it,
     a_handshake_trickled_byte_by_byte_is_cut_off_by_the_header_timeout,
     sni_picks_the_certificate_that_names_the_host,
+    sighup_replaces_the_certificate_and_keeps_open_connections,
 );
 
 /// A certificate for 127.0.0.1 and localhost, written to files: (cert, key, cert PEM).
@@ -325,4 +326,73 @@ fn sni_picks_the_certificate_that_names_the_host(bin: &PathBuf) {
         assert_eq!(sent, leaf(want), "{host} got another certificate");
         assert_eq!(get(&mut c, "/").status, 200, "{host}");
     }
+}
+
+fn sighup_replaces_the_certificate_and_keeps_open_connections(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (cert, key, old_pem) = cert_files();
+    let p = Proxy::with_backends(
+        bin,
+        &[&b],
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let leaf = |pem: &str| {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+    };
+    let mut open = connect(&p, &client_config(&old_pem));
+    assert_eq!(get(&mut open, "/before").status, 200);
+    // A new certificate in the same files, then SIGHUP.
+    let new =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let new_pem = new.cert.pem();
+    std::fs::write(&cert, &new_pem).unwrap();
+    std::fs::write(&key, new.key_pair.serialize_pem()).unwrap();
+    let hup = || {
+        // SAFETY: kill(2) on the PID of the child this test started.
+        assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGHUP) }, 0)
+    };
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.logs().contains("TLS certificates reloaded") {
+        assert!(Instant::now() < deadline, "no reload: {}", p.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut fresh = connect(&p, &client_config(&new_pem));
+    assert_eq!(
+        fresh.get_ref().conn.peer_certificates().unwrap()[0],
+        leaf(&new_pem)
+    );
+    assert_eq!(get(&mut fresh, "/after").status, 200);
+    assert_eq!(
+        get(&mut open, "/still").status,
+        200,
+        "the open connection was kept"
+    );
+    // A broken file: the error names it and the certificate in use stays.
+    std::fs::write(&cert, "garbage\n").unwrap();
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.logs().contains("the certificates in use stay") {
+        assert!(Instant::now() < deadline, "no error logged: {}", p.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        p.logs().contains(&format!("--tls-cert {}", cert.display())),
+        "{}",
+        p.logs()
+    );
+    let mut again = connect(&p, &client_config(&new_pem));
+    assert_eq!(
+        again.get_ref().conn.peer_certificates().unwrap()[0],
+        leaf(&new_pem)
+    );
+    assert_eq!(get(&mut again, "/x").status, 200);
 }
