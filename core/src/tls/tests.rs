@@ -9,9 +9,16 @@ pub(crate) fn test_cert() -> (String, String) {
 }
 
 fn client(cert_pem: &str, alpn: &[&[u8]]) -> rustls::ClientConnection {
+    client_with(&[cert_pem], "localhost", alpn)
+}
+
+/// A client that trusts the certificates in `trusted`, for `host`, offering `alpn`.
+fn client_with(trusted: &[&str], host: &str, alpn: &[&[u8]]) -> rustls::ClientConnection {
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
+    for pem in trusted {
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -20,8 +27,11 @@ fn client(cert_pem: &str, alpn: &[&[u8]]) -> rustls::ClientConnection {
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
-        .unwrap()
+    rustls::ClientConnection::new(
+        Arc::new(cfg),
+        ServerName::try_from(host.to_string()).unwrap(),
+    )
+    .unwrap()
 }
 
 /// Move the client's records to the server transport and back until neither has more.
@@ -167,7 +177,7 @@ fn sni_picks_the_certificate_that_names_the_host() {
         ("a.example", &a),
     ] {
         let mut t = acceptor.transport();
-        let mut c = client_for(&[&a, &b], host);
+        let mut c = client_with(&[&a, &b], host, &[]);
         let (mut raw, mut plain) = (BytesMut::new(), BytesMut::new());
         pump(&mut c, &mut t, &mut raw, &mut plain).unwrap();
         assert!(!c.is_handshaking(), "{host}: handshake");
@@ -197,24 +207,4 @@ fn sni_picks_the_certificate_that_names_the_host() {
         TlsAcceptor::from_pems(&[(a.as_bytes(), ak.as_bytes()), (b.as_bytes(), ak.as_bytes())]),
         Err((1, TlsSetupError::Key(_)))
     ));
-}
-
-fn client_for(trusted: &[&String], host: &str) -> rustls::ClientConnection {
-    let mut roots = rustls::RootCertStore::empty();
-    for pem in trusted {
-        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    rustls::ClientConnection::new(
-        Arc::new(cfg),
-        ServerName::try_from(host.to_string()).unwrap(),
-    )
-    .unwrap()
 }
