@@ -15,6 +15,7 @@ matrix!(
     a_handshake_trickled_byte_by_byte_is_cut_off_by_the_header_timeout,
     sni_picks_the_certificate_that_names_the_host,
     sighup_replaces_the_certificate_and_keeps_open_connections,
+    a_large_upload_crosses_tls_whole,
 );
 
 /// A certificate for 127.0.0.1 and localhost, written to files: (cert, key, cert PEM).
@@ -395,4 +396,34 @@ fn sighup_replaces_the_certificate_and_keeps_open_connections(bin: &PathBuf) {
         leaf(&new_pem)
     );
     assert_eq!(get(&mut again, "/x").status, 200);
+}
+
+fn a_large_upload_crosses_tls_whole(bin: &PathBuf) {
+    let b = Backend::start("b1").unwrap();
+    let (p, cfg) = tls_proxy(bin, &b);
+    let mut c = connect(&p, &cfg);
+    // 1 MiB in one write: many records arrive per read, more than rustls buffers at once.
+    let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: secure.example\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let w = c.get_mut();
+    w.write_all(head.as_bytes()).unwrap();
+    w.write_all(&body).unwrap();
+    let (line, headers) = trireme::demo::read_head(&mut c).expect("a response head");
+    assert!(line.contains(" 200 "), "{line}");
+    let echoed = trireme::demo::read_body(&mut c, &headers, true).expect("a body");
+    assert_eq!(echoed.len(), body.len());
+    assert!(echoed == body, "the echoed body differs");
+    assert_eq!(
+        b.requests()[0].body.len(),
+        body.len(),
+        "the backend got it whole"
+    );
+    assert_eq!(
+        get(&mut c, "/next").status,
+        200,
+        "the connection is still in sync"
+    );
 }
