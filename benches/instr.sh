@@ -28,17 +28,7 @@ path=${3:-/small}
 if ! command -v valgrind >/dev/null || ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
   apt-get update -qq && apt-get install -y -qq valgrind wrk nginx >/dev/null
 fi
-work=$(mktemp -d /tmp/trireme-instr.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.2
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+source benches/procs.sh instr
 
 small=$(printf '%099d' 0 | tr 0 b)
 mkdir -p "$work/www" "$work/origin" "$work/proxy"

@@ -26,17 +26,7 @@ for t in nginx wrk openssl taskset; do
   command -v $t >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx wrk openssl util-linux >/dev/null; }
 done
 cargo build --release --quiet --bin trireme-mio --bin trireme-monoio --bin trireme-tokio
-work=$(mktemp -d /tmp/trireme-tls.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.2
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+source benches/procs.sh tls
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -addext subjectAltName=IP:127.0.0.1,DNS:localhost -keyout "$work/ecdsa.key" -out "$work/ecdsa.pem" 2>/dev/null
